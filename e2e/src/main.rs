@@ -1,0 +1,119 @@
+//! `e2e up` starts local test clusters that outlive the command (for people and `make demo`);
+//! `e2e down` stops them.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use e2e::{Binaries, Cluster, ClusterOptions, state};
+
+#[derive(Parser, Debug)]
+#[command(about = "Local Kubernetes control planes for trying and testing meshlink")]
+struct Args {
+    /// Where the clusters keep their files (one directory each).
+    #[arg(long, env = "MESHLINK_CLUSTERS_DIR", default_value_os_t = default_dir())]
+    dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start clusters (default: east and west) and print how to use them.
+    Up {
+        #[arg(default_values = ["east", "west"])]
+        names: Vec<String>,
+    },
+    /// Stop clusters started by `up` and remove their files.
+    Down {
+        #[arg(default_values = ["east", "west"])]
+        names: Vec<String>,
+    },
+}
+
+fn default_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    home.join(".cache/meshlink/clusters")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Command::Up { names } => up(&args.dir, &names, &mut out).await,
+        Command::Down { names } => down(&args.dir, &names, &mut out),
+    }
+}
+
+async fn up(dir: &Path, names: &[String], out: &mut impl Write) -> Result<()> {
+    let mut kubeconfigs = Vec::new();
+    let mut starting = Vec::new();
+    for name in names {
+        let cluster_dir = dir.join(name);
+        kubeconfigs.push(cluster_dir.join("kubeconfig"));
+        if state::any_running(&cluster_dir) {
+            writeln!(out, "{name}: already running ({})", cluster_dir.display())?;
+            continue;
+        }
+        let mut opts = ClusterOptions::new(name);
+        opts.fixed_dir = Some(cluster_dir);
+        starting.push(Cluster::start_with(opts));
+    }
+    for cluster in futures::future::try_join_all(starting)
+        .await
+        .context("starting the clusters failed")?
+    {
+        let name = cluster.name().to_owned();
+        let url = cluster.server_url();
+        let path = cluster.detach()?;
+        writeln!(out, "{name}: {url} (files in {})", path.display())?;
+    }
+    let kubectl = Binaries::locate()?.kubectl();
+    let joined = std::env::join_paths(&kubeconfigs)?;
+    writeln!(out)?;
+    writeln!(out, "Point kubectl at them (one context per cluster):")?;
+    writeln!(out, "  export KUBECONFIG={}", joined.to_string_lossy())?;
+    writeln!(
+        out,
+        "  export PATH={}:$PATH",
+        kubectl.parent().unwrap_or(dir).display()
+    )?;
+    for name in names {
+        writeln!(out, "  kubectl --context {name} get namespaces")?;
+    }
+    writeln!(
+        out,
+        "Stop them with `make clusters-down` (or `cargo run -p e2e -- down`)."
+    )?;
+    Ok(())
+}
+
+fn down(dir: &Path, names: &[String], out: &mut impl Write) -> Result<()> {
+    let mut failed = Vec::new();
+    for name in names {
+        let cluster_dir = dir.join(name);
+        if !cluster_dir.exists() {
+            writeln!(out, "{name}: not running")?;
+            continue;
+        }
+        match state::remove(&cluster_dir) {
+            Ok(n) => writeln!(out, "{name}: stopped {n} processes")?,
+            Err(e) => failed.push(format!("{name}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not stop every cluster:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
