@@ -149,12 +149,12 @@ pub(crate) async fn wait_established(client: &Client, name: &str) -> Result<(), 
 /// `kubectl apply --server-side --force-conflicts` would), in order, and returns what the API
 /// server stored. CRDs are waited for until Established, so later documents may use them.
 pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<Vec<DynamicObject>, Error> {
+    // Parsed up front: the YAML parser cannot be held across an await of a Send future.
+    let docs = serde_norway::Deserializer::from_str(yaml)
+        .map(serde_json::Value::deserialize)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut applied = Vec::new();
-    for doc in serde_norway::Deserializer::from_str(yaml) {
-        let value = serde_json::Value::deserialize(doc)?;
-        if value.is_null() {
-            continue;
-        }
+    for value in docs.into_iter().filter(|v| !v.is_null()) {
         let obj: DynamicObject = serde_json::from_value(value)
             .map_err(|e| Error::Invalid(format!("a Kubernetes object in the YAML ({e})")))?;
         let types = obj.types.clone().unwrap_or_default();

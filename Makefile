@@ -1,0 +1,80 @@
+# meshlink's two set-up commands are `make demo` and `make test`; everything else here is a step
+# of theirs or a convenience. Each target installs or builds what it needs, or says what is
+# missing and how to get it.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+KUBE_BUILD := e2e/controlplane/build.sh
+KUBE_BIN = $(shell bash $(KUBE_BUILD) --print-dir)
+KUBECTL = $(KUBE_BIN)/kubectl
+CLUSTERS_DIR ?= $(HOME)/.cache/meshlink/clusters
+export MESHLINK_CLUSTERS_DIR := $(CLUSTERS_DIR)
+DEMO_KUBECONFIG = $(CLUSTERS_DIR)/east/kubeconfig:$(CLUSTERS_DIR)/west/kubeconfig
+
+.PHONY: help
+help:
+	@echo "make demo           start local clusters east and west and show a Link"
+	@echo "make test           formatting, lints and every test (real clusters included)"
+	@echo "make clusters       start clusters east and west; make clusters-down stops them"
+	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
+	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
+
+.PHONY: prerequisites
+prerequisites:
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found. Install Rust with rustup (https://rustup.rs); rust-toolchain.toml pins the version." >&2; exit 1; }
+	@command -v go >/dev/null || { echo "error: go not found. Install Go 1.21 or newer (https://go.dev/dl); it fetches the Go 1.26 toolchain that Kubernetes needs by itself." >&2; exit 1; }
+
+.PHONY: kube-binaries
+kube-binaries: prerequisites
+	@start=$$SECONDS; bash $(KUBE_BUILD) >/dev/null; echo "control plane ready in $(KUBE_BIN) ($$((SECONDS - start))s)"
+
+.PHONY: crds
+crds:
+	$(CARGO) run --quiet -p link-crd --bin crdgen > manifests/crds/link.yaml
+
+.PHONY: check-crypto
+# One rustls crypto provider (ring) for the whole workspace: aws-lc-rs or OpenSSL creeping in
+# through a dependency's default features is an error.
+check-crypto:
+	@if $(CARGO) tree --workspace --locked --prefix none --format '{p}' | grep -E '^(aws-lc-(rs|sys)|openssl(-sys)?) '; then \
+	  echo "error: a second crypto provider is in the dependency tree (above); disable that dependency's default features" >&2; exit 1; fi
+
+.PHONY: test
+test: kube-binaries
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(MAKE) --no-print-directory check-crypto
+	@mkdir -p target
+	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
+	@# One closing line for the whole run (cargo's own last line is that of the last crate).
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all tests: %d passed, %d failed\n", p, f }' target/test.log
+
+.PHONY: clusters
+clusters: kube-binaries
+	$(CARGO) run --quiet -p e2e --bin e2e -- up east west
+
+.PHONY: clusters-down
+clusters-down:
+	$(CARGO) run --quiet -p e2e --bin e2e -- down east west
+
+.PHONY: demo
+demo: export KUBECONFIG = $(DEMO_KUBECONFIG)
+demo: clusters
+	@echo; echo "== Installing the Link CRD in both clusters"
+	$(KUBECTL) --context east apply --server-side -f manifests/crds/link.yaml
+	$(KUBECTL) --context west apply --server-side -f manifests/crds/link.yaml
+	$(KUBECTL) --context west wait --for condition=Established crd/links.multicluster.linkerd.io
+	@echo; echo "== Linking west to east (manifests/examples/link-east.yaml)"
+	$(KUBECTL) --context west apply -f manifests/examples/link-east.yaml
+	@echo; echo "== kubectl --context west get links -A"
+	@$(KUBECTL) --context west get links -A
+	@echo; echo "== A Link that Linkerd would accept and then fail on is refused here:"
+	@sed 's/gatewayPort: "4143"/gatewayPort: "mc-gateway"/; s/period: 3s/period: "3"/' manifests/examples/link-east.yaml \
+	  | $(KUBECTL) --context west apply -f - 2>&1 | grep -v '^namespace/' | sed 's/^/   /' || true
+	@echo; echo "The clusters keep running. Use them with:"
+	@echo "  export KUBECONFIG=$(DEMO_KUBECONFIG) PATH=$(KUBE_BIN):\$$PATH"
+	@echo "  kubectl --context west get links -A"
+	@echo "Stop them with: make clusters-down"
