@@ -68,7 +68,7 @@ for bin in etcd kube-apiserver kube-controller-manager kubectl; do
   start=$SECONDS
   # Build to a temporary name and rename, so an interrupted build never leaves a broken binary
   # that later runs would take for a good one.
-  (cd "$here" && CGO_ENABLED=0 go build -trimpath -mod=readonly -ldflags "$ldflags" -o "$out/.$bin.tmp" "${pkgs[$bin]}") \
+  (cd "$here" && CGO_ENABLED=0 go build -trimpath -mod=readonly -buildvcs=false -ldflags "$ldflags" -o "$out/.$bin.tmp" "${pkgs[$bin]}") \
     || die "building $bin failed (see the Go errors above). The module downloads need the Go module proxy."
   mv -f "$out/.$bin.tmp" "$out/$bin"
   echo "built $bin in $((SECONDS - start))s" >&2
