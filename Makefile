@@ -48,6 +48,8 @@ test: kube-binaries
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(MAKE) --no-print-directory check-crypto
 	@mkdir -p target
+	@# The end-to-end tests run meshlink's programs as processes: build them first.
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
 	@# One closing line for the whole run (cargo's own last line is that of the last crate).
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all tests: %d passed, %d failed\n", p, f }' target/test.log

@@ -15,6 +15,7 @@
 
 mod binaries;
 mod cluster;
+pub mod meshlink;
 mod objects;
 mod pki;
 mod process;

@@ -26,6 +26,7 @@ pub(crate) struct Process {
     pid_file: PathBuf,
     child: Option<Child>,
     detached: bool,
+    env: Vec<(String, String)>,
 }
 
 impl Process {
@@ -43,7 +44,13 @@ impl Process {
             pid_file: dir.join(format!("{name}.pid")),
             child: None,
             detached: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Extra environment variables for the process.
+    pub(crate) fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -66,6 +73,7 @@ impl Process {
             .open(&self.log)?;
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -118,7 +118,25 @@ async fn start_sweeps_what_a_killed_run_left_behind() {
     opts.root = root.path().to_owned();
     let cluster = Cluster::start_with(opts).await.unwrap();
     assert!(!stale.exists());
-    assert!(!orphan.wait().unwrap().success(), "the orphan was killed");
+    // Bounded, so that a regression fails here instead of hanging the run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = orphan.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let cmdline =
+                std::fs::read(format!("/proc/{}/cmdline", orphan.id())).unwrap_or_default();
+            let _ = orphan.kill();
+            panic!(
+                "the orphan {} outlived the sweep; its command line: {:?}",
+                orphan.id(),
+                String::from_utf8_lossy(&cmdline)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the orphan was killed");
     assert!(cluster.dir().starts_with(root.path()));
 }
 

@@ -303,6 +303,31 @@ impl LabelSelector {
     }
 }
 
+impl LabelSelector {
+    /// The selector in Kubernetes' string syntax (`k=v,k in (a,b),!k`), for a server-side
+    /// `labelSelector`; `None` for a selector with no terms, which matches nothing here but
+    /// everything there.
+    pub fn to_selector_string(&self) -> Option<String> {
+        if self.match_labels.is_empty() && self.match_expressions.is_empty() {
+            return None;
+        }
+        let labels = self.match_labels.iter().map(|(k, v)| format!("{k}={v}"));
+        let exprs = self.match_expressions.iter().map(|r| {
+            let values = r.values.join(",");
+            match r.operator.as_str() {
+                operator::IN => format!("{} in ({values})", r.key),
+                operator::NOT_IN => format!("{} notin ({values})", r.key),
+                operator::EXISTS => r.key.clone(),
+                operator::DOES_NOT_EXIST => format!("!{}", r.key),
+                // Refused by the CRD; a selector that can match nothing keeps the meaning of
+                // `matches` (an impossible pair of terms on one key).
+                _ => format!("{k},!{k}", k = r.key),
+            }
+        });
+        Some(labels.chain(exprs).collect::<Vec<_>>().join(","))
+    }
+}
+
 impl LabelSelectorRequirement {
     fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(&self.key);
@@ -622,6 +647,28 @@ mod tests {
         for (name, selector, labels, want) in cases {
             assert_eq!(selector.matches(labels), want, "{name}");
         }
+    }
+
+    #[test]
+    fn selector_strings() {
+        assert_eq!(LabelSelector::default().to_selector_string(), None);
+        assert_eq!(
+            default_selector().to_selector_string().as_deref(),
+            Some("mirror.linkerd.io/exported=true")
+        );
+        let s = LabelSelector {
+            match_labels: labels(&[("a", "1"), ("b", "2")]),
+            match_expressions: vec![
+                req("c", "In", &["x", "y"]),
+                req("d", "NotIn", &["z"]),
+                req("e", "Exists", &[]),
+                req("f", "DoesNotExist", &[]),
+            ],
+        };
+        assert_eq!(
+            s.to_selector_string().as_deref(),
+            Some("a=1,b=2,c in (x,y),d notin (z),e,!f")
+        );
     }
 
     #[test]

@@ -1,2 +1,78 @@
-//! The service-mirror controller: keeps local mirrors of the Services that linked clusters
-//! export. Filled in by the service-mirror issue.
+//! meshlink's service-mirror controller: keeps, in this cluster, mirrors of the Services that
+//! linked clusters export, compatible with Linkerd's multicluster extension.
+//!
+//! [`desired`] holds the pure rules (remote objects + Link -> local objects); [`run`] serves the
+//! Links of a namespace against a real API server.
+
+mod apply;
+pub mod desired;
+mod gateway;
+mod links;
+mod metrics;
+mod probe;
+mod remote;
+mod status;
+mod worker;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use hickory_resolver::{
+    TokioResolver,
+    config::{NameServerConfig, ResolverConfig},
+    net::runtime::TokioRuntimeProvider,
+};
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+pub use self::{links::FINALIZER, metrics::Metrics, remote::CredentialsError};
+
+/// How the controller runs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Options {
+    /// Namespace of the Links, their credentials Secrets and the Lease.
+    #[arg(long, env = "MESHLINK_NAMESPACE", default_value = link_crd::keys::DEFAULT_MULTICLUSTER_NAMESPACE)]
+    pub namespace: String,
+
+    /// Serve only this Link (as Linkerd's per-Link deployments do); every Link of the namespace
+    /// otherwise.
+    #[arg(long, env = "MESHLINK_LINK")]
+    pub link: Option<String>,
+
+    /// Create a mirrored Service's namespace when this cluster lacks it. Off by default: the
+    /// Service is then reported as MissingNamespace and mirrored once the namespace exists.
+    #[arg(long, env = "MESHLINK_ENABLE_NAMESPACE_CREATION")]
+    pub enable_namespace_creation: bool,
+
+    /// DNS server that resolves gateway names (host:port); the system's resolver otherwise.
+    #[arg(long, env = "MESHLINK_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+}
+
+impl Options {
+    fn resolver(&self) -> Result<TokioResolver, hickory_resolver::net::NetError> {
+        match self.dns_server {
+            Some(addr) => {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                for c in &mut server.connections {
+                    c.port = addr.port();
+                }
+                let config = ResolverConfig::from_parts(None, Vec::new(), vec![server]);
+                Ok(
+                    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                        .build()?,
+                )
+            }
+            None => Ok(TokioResolver::builder_tokio()?.build()?),
+        }
+    }
+}
+
+/// Serves Links until `cancel` fires. Stopping leaves every mirror in place.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    links::run(client, options, metrics, cancel).await;
+}

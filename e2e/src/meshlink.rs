@@ -1,0 +1,273 @@
+//! meshlink's own programs as processes of a test, and the objects that link two test clusters.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Cluster, Error, process::Process};
+
+/// A program of this workspace, built by cargo next to the test executables.
+pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid(e.to_string()))?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| Error::Invalid(format!("no target directory above {}", exe.display())))?;
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Binaries(format!(
+            "{} is missing: build it with `cargo build --workspace --bins` (`make test` does)",
+            path.display()
+        )))
+    }
+}
+
+/// A free loopback port (another process may take it before it is used; tests that race for
+/// ports retry).
+pub fn free_port() -> Result<u16, Error> {
+    let l =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(l.local_addr()
+        .map_err(|e| Error::Invalid(e.to_string()))?
+        .port())
+}
+
+/// A meshlink program running as a child process with its output in a log file; stopped when
+/// dropped.
+#[derive(Debug)]
+pub struct Program {
+    process: Process,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Program {
+    /// Starts `binary` with `args` and `env`, its admin server on a free port passed as
+    /// `--admin-addr`, and waits until `/ready` answers 200.
+    pub async fn start(
+        binary: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self, Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        all.push(format!("--admin-addr={admin}").into());
+        let mut process = Process::new(
+            binary_name(binary),
+            workspace_binary(binary)?,
+            all,
+            dir.path(),
+        );
+        process.set_env(
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        );
+        process.start().map_err(|source| Error::Spawn {
+            cluster: String::new(),
+            component: binary_name(binary),
+            source,
+        })?;
+        let mut this = Self {
+            process,
+            admin,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if this.get("/ready").await.is_ok_and(|(code, _)| code == 200) {
+                return Ok(this);
+            }
+            if let Some(status) = this.process.exited() {
+                return Err(Error::Exited {
+                    cluster: String::new(),
+                    component: this.process.name(),
+                    status: status.to_string(),
+                    log: this.process.log_path().to_owned(),
+                    tail: this.process.log_tail(),
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    cluster: String::new(),
+                    component: this.process.name(),
+                    what: "/ready to answer 200",
+                    secs: 30,
+                    log: this.process.log_path().to_owned(),
+                    tail: this.process.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The program's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+
+    /// A GET on the admin server: status code and body.
+    pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// The sum of every sample of metric `name` (all label sets) whose labels contain `filter`.
+    pub async fn metric(&self, name: &str, filter: &str) -> Result<f64, Error> {
+        let (_, body) = self
+            .get("/metrics")
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(body
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Stops the program at once, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+fn binary_name(binary: &str) -> &'static str {
+    match binary {
+        "meshlink-mirror" => "meshlink-mirror",
+        _ => "meshlink-program",
+    }
+}
+
+/// Name of the ServiceAccount in a target cluster whose token a Link uses.
+pub const REMOTE_ACCESS_ACCOUNT: &str = link_crd::keys::DEFAULT_REMOTE_ACCESS_SERVICE_ACCOUNT;
+
+/// Gives `target` a read-only remote-access ServiceAccount (Services, EndpointSlices) and
+/// returns a kubeconfig that authenticates as it with a TokenRequest token.
+pub async fn remote_access_kubeconfig(target: &Cluster, namespace: &str) -> Result<String, Error> {
+    let client = target.client();
+    crate::create_namespace(&client, namespace).await?;
+    let ssa = PatchParams::apply("meshlink-e2e").force();
+    let sa: ServiceAccount = from_json(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": { "name": REMOTE_ACCESS_ACCOUNT, "namespace": namespace },
+    }))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .patch(REMOTE_ACCESS_ACCOUNT, &ssa, &Patch::Apply(&sa))
+        .await?;
+    let role: ClusterRole = from_json(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": { "name": REMOTE_ACCESS_ACCOUNT },
+        "rules": [
+            { "apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"] },
+            { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] },
+        ],
+    }))?;
+    Api::<ClusterRole>::all(client.clone())
+        .patch(REMOTE_ACCESS_ACCOUNT, &ssa, &Patch::Apply(&role))
+        .await?;
+    let binding: ClusterRoleBinding = from_json(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": { "name": REMOTE_ACCESS_ACCOUNT },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": REMOTE_ACCESS_ACCOUNT },
+        "subjects": [{ "kind": "ServiceAccount", "name": REMOTE_ACCESS_ACCOUNT, "namespace": namespace }],
+    }))?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(REMOTE_ACCESS_ACCOUNT, &ssa, &Patch::Apply(&binding))
+        .await?;
+    let token = service_account_token(target, namespace, REMOTE_ACCESS_ACCOUNT).await?;
+    Ok(target.kubeconfig_for_token(REMOTE_ACCESS_ACCOUNT, &token))
+}
+
+/// A TokenRequest token (one hour) for ServiceAccount `namespace/name` of `cluster`.
+pub async fn service_account_token(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+) -> Result<String, Error> {
+    let request: TokenRequest = from_json(serde_json::json!({
+        "spec": { "audiences": [crate::SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600 }
+    }))?;
+    Api::<ServiceAccount>::namespaced(cluster.client(), namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| Error::Invalid("TokenRequest returned no token".into()))
+}
+
+/// Writes the credentials Secret `cluster-credentials-<target>` holding `kubeconfig` into
+/// `namespace` of `source`.
+pub async fn put_credentials(
+    source: &Cluster,
+    namespace: &str,
+    target: &str,
+    kubeconfig: &str,
+) -> Result<(), Error> {
+    let name = format!("cluster-credentials-{target}");
+    let secret: Secret = from_json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": name, "namespace": namespace },
+        "type": link_crd::keys::REMOTE_KUBECONFIG_SECRET_TYPE,
+        "stringData": { link_crd::keys::KUBECONFIG_SECRET_KEY: kubeconfig },
+    }))?;
+    Api::<Secret>::namespaced(source.client(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply("meshlink-e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    Ok(())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Labels as a map, for tests.
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}

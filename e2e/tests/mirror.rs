@@ -1,0 +1,587 @@
+//! The service-mirror controller as its own process against two real clusters: `west` links to
+//! `east` and mirrors what `east` exports.
+//!
+//! One controller serves every check; each check uses its own namespaces, and the checks run one
+//! after another because the last ones restart API servers and count writes.
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr},
+    pin::Pin,
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use e2e::{
+    Cluster, Component, apply_yaml, create_namespace, create_ready_pod,
+    meshlink::{Program, labels, put_credentials, remote_access_kubeconfig},
+    wait_for,
+};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Event, Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+use link_crd::Link;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+const NS: &str = "linkerd-multicluster";
+const GATEWAY_IP: &str = "192.0.2.10";
+const IDENTITY: &str =
+    "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Env {
+    /// Locked only by the check that restarts its API server.
+    east: Mutex<Cluster>,
+    east_client: Client,
+    east_node: String,
+    _west: Cluster,
+    west_client: Client,
+    controller: Program,
+}
+
+type Check = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // The checks share one controller and the last ones restart API servers.
+    args.test_threads = Some(1);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let env = runtime
+        .block_on(setup())
+        .map(Arc::new)
+        .map_err(|e| format!("{e:#}"));
+    let checks: &[(&str, Check)] = &[
+        ("exported_service_is_mirrored_with_gateway_endpoints", |e| {
+            Box::pin(exported_service_is_mirrored(e))
+        }),
+        ("unexport_and_remote_delete_remove_only_that_mirror", |e| {
+            Box::pin(unexport_and_delete(e))
+        }),
+        ("missing_namespace_is_reported_then_mirrored", |e| {
+            Box::pin(missing_namespace(e))
+        }),
+        ("relabel_to_remote_discovery_drops_endpoints", |e| {
+            Box::pin(relabel_to_remote_discovery(e))
+        }),
+        (
+            "remote_api_restart_keeps_mirrors_and_idle_resync_writes_nothing",
+            |e| Box::pin(remote_restart_and_idle(e)),
+        ),
+    ];
+    let trials = checks
+        .iter()
+        .map(|&(name, check)| {
+            let env = env.clone();
+            let handle = runtime.handle().clone();
+            Trial::test(name, move || {
+                let env = env.map_err(|e| {
+                    Failed::from(format!(
+                        "setting up the clusters and the controller failed: {e}"
+                    ))
+                })?;
+                handle.block_on(check(env.clone())).map_err(|e| {
+                    Failed::from(format!(
+                        "{e:#}\n--- controller log:\n{}",
+                        env.controller.log_tail()
+                    ))
+                })
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(runtime);
+    conclusion.exit_code()
+}
+
+async fn setup() -> Result<Env> {
+    let mut clusters = Cluster::start_many(&["east", "west"]).await?;
+    let west = clusters.pop().ok_or_else(|| anyhow!("no west"))?;
+    let east = clusters.pop().ok_or_else(|| anyhow!("no east"))?;
+    let wc = west.client();
+
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/crds/link.yaml"
+    ))?;
+    apply_yaml(&wc, &crd).await?;
+    create_namespace(&wc, NS).await?;
+    let kubeconfig = remote_access_kubeconfig(&east, NS).await?;
+    put_credentials(&west, NS, "east", &kubeconfig).await?;
+    let link = json!({
+        "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+        "metadata": { "name": "east", "namespace": NS },
+        "spec": {
+            "targetClusterName": "east",
+            "targetClusterDomain": "cluster.local",
+            "targetClusterLinkerdNamespace": "linkerd",
+            "clusterCredentialsSecret": "cluster-credentials-east",
+            "gatewayAddress": GATEWAY_IP,
+            "gatewayPort": "4143",
+            "gatewayIdentity": IDENTITY,
+            // No probe path: the gateway address is from the documentation range and must never be
+            // dialled (tests reach only loopback and their own network namespaces).
+            "probeSpec": {},
+            "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
+            "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
+            "excludedLabels": ["team.example.com/*"],
+        },
+    });
+    apply_yaml(&wc, &serde_norway::to_string(&link)?).await?;
+
+    let controller = Program::start(
+        "meshlink-mirror",
+        &[
+            format!("--namespace={NS}"),
+            "--log=info,mirror=debug".to_owned(),
+        ],
+        &[("KUBECONFIG", west.kubeconfig_path().display().to_string())],
+    )
+    .await?;
+    Ok(Env {
+        east_client: east.client(),
+        east_node: east.node_name(),
+        east: Mutex::new(east),
+        _west: west,
+        west_client: wc,
+        controller,
+    })
+}
+
+/// Creates an exported Service `name` in `ns` of `east` with one Ready Pod at `ip`.
+async fn export(env: &Env, ns: &str, name: &str, value: &str, ip: Ipv4Addr) -> Result<()> {
+    let c = env.east_client.clone();
+    create_namespace(&c, ns).await?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": { "mirror.linkerd.io/exported": value, "app": name, "team.example.com/owner": "alice" },
+            "annotations": { "config.linkerd.io/opaque-ports": "5432" },
+        },
+        "spec": { "selector": { "app": name }, "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }))?;
+    Api::<Service>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await?;
+    create_ready_pod(
+        &c,
+        ns,
+        &format!("{name}-0"),
+        &labels(&[("app", name)]),
+        IpAddr::V4(ip),
+        &env.east_node,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Option<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn ready_ips(ep: &Endpoints) -> (Vec<String>, Vec<String>) {
+    let s = ep.subsets.iter().flatten();
+    (
+        s.clone()
+            .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
+            .collect(),
+        s.flat_map(|s| s.not_ready_addresses.iter().flatten().map(|a| a.ip.clone()))
+            .collect(),
+    )
+}
+
+async fn mirror_status(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
+    let link = Api::<Link>::namespaced(client.clone(), NS)
+        .get("east")
+        .await
+        .ok()?;
+    let entry = link
+        .status?
+        .mirror_services
+        .into_iter()
+        .find(|e| e.remote_ref.namespace == ns && e.remote_ref.name == name)?;
+    let c = entry.conditions.into_iter().next()?;
+    Some((format!("{:?}", c.status), c.reason))
+}
+
+async fn exported_service_is_mirrored(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    create_namespace(w, "shop").await?;
+    export(&env, "shop", "web", "true", Ipv4Addr::new(10, 1, 0, 5)).await?;
+
+    let svc: Service =
+        wait_for("mirror shop/web-east", WAIT, || get(w, "shop", "web-east")).await?;
+    let l = svc.labels();
+    ensure!(
+        l.get("mirror.linkerd.io/mirrored-service")
+            .map(String::as_str)
+            == Some("true")
+    );
+    ensure!(l.get("mirror.linkerd.io/cluster-name").map(String::as_str) == Some("east"));
+    ensure!(l.get("app").map(String::as_str) == Some("web"));
+    ensure!(
+        !l.contains_key("mirror.linkerd.io/exported"),
+        "export label copied: {l:?}"
+    );
+    ensure!(
+        !l.contains_key("team.example.com/owner"),
+        "excluded label copied: {l:?}"
+    );
+    let a = svc.annotations();
+    ensure!(a.get("config.linkerd.io/opaque-ports").map(String::as_str) == Some("5432"));
+    ensure!(
+        a.get("mirror.linkerd.io/remote-svc-fq-name")
+            .map(String::as_str)
+            == Some("web.shop.svc.cluster.local")
+    );
+    let spec = svc.spec.clone().unwrap_or_default();
+    ensure!(spec.selector.is_none() && spec.cluster_ip.as_deref().is_some_and(|ip| ip != "None"));
+
+    let ep: Endpoints = wait_for(
+        "mirror Endpoints with the gateway address",
+        WAIT,
+        || async {
+            get::<Endpoints>(w, "shop", "web-east")
+                .await
+                .filter(|e| ready_ips(e).0 == [GATEWAY_IP])
+        },
+    )
+    .await?;
+    let port = ep
+        .subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.ports.iter().flatten())
+        .next()
+        .map(|p| p.port);
+    ensure!(
+        port == Some(4143),
+        "ports not mapped to the gateway port: {ep:?}"
+    );
+    ensure!(
+        ep.annotations()
+            .get("mirror.linkerd.io/remote-gateway-identity")
+            .map(String::as_str)
+            == Some(IDENTITY)
+    );
+
+    // The slice says what the Endpoints say (written right after them).
+    let slice: EndpointSlice = wait_for("a ready mirror EndpointSlice", WAIT, || async {
+        get::<EndpointSlice>(w, "shop", "web-east-ipv4")
+            .await
+            .filter(|s| {
+                let e = s.endpoints.clone().unwrap_or_default();
+                e.len() == 1
+                    && e[0].addresses == [GATEWAY_IP]
+                    && e[0].conditions.as_ref().and_then(|c| c.ready) == Some(true)
+            })
+    })
+    .await?;
+    ensure!(
+        slice
+            .annotations()
+            .get("mirror.linkerd.io/remote-gateway-identity")
+            .map(String::as_str)
+            == Some(IDENTITY)
+    );
+    ensure!(slice.ports.iter().flatten().all(|p| p.port == Some(4143)));
+    // Owned by the mirror, so that deleting it removes them.
+    ensure!(
+        slice
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "Service" && o.name == "web-east")
+    );
+
+    wait_for("status Mirrored", WAIT, || async {
+        (mirror_status(w, "shop", "web").await? == ("True".to_owned(), "Mirrored".to_owned()))
+            .then_some(())
+    })
+    .await?;
+
+    // The remote Service loses its last ready endpoint: the mirror's endpoints empty out.
+    let pods: Api<Pod> = Api::namespaced(env.east_client.clone(), "shop");
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "False" }] } });
+    pods.patch_status(
+        "web-0",
+        &PatchParams::default(),
+        &Patch::Strategic(&not_ready),
+    )
+    .await?;
+    wait_for("mirror Endpoints to empty", WAIT, || async {
+        get::<Endpoints>(w, "shop", "web-east")
+            .await
+            .filter(|e| e.subsets.as_ref().is_none_or(Vec::is_empty))
+    })
+    .await?;
+    wait_for("the mirror EndpointSlice to empty", WAIT, || async {
+        get::<EndpointSlice>(w, "shop", "web-east-ipv4")
+            .await
+            .filter(|s| s.endpoints.as_ref().is_none_or(Vec::is_empty))
+    })
+    .await?;
+    Ok(())
+}
+
+async fn unexport_and_delete(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    create_namespace(w, "cart").await?;
+    // Objects the controller did not make, some of them labelled confusingly.
+    for (name, labels) in [
+        ("keep", json!({ "mirror.linkerd.io/cluster-name": "east" })),
+        (
+            "c-east",
+            json!({ "mirror.linkerd.io/mirrored-service": "true", "mirror.linkerd.io/cluster-name": "north" }),
+        ),
+    ] {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels },
+            "spec": { "ports": [{ "port": 80 }] },
+        }))?;
+        Api::<Service>::namespaced(w.clone(), "cart")
+            .create(&PostParams::default(), &svc)
+            .await?;
+    }
+    export(&env, "cart", "a", "true", Ipv4Addr::new(10, 1, 1, 1)).await?;
+    export(&env, "cart", "b", "true", Ipv4Addr::new(10, 1, 1, 2)).await?;
+    wait_for("both mirrors", WAIT, || async {
+        get::<Service>(w, "cart", "a-east").await?;
+        get::<Endpoints>(w, "cart", "b-east").await
+    })
+    .await?;
+
+    // Unexport a by removing its label; delete b.
+    let remote: Api<Service> = Api::namespaced(env.east_client.clone(), "cart");
+    remote
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "labels": { "mirror.linkerd.io/exported": null } } }),
+            ),
+        )
+        .await?;
+    remote.delete("b", &DeleteParams::default()).await?;
+    wait_for("both mirrors to go", WAIT, || async {
+        (get::<Service>(w, "cart", "a-east").await.is_none()
+            && get::<Service>(w, "cart", "b-east").await.is_none())
+        .then_some(())
+    })
+    .await?;
+    wait_for("the status entries to go", WAIT, || async {
+        (mirror_status(w, "cart", "a").await.is_none()
+            && mirror_status(w, "cart", "b").await.is_none())
+        .then_some(())
+    })
+    .await?;
+    // Their slices follow through owner references (the garbage collector).
+    wait_for("the mirrors' EndpointSlices to go", WAIT, || async {
+        get::<EndpointSlice>(w, "cart", "a-east-ipv4")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    for name in ["keep", "c-east"] {
+        ensure!(
+            get::<Service>(w, "cart", name).await.is_some(),
+            "{name} was deleted"
+        );
+    }
+    Ok(())
+}
+
+async fn missing_namespace(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    export(
+        &env,
+        "billing",
+        "invoices",
+        "true",
+        Ipv4Addr::new(10, 1, 2, 1),
+    )
+    .await?;
+    wait_for("status MissingNamespace", WAIT, || async {
+        (mirror_status(w, "billing", "invoices").await?.1 == "MissingNamespace").then_some(())
+    })
+    .await?;
+    let events: Api<Event> = Api::namespaced(w.clone(), NS);
+    wait_for("a MissingNamespace Event on the Link", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("MissingNamespace")
+                    && e.involved_object.name.as_deref() == Some("east")
+            })
+            .then_some(())
+    })
+    .await?;
+    ensure!(
+        get::<Service>(w, "billing", "invoices-east")
+            .await
+            .is_none()
+    );
+
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": "billing" } }))?;
+    Api::<Namespace>::all(w.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    wait_for("the mirror once the namespace exists", WAIT, || {
+        get::<Endpoints>(w, "billing", "invoices-east")
+    })
+    .await?;
+    wait_for("status Mirrored", WAIT, || async {
+        (mirror_status(w, "billing", "invoices").await?.1 == "Mirrored").then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn relabel_to_remote_discovery(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    create_namespace(w, "labs").await?;
+    export(&env, "labs", "db", "true", Ipv4Addr::new(10, 1, 3, 1)).await?;
+    wait_for("gateway-mode mirror", WAIT, || {
+        get::<Endpoints>(w, "labs", "db-east")
+    })
+    .await?;
+    Api::<Service>::namespaced(env.east_client.clone(), "labs")
+        .patch("db", &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": { "mirror.linkerd.io/exported": "remote-discovery" } } })))
+        .await?;
+    let svc: Service = wait_for("remote-discovery labels", WAIT, || async {
+        get::<Service>(w, "labs", "db-east").await.filter(|s| {
+            s.labels()
+                .get("multicluster.linkerd.io/remote-discovery")
+                .map(String::as_str)
+                == Some("east")
+        })
+    })
+    .await?;
+    ensure!(
+        svc.labels()
+            .get("multicluster.linkerd.io/remote-service")
+            .map(String::as_str)
+            == Some("db")
+    );
+    wait_for("gateway endpoints to go", WAIT, || async {
+        (get::<Endpoints>(w, "labs", "db-east").await.is_none()
+            && get::<EndpointSlice>(w, "labs", "db-east-ipv4")
+                .await
+                .is_none())
+        .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let mirror_writes = |env: Arc<Env>| async move {
+        let mut total = 0.0;
+        for kind in ["Service", "Endpoints", "EndpointSlice", "Namespace"] {
+            total += env
+                .controller
+                .metric(
+                    "service_mirror_api_writes_total",
+                    &format!("kind=\"{kind}\""),
+                )
+                .await?;
+        }
+        anyhow::Ok(total)
+    };
+    // Let earlier checks settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = mirror_writes(env.clone()).await?;
+    let restarts = env
+        .controller
+        .metric("service_mirror_watch_restarts_total", "")
+        .await?;
+
+    // The target's API server goes away: mirrors stay, however long it is gone.
+    let mut east = env.east.lock().await;
+    east.kill(Component::ApiServer);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (ns, name) in [("shop", "web-east"), ("billing", "invoices-east")] {
+        ensure!(
+            get::<Service>(w, ns, name).await.is_some(),
+            "{ns}/{name} deleted while the target was down"
+        );
+    }
+    wait_for("RemoteReachable=False on the Link", WAIT, || async {
+        let link = Api::<Link>::namespaced(w.clone(), NS)
+            .get("east")
+            .await
+            .ok()?;
+        link.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "RemoteReachable" && format!("{:?}", c.status) == "False")
+            .then_some(())
+    })
+    .await?;
+
+    east.start_component(Component::ApiServer)
+        .await
+        .context("restarting east's API server")?;
+    drop(east);
+    wait_for(
+        "the controller's watches to list again",
+        Duration::from_secs(60),
+        || async {
+            let link = Api::<Link>::namespaced(w.clone(), NS)
+                .get("east")
+                .await
+                .ok()?;
+            link.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "RemoteReachable" && format!("{:?}", c.status) == "True")
+                .then_some(())
+        },
+    )
+    .await?;
+    ensure!(
+        env.controller
+            .metric("service_mirror_watch_restarts_total", "")
+            .await?
+            > restarts
+    );
+    // Every key was reconciled against the fresh listing, and nothing had changed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = mirror_writes(env.clone()).await?;
+    ensure!(
+        after == before,
+        "a resync with nothing changed wrote {} times",
+        after - before
+    );
+    for (ns, name) in [
+        ("shop", "web-east"),
+        ("billing", "invoices-east"),
+        ("labs", "db-east"),
+    ] {
+        ensure!(
+            get::<Service>(w, ns, name).await.is_some(),
+            "{ns}/{name} missing after the restart"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! What the local cluster should hold for a remote Service: pure functions of the remote objects,
+//! the Link and the gateway's state. Nothing here talks to an API server, so every rule is
+//! table-tested.
+//!
+//! Where Linkerd's behaviour is a [quirk] (see `linkerd-multicluster.md`), the function says what
+//! meshlink does instead.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort,
+            ServiceSpec,
+        },
+        discovery::v1::{self as discovery, EndpointConditions, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use link_crd::{LinkSpec, NameError, keys, naming};
+
+/// Field manager of every write the controller makes (server-side apply).
+pub const FIELD_MANAGER: &str = "meshlink-service-mirror";
+
+/// `endpointslice.kubernetes.io/managed-by` of the slices the controller writes, so that
+/// Kubernetes' own EndpointSlice controllers leave them alone.
+pub const SLICE_MANAGED_BY: &str = "service-mirror.meshlink.io";
+
+/// Label that stops Kubernetes' EndpointSlice mirroring controller from also making slices out of
+/// the mirror's core Endpoints (the controller writes its own, with the annotations).
+const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// Annotations of a remote Service that are never copied: they describe how the *remote*
+/// cluster routes to its own pods. Linkerd drops the first two; meshlink also drops kubectl's
+/// record of the remote object, which would make `kubectl apply` misread the mirror.
+const DROPPED_ANNOTATIONS: &[&str] = &[
+    "service.kubernetes.io/topology-aware-hints",
+    "service.kubernetes.io/topology-mode",
+    "kubectl.kubernetes.io/last-applied-configuration",
+];
+
+/// How a remote Service is mirrored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Through the target's gateway (`spec.selector`): Endpoints point at the gateway.
+    Gateway,
+    /// Pod-to-pod (`spec.remoteDiscoverySelector`): a Service with no Endpoints; the destination
+    /// controller resolves it in the remote cluster.
+    RemoteDiscovery,
+}
+
+/// Which mode, if any, a remote Service with `labels` is mirrored in.
+///
+/// Remote discovery wins when both selectors match, as in Linkerd (it then writes no Endpoints).
+pub fn export_mode(spec: &LinkSpec, labels: &BTreeMap<String, String>) -> Option<Mode> {
+    let matches =
+        |s: &Option<link_crd::LabelSelector>| s.as_ref().is_some_and(|s| s.matches(labels));
+    if matches(&spec.remote_discovery_selector) {
+        Some(Mode::RemoteDiscovery)
+    } else if matches(&spec.selector) {
+        Some(Mode::Gateway)
+    } else {
+        None
+    }
+}
+
+/// Why a remote Service cannot be mirrored. Each becomes an `InvalidService` status entry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidService {
+    /// The mirror's name would be refused by Kubernetes.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A Service without ports cannot be reached through the gateway.
+    #[error("the Service exposes no ports: add at least one port to mirror it")]
+    NoPorts,
+}
+
+/// What the controller knows about the Link's target, parsed once per Link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `spec.targetClusterName`: suffix of mirror names, `cluster-name` label.
+    pub cluster: String,
+    /// `spec.targetClusterDomain`.
+    pub domain: String,
+    /// `spec.gatewayIdentity`; may be empty.
+    pub gateway_identity: String,
+    /// `spec.gatewayPort`, when the Link has a gateway.
+    pub gateway_port: Option<u16>,
+    /// `spec.excludedLabels`.
+    pub excluded_labels: Vec<String>,
+    /// `spec.excludedAnnotations`.
+    pub excluded_annotations: Vec<String>,
+}
+
+impl Target {
+    /// Reads what mirroring needs from a Link's spec. The CRD's rules guarantee the port's form;
+    /// a Link stored before they existed may still hold anything, hence the `Option`.
+    pub fn from_spec(spec: &LinkSpec) -> Self {
+        Self {
+            cluster: spec.target_cluster_name.clone(),
+            domain: spec.target_cluster_domain.clone(),
+            gateway_identity: spec.gateway_identity.clone(),
+            gateway_port: spec.gateway_port.parse().ok().filter(|p| *p != 0),
+            excluded_labels: spec.excluded_labels.clone(),
+            excluded_annotations: spec.excluded_annotations.clone(),
+        }
+    }
+}
+
+/// The state of the target's gateway that mirror endpoints reflect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    /// Every address the Link's `gatewayAddress` resolves to, sorted and without duplicates.
+    pub addresses: Vec<IpAddr>,
+    /// The gateway's port.
+    pub port: u16,
+    /// Whether the liveness probe says the gateway is alive; dead gateways' addresses are
+    /// published as not ready.
+    pub alive: bool,
+}
+
+/// Whether label or annotation `key` is excluded by `rules`.
+///
+/// A rule ending in `/*` excludes every key in that prefix: `example.com/*` excludes
+/// `example.com/team` but not `example.com.au/team` (Linkerd's plain string-prefix test
+/// excludes both [quirk]). Any other rule excludes exactly that key.
+pub fn is_excluded(key: &str, rules: &[String]) -> bool {
+    rules.iter().any(|rule| match rule.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('/') => key.starts_with(prefix),
+        _ => key == rule,
+    })
+}
+
+/// The labels a mirror Service and its Endpoints carry: the remote Service's labels without the
+/// `mirror.linkerd.io` keys and the excluded ones, plus the mirror's own.
+pub fn mirror_labels(target: &Target, remote: &Service) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = remote
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| {
+            !k.starts_with(keys::SERVICE_MIRROR_PREFIX) && !is_excluded(k, &target.excluded_labels)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(keys::MIRRORED_RESOURCE_LABEL.into(), "true".into());
+    labels.insert(keys::CLUSTER_NAME_LABEL.into(), target.cluster.clone());
+    labels
+}
+
+/// The local mirror of remote Service `remote` from the Link's target, for server-side apply.
+pub fn mirror_service(
+    target: &Target,
+    remote: &Service,
+    mode: Mode,
+) -> Result<Service, InvalidService> {
+    let remote_name = remote.metadata.name.as_deref().unwrap_or_default();
+    let namespace = remote.metadata.namespace.clone().unwrap_or_default();
+    let name = naming::mirror_service_name(remote_name, &target.cluster)?;
+    let fqdn = naming::remote_service_fqdn(remote_name, &namespace, &target.domain)?;
+    let ports: Vec<ServicePort> = remote
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| ServicePort {
+            name: p.name.clone(),
+            protocol: p.protocol.clone(),
+            port: p.port,
+            target_port: p.target_port.clone(),
+            ..ServicePort::default()
+        })
+        .collect();
+    if ports.is_empty() {
+        return Err(InvalidService::NoPorts);
+    }
+
+    let mut labels = mirror_labels(target, remote);
+    if mode == Mode::RemoteDiscovery {
+        labels.insert(keys::REMOTE_DISCOVERY_KEY.into(), target.cluster.clone());
+        labels.insert(keys::REMOTE_SERVICE_LABEL.into(), remote_name.to_owned());
+    }
+
+    let remote_annotations = remote.metadata.annotations.iter().flatten();
+    let mut annotations: BTreeMap<String, String> = remote_annotations
+        .clone()
+        .filter(|(k, _)| {
+            !DROPPED_ANNOTATIONS.contains(&k.as_str())
+                && !is_excluded(k, &target.excluded_annotations)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // Opaque ports decide how the source proxy treats traffic: always kept.
+    if let Some((k, v)) = remote_annotations
+        .clone()
+        .find(|(k, _)| *k == keys::OPAQUE_PORTS_ANNOTATION)
+    {
+        annotations.insert(k.clone(), v.clone());
+    }
+    annotations.insert(keys::REMOTE_SVC_FQ_NAME_ANNOTATION.into(), fqdn);
+    if let Some(rv) = &remote.metadata.resource_version {
+        annotations.insert(keys::REMOTE_RESOURCE_VERSION_ANNOTATION.into(), rv.clone());
+    }
+
+    Ok(Service {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn endpoint_metadata(target: &Target, remote: &Service, mirror: &Service) -> ObjectMeta {
+    let remote_name = remote.metadata.name.as_deref().unwrap_or_default();
+    let namespace = remote.metadata.namespace.as_deref().unwrap_or_default();
+    let mut annotations = BTreeMap::new();
+    if let Ok(fqdn) = naming::remote_service_fqdn(remote_name, namespace, &target.domain) {
+        annotations.insert(keys::REMOTE_SVC_FQ_NAME_ANNOTATION.to_owned(), fqdn);
+    }
+    if !target.gateway_identity.is_empty() {
+        annotations.insert(
+            keys::REMOTE_GATEWAY_IDENTITY_ANNOTATION.to_owned(),
+            target.gateway_identity.clone(),
+        );
+    }
+    ObjectMeta {
+        name: mirror.metadata.name.clone(),
+        namespace: mirror.metadata.namespace.clone(),
+        labels: Some(mirror_labels(target, remote)),
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ports of the remote Service, each mapped to the gateway's single port.
+fn gateway_ports(
+    remote: &Service,
+    port: u16,
+) -> impl Iterator<Item = (Option<String>, Option<String>, i32)> + '_ {
+    remote
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(move |p| (p.name.clone(), p.protocol.clone(), i32::from(port)))
+}
+
+/// The core Endpoints of a gateway-mode mirror (Linkerd's consumers read these).
+///
+/// One subset: the gateway's addresses with every remote port mapped to the gateway port; the
+/// addresses are `notReadyAddresses` while the gateway is dead; no subsets at all while the
+/// remote Service has no ready endpoints (so clients fail fast instead of crossing clusters for
+/// nothing).
+pub fn gateway_endpoints(
+    target: &Target,
+    remote: &Service,
+    mirror: &Service,
+    remote_ready: bool,
+    gateway: &Gateway,
+) -> Endpoints {
+    let mut metadata = endpoint_metadata(target, remote, mirror);
+    metadata
+        .labels
+        .get_or_insert_default()
+        .insert(SKIP_MIRROR_LABEL.into(), "true".into());
+    // An empty list, not an absent one: server-side apply then removes subsets written before.
+    let subsets = if !remote_ready || gateway.addresses.is_empty() {
+        Vec::new()
+    } else {
+        let addresses: Vec<EndpointAddress> = gateway
+            .addresses
+            .iter()
+            .map(|ip| EndpointAddress {
+                ip: ip.to_string(),
+                ..EndpointAddress::default()
+            })
+            .collect();
+        let (ready, not_ready) = if gateway.alive {
+            (Some(addresses), None)
+        } else {
+            (None, Some(addresses))
+        };
+        vec![EndpointSubset {
+            addresses: ready,
+            not_ready_addresses: not_ready,
+            ports: Some(
+                gateway_ports(remote, gateway.port)
+                    .map(|(name, protocol, port)| EndpointPort {
+                        name,
+                        protocol,
+                        port,
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+        }]
+    };
+    Endpoints {
+        metadata,
+        subsets: Some(subsets),
+    }
+}
+
+/// The EndpointSlices of a gateway-mode mirror: the same addresses, readiness and annotations as
+/// [`gateway_endpoints`], one slice per address family (`<mirror>-ipv4`, `<mirror>-ipv6`). A
+/// family the gateway has no address in gets no slice; an empty remote gives empty slices.
+pub fn gateway_slices(
+    target: &Target,
+    remote: &Service,
+    mirror: &Service,
+    remote_ready: bool,
+    gateway: &Gateway,
+) -> Vec<EndpointSlice> {
+    let mirror_name = mirror.metadata.name.clone().unwrap_or_default();
+    let base = endpoint_metadata(target, remote, mirror);
+    let ports: Vec<discovery::EndpointPort> = gateway_ports(remote, gateway.port)
+        .map(|(name, protocol, port)| discovery::EndpointPort {
+            name,
+            protocol,
+            port: Some(port),
+            ..discovery::EndpointPort::default()
+        })
+        .collect();
+    [("IPv4", "ipv4"), ("IPv6", "ipv6")]
+        .into_iter()
+        .filter_map(|(family, suffix)| {
+            let ips: Vec<&IpAddr> = gateway
+                .addresses
+                .iter()
+                .filter(|ip| ip.is_ipv4() == (family == "IPv4"))
+                .collect();
+            if ips.is_empty() {
+                return None;
+            }
+            let endpoints = if remote_ready {
+                ips.iter()
+                    .map(|ip| discovery::Endpoint {
+                        addresses: vec![ip.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(gateway.alive),
+                            serving: Some(gateway.alive),
+                            terminating: Some(false),
+                        }),
+                        ..discovery::Endpoint::default()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut metadata = base.clone();
+            metadata.name = Some(format!("{mirror_name}-{suffix}"));
+            let labels = metadata.labels.get_or_insert_default();
+            labels.insert(SERVICE_NAME_LABEL.into(), mirror_name.clone());
+            labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGED_BY.into());
+            Some(EndpointSlice {
+                metadata,
+                address_type: family.to_owned(),
+                endpoints: Some(endpoints),
+                ports: Some(ports.clone()),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,366 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use link_crd::LabelSelector;
+use serde_json::json;
+
+use super::*;
+
+fn remote(value: serde_json::Value) -> Service {
+    serde_json::from_value(value).unwrap()
+}
+
+fn web() -> Service {
+    remote(json!({
+        "metadata": {
+            "name": "web", "namespace": "shop", "resourceVersion": "4711",
+            "labels": {
+                "app": "web",
+                "mirror.linkerd.io/exported": "true",
+                "mirror.linkerd.io/anything": "x",
+                "team.example.com/owner": "alice",
+                "team.example.com.au/owner": "bob",
+                "tier": "front",
+            },
+            "annotations": {
+                "config.linkerd.io/opaque-ports": "5432",
+                "service.kubernetes.io/topology-mode": "Auto",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "secret.example.com/token": "s3cret",
+                "docs": "https://example.com/web",
+            },
+        },
+        "spec": {
+            "type": "LoadBalancer",
+            "selector": { "app": "web" },
+            "clusterIP": "10.96.0.10",
+            "ports": [
+                { "name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080, "appProtocol": "http" },
+                { "name": "grpc", "port": 9090, "targetPort": "grpc", "protocol": "TCP" },
+            ],
+        },
+    }))
+}
+
+fn target() -> Target {
+    Target {
+        cluster: "east".into(),
+        domain: "cluster.local".into(),
+        gateway_identity:
+            "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local"
+                .into(),
+        gateway_port: Some(4143),
+        excluded_labels: vec!["tier".into(), "team.example.com/*".into()],
+        excluded_annotations: vec![
+            "secret.example.com/*".into(),
+            "config.linkerd.io/opaque-ports".into(),
+        ],
+    }
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+#[test]
+fn exclusion_rules() {
+    let rules: Vec<String> = vec!["tier".into(), "example.com/*".into(), "odd*".into()];
+    let cases = [
+        ("tier", true),
+        ("tiers", false),
+        ("example.com/team", true),
+        ("example.com/", true),
+        // Linkerd's string-prefix test would exclude these two [quirk].
+        ("example.com.au/team", false),
+        ("example.comx/team", false),
+        // A `*` that does not follow a `/` is part of the key, not a wildcard.
+        ("odd*", true),
+        ("oddity", false),
+    ];
+    for (key, want) in cases {
+        assert_eq!(is_excluded(key, &rules), want, "{key}");
+    }
+    assert!(!is_excluded("anything", &[]));
+}
+
+#[test]
+fn export_modes() {
+    let spec = LinkSpec {
+        selector: Some(link_crd::default_selector()),
+        remote_discovery_selector: Some(link_crd::default_remote_discovery_selector()),
+        ..LinkSpec::default()
+    };
+    let cases = [
+        (
+            map(&[("mirror.linkerd.io/exported", "true")]),
+            Some(Mode::Gateway),
+        ),
+        (
+            map(&[("mirror.linkerd.io/exported", "remote-discovery")]),
+            Some(Mode::RemoteDiscovery),
+        ),
+        (map(&[("mirror.linkerd.io/exported", "false")]), None),
+        (map(&[]), None),
+    ];
+    for (labels, want) in cases {
+        assert_eq!(export_mode(&spec, &labels), want, "{labels:?}");
+    }
+    // No selector at all exports nothing (an empty selector is not "everything").
+    assert_eq!(
+        export_mode(
+            &LinkSpec::default(),
+            &map(&[("mirror.linkerd.io/exported", "true")])
+        ),
+        None
+    );
+    // Both selectors match: remote discovery wins.
+    let both = LinkSpec {
+        selector: Some(LabelSelector::label("app", "web")),
+        remote_discovery_selector: Some(LabelSelector::label("app", "web")),
+        ..LinkSpec::default()
+    };
+    assert_eq!(
+        export_mode(&both, &map(&[("app", "web")])),
+        Some(Mode::RemoteDiscovery)
+    );
+}
+
+#[test]
+fn mirror_service_metadata_and_ports() {
+    let svc = mirror_service(&target(), &web(), Mode::Gateway).unwrap();
+    assert_eq!(svc.metadata.name.as_deref(), Some("web-east"));
+    assert_eq!(svc.metadata.namespace.as_deref(), Some("shop"));
+    assert_eq!(
+        svc.metadata.labels.unwrap(),
+        map(&[
+            ("app", "web"),
+            // kept: `team.example.com/*` does not cover `team.example.com.au/`
+            ("team.example.com.au/owner", "bob"),
+            ("mirror.linkerd.io/mirrored-service", "true"),
+            ("mirror.linkerd.io/cluster-name", "east"),
+        ])
+    );
+    assert_eq!(
+        svc.metadata.annotations.unwrap(),
+        map(&[
+            // kept although excluded: opaque ports decide how the source proxy treats traffic
+            ("config.linkerd.io/opaque-ports", "5432"),
+            ("docs", "https://example.com/web"),
+            (
+                "mirror.linkerd.io/remote-svc-fq-name",
+                "web.shop.svc.cluster.local"
+            ),
+            ("mirror.linkerd.io/remote-resource-version", "4711"),
+        ])
+    );
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.selector, None);
+    assert_eq!(spec.cluster_ip, None, "allocated by the local API server");
+    let ports = spec.ports.unwrap();
+    assert_eq!(ports.len(), 2);
+    assert_eq!(ports[0].name.as_deref(), Some("http"));
+    assert_eq!(ports[0].port, 80);
+    assert_eq!(ports[0].target_port, Some(IntOrString::Int(8080)));
+    assert_eq!(ports[0].node_port, None);
+    assert_eq!(ports[0].app_protocol, None);
+    assert_eq!(
+        ports[1].target_port,
+        Some(IntOrString::String("grpc".into()))
+    );
+}
+
+#[test]
+fn remote_discovery_mirror_labels() {
+    let svc = mirror_service(&target(), &web(), Mode::RemoteDiscovery).unwrap();
+    let labels = svc.metadata.labels.unwrap();
+    assert_eq!(labels["multicluster.linkerd.io/remote-discovery"], "east");
+    assert_eq!(labels["multicluster.linkerd.io/remote-service"], "web");
+}
+
+#[test]
+fn invalid_services() {
+    let long = remote(json!({
+        "metadata": { "name": "a".repeat(60), "namespace": "shop" },
+        "spec": { "ports": [{ "port": 80 }] },
+    }));
+    assert!(matches!(
+        mirror_service(&target(), &long, Mode::Gateway),
+        Err(InvalidService::Name(NameError::TooLong { .. }))
+    ));
+    let portless = remote(json!({
+        "metadata": { "name": "web", "namespace": "shop" },
+        "spec": { "clusterIP": "None" },
+    }));
+    assert_eq!(
+        mirror_service(&target(), &portless, Mode::Gateway),
+        Err(InvalidService::NoPorts)
+    );
+}
+
+fn gateway(alive: bool, addresses: &[IpAddr]) -> Gateway {
+    Gateway {
+        addresses: addresses.to_vec(),
+        port: 4143,
+        alive,
+    }
+}
+
+const V4A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+const V4B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+const V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+
+#[test]
+fn gateway_endpoints_follow_remote_readiness_and_liveness() {
+    let t = target();
+    let remote = web();
+    let mirror = mirror_service(&t, &remote, Mode::Gateway).unwrap();
+    let ips = |addrs: &Option<Vec<EndpointAddress>>| -> Vec<String> {
+        addrs.iter().flatten().map(|a| a.ip.clone()).collect()
+    };
+
+    // Ready remote, live gateway: every gateway address ready, ports mapped to 4143.
+    let ep = gateway_endpoints(&t, &remote, &mirror, true, &gateway(true, &[V4A, V4B]));
+    assert_eq!(ep.metadata.name.as_deref(), Some("web-east"));
+    let subsets = ep.subsets.unwrap();
+    assert_eq!(subsets.len(), 1);
+    assert_eq!(ips(&subsets[0].addresses), ["192.0.2.1", "192.0.2.2"]);
+    assert_eq!(subsets[0].not_ready_addresses, None);
+    let ports: Vec<_> = subsets[0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("http".to_owned(), 4143), ("grpc".to_owned(), 4143)]
+    );
+    let annotations = ep.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations["mirror.linkerd.io/remote-gateway-identity"],
+        t.gateway_identity
+    );
+    assert_eq!(
+        annotations["mirror.linkerd.io/remote-svc-fq-name"],
+        "web.shop.svc.cluster.local"
+    );
+    let labels = ep.metadata.labels.unwrap();
+    assert_eq!(labels["mirror.linkerd.io/cluster-name"], "east");
+    assert_eq!(labels["endpointslice.kubernetes.io/skip-mirror"], "true");
+    assert!(!labels.contains_key("multicluster.linkerd.io/remote-discovery"));
+
+    // Dead gateway: the same addresses, not ready.
+    let ep = gateway_endpoints(&t, &remote, &mirror, true, &gateway(false, &[V4A]));
+    let subsets = ep.subsets.unwrap();
+    assert_eq!(subsets[0].addresses, None);
+    assert_eq!(ips(&subsets[0].not_ready_addresses), ["192.0.2.1"]);
+
+    // Remote without ready endpoints: no subsets at all, written as an empty list so that
+    // server-side apply removes the ones written before.
+    let ep = gateway_endpoints(&t, &remote, &mirror, false, &gateway(true, &[V4A]));
+    assert_eq!(ep.subsets, Some(vec![]));
+    assert_eq!(
+        serde_json::to_value(&ep).unwrap()["subsets"],
+        serde_json::json!([])
+    );
+
+    // No gateway identity: no identity annotation.
+    let anonymous = Target {
+        gateway_identity: String::new(),
+        ..t.clone()
+    };
+    let ep = gateway_endpoints(&anonymous, &remote, &mirror, true, &gateway(true, &[V4A]));
+    assert!(
+        !ep.metadata
+            .annotations
+            .unwrap()
+            .contains_key("mirror.linkerd.io/remote-gateway-identity")
+    );
+}
+
+#[test]
+fn gateway_slices_match_endpoints_per_family() {
+    let t = target();
+    let remote = web();
+    let mirror = mirror_service(&t, &remote, Mode::Gateway).unwrap();
+
+    let slices = gateway_slices(&t, &remote, &mirror, true, &gateway(true, &[V4A, V6]));
+    let summary: Vec<_> = slices
+        .iter()
+        .map(|s| {
+            (
+                s.metadata.name.clone().unwrap(),
+                s.address_type.clone(),
+                s.endpoints
+                    .iter()
+                    .flatten()
+                    .map(|e| (e.addresses[0].clone(), e.conditions.as_ref().unwrap().ready))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "web-east-ipv4".to_owned(),
+                "IPv4".to_owned(),
+                vec![("192.0.2.1".to_owned(), Some(true))]
+            ),
+            (
+                "web-east-ipv6".to_owned(),
+                "IPv6".to_owned(),
+                vec![("2001:db8::1".to_owned(), Some(true))]
+            ),
+        ]
+    );
+    let labels = slices[0].metadata.labels.clone().unwrap();
+    assert_eq!(labels["kubernetes.io/service-name"], "web-east");
+    assert_eq!(
+        labels["endpointslice.kubernetes.io/managed-by"],
+        SLICE_MANAGED_BY
+    );
+    assert_eq!(
+        slices[0].metadata.annotations.clone().unwrap()["mirror.linkerd.io/remote-gateway-identity"],
+        t.gateway_identity
+    );
+    let ports: Vec<_> = slices[0].ports.iter().flatten().map(|p| p.port).collect();
+    assert_eq!(ports, [Some(4143), Some(4143)]);
+
+    // Dead gateway: not ready and not serving.
+    let slices = gateway_slices(&t, &remote, &mirror, true, &gateway(false, &[V4A]));
+    assert_eq!(slices.len(), 1);
+    let cond = slices[0].endpoints.as_ref().unwrap()[0]
+        .conditions
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (cond.ready, cond.serving, cond.terminating),
+        (Some(false), Some(false), Some(false))
+    );
+
+    // Empty remote: the slice exists, with no endpoints.
+    let slices = gateway_slices(&t, &remote, &mirror, false, &gateway(true, &[V4A]));
+    assert_eq!(slices[0].endpoints.as_deref(), Some(&[][..]));
+}
+
+#[test]
+fn target_from_spec() {
+    let spec = LinkSpec {
+        target_cluster_name: "east".into(),
+        gateway_port: "4143".into(),
+        ..LinkSpec::default()
+    };
+    assert_eq!(Target::from_spec(&spec).gateway_port, Some(4143));
+    for bad in ["", "0", "http"] {
+        let spec = LinkSpec {
+            gateway_port: bad.into(),
+            ..LinkSpec::default()
+        };
+        assert_eq!(Target::from_spec(&spec).gateway_port, None, "{bad:?}");
+    }
+}

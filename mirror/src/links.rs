@@ -1,0 +1,358 @@
+//! Serves the Links of one namespace: one worker per Link, restarted when the Link's spec or its
+//! credentials change (never for a status-only change), stopped and cleaned up when it is
+//! deleted.
+//!
+//! Deleting a Link removes the mirrors it created, through a finalizer, and nothing else
+//! (Linkerd leaves them behind for `unlink` to find [quirk]).
+
+use std::{
+    collections::{HashMap, hash_map::DefaultHasher},
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        finalizer::{Event as Finalizer, finalizer},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use link_crd::{CONDITION_GATEWAY_ALIVE, CONDITION_REMOTE_REACHABLE, ConditionStatus, Link, keys};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Options,
+    gateway::{self, Entry},
+    metrics::{Metrics, WriteLabels},
+    probe, remote,
+    status::StatusHandle,
+    worker::LinkWorker,
+};
+
+/// The finalizer that makes deleting a Link remove its mirrors first.
+pub const FINALIZER: &str = "multicluster.meshlink.io/mirror-cleanup";
+
+struct Running {
+    fingerprint: u64,
+    cancel: CancellationToken,
+}
+
+struct Ctx {
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    secrets: Api<Secret>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<kube::Error>>),
+}
+
+/// Serves Links until `cancel` fires, then stops every worker (leaving mirrors in place).
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let links: Api<Link> = Api::namespaced(client.clone(), &options.namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &options.namespace);
+    let mut link_config = watcher::Config::default();
+    if let Some(name) = &options.link {
+        link_config = link_config.fields(&format!("metadata.name={name}"));
+    }
+    let secret_config =
+        watcher::Config::default().fields(&format!("type={}", keys::REMOTE_KUBECONFIG_SECRET_TYPE));
+    let ctx = Arc::new(Ctx {
+        client,
+        options,
+        metrics,
+        secrets: secrets.clone(),
+        running: Mutex::new(HashMap::new()),
+    });
+    let controller = Controller::new(links, link_config);
+    let store = controller.store();
+    controller
+        // A credentials Secret's change re-reconciles the Links that name it.
+        .watches(secrets, secret_config, move |secret: Secret| {
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|l| l.spec.cluster_credentials_secret == name)
+                .map(|l| ObjectRef::from_obj(&*l))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {})
+        .await;
+    for (_, r) in ctx.running.lock().await.drain() {
+        r.cancel.cancel();
+    }
+}
+
+fn error_policy(_: Arc<Link>, error: &Error, _: Arc<Ctx>) -> Action {
+    tracing::warn!(%error, "Link reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(link: Arc<Link>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let api: Api<Link> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
+    finalizer(&api, FINALIZER, link, |event| async {
+        match event {
+            Finalizer::Apply(link) => ensure_worker(&link, &ctx).await,
+            Finalizer::Cleanup(link) => cleanup(&link, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Starts the Link's worker, or restarts it when the spec or the credentials changed.
+async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
+    let name = link.name_any();
+    let secret = match ctx
+        .secrets
+        .get_opt(&link.spec.cluster_credentials_secret)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) if link.spec.cluster_credentials_secret.is_empty() => {
+            tracing::debug!(error = %e, "no credentials Secret named");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let fingerprint = {
+        let mut h = DefaultHasher::new();
+        serde_json::to_string(&link.spec)
+            .unwrap_or_default()
+            .hash(&mut h);
+        secret
+            .as_ref()
+            .and_then(|s| s.resource_version())
+            .hash(&mut h);
+        h.finish()
+    };
+    let mut running = ctx.running.lock().await;
+    if running
+        .get(&name)
+        .is_some_and(|r| r.fingerprint == fingerprint)
+    {
+        return Ok(Action::await_change());
+    }
+    if let Some(old) = running.remove(&name) {
+        tracing::info!(link = %name, "Link spec or credentials changed; restarting its worker");
+        old.cancel.cancel();
+    }
+    let cancel = CancellationToken::new();
+    running.insert(
+        name.clone(),
+        Running {
+            fingerprint,
+            cancel: cancel.clone(),
+        },
+    );
+    drop(running);
+
+    let status = StatusHandle::new(link.status.as_ref());
+    let metrics = ctx.metrics.clone();
+    let cluster = link.spec.target_cluster_name.clone();
+    tokio::spawn(
+        cancel
+            .clone()
+            .run_until_cancelled_owned(status.clone().flush_forever(
+                ctx.client.clone(),
+                ctx.options.namespace.clone(),
+                name.clone(),
+                move || {
+                    metrics
+                        .writes
+                        .get_or_create(&WriteLabels {
+                            target_cluster_name: cluster.clone(),
+                            kind: "Link",
+                            verb: "status",
+                        })
+                        .inc();
+                },
+            )),
+    );
+
+    let remote = match remote::client_from_secret(
+        &ctx.options.namespace,
+        &link.spec.cluster_credentials_secret,
+        secret.as_ref(),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::warn!(link = %name, %error, "cannot build a client for the target cluster");
+            status.set_link_condition(
+                CONDITION_REMOTE_REACHABLE,
+                ConditionStatus::False,
+                error.reason(),
+                &error.to_string(),
+            );
+            // The Secret's watch brings the Link back here when it appears or changes.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+
+    let (gateway_tx, gateway_rx) = watch::channel(None);
+    let target = crate::desired::Target::from_spec(&link.spec);
+    let entries: Vec<Entry> = gateway::parse_entries(&link.spec.gateway_address);
+    // Until the probe says otherwise the gateway counts as alive (see `probe`).
+    let (alive_tx, alive_rx) = watch::channel(true);
+    if let (Some(port), false) = (target.gateway_port, entries.is_empty()) {
+        match ctx.options.resolver() {
+            Ok(resolver) => {
+                tokio::spawn(
+                    cancel
+                        .clone()
+                        .run_until_cancelled_owned(gateway::resolve_forever(
+                            resolver, entries, port, alive_rx, gateway_tx,
+                        )),
+                );
+            }
+            Err(error) => {
+                tracing::error!(link = %name, %error, "no DNS resolver; gateway names cannot be resolved")
+            }
+        }
+        start_probe(link, ctx, &status, gateway_rx.clone(), alive_tx, &cancel);
+    }
+
+    let worker = LinkWorker {
+        link_name: name.clone(),
+        spec: link.spec.clone(),
+        local: ctx.client.clone(),
+        remote,
+        gateway: gateway_rx,
+        status,
+        metrics: ctx.metrics.clone(),
+        options: ctx.options.clone(),
+        link_ref: link.object_ref(&()),
+        recorder: Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into()),
+    };
+    tracing::info!(link = %name, target = %link.spec.target_cluster_name, "serving Link");
+    tokio::spawn(worker.run(cancel));
+    Ok(Action::await_change())
+}
+
+/// Starts the gateway probe of a Link, reporting transitions as the `GatewayAlive` condition and
+/// as Events.
+fn start_probe(
+    link: &Link,
+    ctx: &Ctx,
+    status: &StatusHandle,
+    gateway: watch::Receiver<Option<crate::desired::Gateway>>,
+    alive: watch::Sender<bool>,
+    cancel: &CancellationToken,
+) {
+    let spec = match probe::ProbeSpec::from_link(&link.spec.probe_spec) {
+        Ok(Some(spec)) => spec,
+        Ok(None) => return,
+        Err(error) => {
+            status.set_link_condition(
+                CONDITION_GATEWAY_ALIVE,
+                ConditionStatus::Unknown,
+                "InvalidProbeSpec",
+                &error.to_string(),
+            );
+            return;
+        }
+    };
+    status.set_link_condition(
+        CONDITION_GATEWAY_ALIVE,
+        ConditionStatus::True,
+        "ProbePending",
+        "alive until failureThreshold probes in a row fail",
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cluster = link.spec.target_cluster_name.clone();
+    tokio::spawn(cancel.clone().run_until_cancelled_owned(probe::run(
+        spec,
+        cluster,
+        gateway,
+        alive,
+        tx,
+        ctx.metrics.probe.clone(),
+    )));
+    let status = status.clone();
+    let recorder = Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into());
+    let reference = link.object_ref(&());
+    tokio::spawn(cancel.clone().run_until_cancelled_owned(async move {
+        while let Some(t) = rx.recv().await {
+            let (s, reason, type_) = match t.liveness {
+                probe::Liveness::Alive => {
+                    (ConditionStatus::True, "GatewayAlive", EventType::Normal)
+                }
+                probe::Liveness::Dead => {
+                    (ConditionStatus::False, "GatewayDead", EventType::Warning)
+                }
+            };
+            status.set_link_condition(CONDITION_GATEWAY_ALIVE, s, reason, &t.detail);
+            let ev = Event {
+                type_,
+                reason: reason.to_owned(),
+                note: Some(if t.detail.is_empty() {
+                    "the gateway answers its probe again".to_owned()
+                } else {
+                    t.detail.clone()
+                }),
+                action: "Probe".to_owned(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(%error, "recording an Event failed");
+            }
+        }
+    }));
+}
+
+/// Stops the Link's worker and deletes every mirror it made, before the Link goes.
+async fn cleanup(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
+    let name = link.name_any();
+    if let Some(r) = ctx.running.lock().await.remove(&name) {
+        r.cancel.cancel();
+    }
+    let cluster = &link.spec.target_cluster_name;
+    if cluster.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let services: Api<Service> = Api::all(ctx.client.clone());
+    let selector = format!(
+        "{}=true,{}={cluster}",
+        keys::MIRRORED_RESOURCE_LABEL,
+        keys::CLUSTER_NAME_LABEL
+    );
+    for svc in services
+        .list(&ListParams::default().labels(&selector))
+        .await?
+    {
+        let ns = svc.namespace().unwrap_or_default();
+        let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+        match api.delete(&svc.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(link = %name, namespace = %ns, service = %svc.name_any(), "deleted mirror of a deleted Link")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Action::await_change())
+}

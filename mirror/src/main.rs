@@ -1,0 +1,72 @@
+//! `meshlink-mirror`: the service-mirror controller.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "Mirrors the Services that linked clusters export", version)]
+struct Args {
+    #[command(flatten)]
+    options: mirror::Options,
+
+    /// Address of the admin server (/live, /ready, /metrics).
+    #[arg(long, env = "MESHLINK_ADMIN_ADDR", default_value = "0.0.0.0:9999")]
+    admin_addr: SocketAddr,
+
+    /// Log filter, e.g. `info` or `mirror=debug,info`.
+    #[arg(long, env = "MESHLINK_LOG", default_value = "info")]
+    log: String,
+}
+
+/// How long stopping may take before the process exits anyway.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .init();
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(mirror::Metrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+
+    let cancel = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready_rx)
+        .bind(args.admin_addr, cancel.clone())
+        .await?;
+    tracing::info!(%admin_addr, namespace = %args.options.namespace, "starting");
+    let admin = tokio::spawn(admin);
+    let controller = tokio::spawn(mirror::run(client, args.options, metrics, cancel.clone()));
+    let _ = ready_tx.send(true);
+
+    shutdown_signal().await;
+    tracing::info!("stopping; mirrors stay in place");
+    cancel.cancel();
+    let _ = tokio::time::timeout(DRAIN, async {
+        let _ = controller.await;
+        let _ = admin.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

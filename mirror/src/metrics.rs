@@ -1,0 +1,109 @@
+//! The controller's metrics. Linkerd's names where Linkerd has the metric; the rest are
+//! `service_mirror_*`.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LinkLabels {
+    pub target_cluster_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WriteLabels {
+    pub target_cluster_name: String,
+    /// Service, Endpoints, EndpointSlice, Namespace, Link.
+    pub kind: &'static str,
+    /// apply, delete, status.
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ErrorLabels {
+    pub target_cluster_name: String,
+    /// A fixed name per kind of failure (see `worker::Error::metric_label`).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WatchLabels {
+    pub target_cluster_name: String,
+    /// remote_services, remote_endpointslices, local_services, ...
+    pub watch: &'static str,
+}
+
+type HistogramFamily = Family<LinkLabels, Histogram, fn() -> Histogram>;
+
+fn lag_histogram() -> Histogram {
+    // 1 ms to ~33 s: a healthy mirror writes within milliseconds of the remote change.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+/// Every metric of the controller.
+#[derive(Debug)]
+pub struct Metrics {
+    pub(crate) writes: Family<WriteLabels, Counter>,
+    pub(crate) reconciles: Family<LinkLabels, Counter>,
+    pub(crate) reconcile_errors: Family<ErrorLabels, Counter>,
+    pub(crate) mirrored: Family<LinkLabels, Gauge>,
+    pub(crate) watch_restarts: Family<WatchLabels, Counter>,
+    pub(crate) sync_lag: HistogramFamily,
+    pub(crate) probe: std::sync::Arc<crate::probe::ProbeMetrics>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            writes: Family::default(),
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            mirrored: Family::default(),
+            watch_restarts: Family::default(),
+            sync_lag: Family::new_with_constructor(lag_histogram),
+            probe: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn register(&self, registry: &mut Registry) {
+        self.probe.register(registry);
+        registry.register(
+            "service_mirror_api_writes",
+            "Write calls made to the local API server",
+            self.writes.clone(),
+        );
+        registry.register(
+            "service_mirror_reconciles",
+            "Remote Services reconciled",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "service_mirror_reconcile_errors",
+            "Reconciles that failed, by kind of failure",
+            self.reconcile_errors.clone(),
+        );
+        registry.register(
+            "service_mirror_mirrored_services",
+            "Remote Services mirrored per Link",
+            self.mirrored.clone(),
+        );
+        registry.register(
+            "service_mirror_watch_restarts",
+            "Watches that failed and were restarted",
+            self.watch_restarts.clone(),
+        );
+        registry.register_with_unit(
+            "service_mirror_sync_lag",
+            "From receiving a remote change to the local write that reflects it",
+            Unit::Seconds,
+            self.sync_lag.clone(),
+        );
+    }
+}

@@ -1,0 +1,411 @@
+//! A Link's status: one entry per mirrored Service in Linkerd's format, plus meshlink's
+//! Link-level conditions.
+//!
+//! Workers record outcomes as they reconcile; a flusher writes the whole status at most once per
+//! [`COALESCE`] and only when it differs from what it last wrote, so thousands of Services do not
+//! mean thousands of writes. `lastTransitionTime` moves only when a condition's status, reason,
+//! message or local reference changes (Linkerd sets it on every write [quirk]).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use link_crd::{
+    CONDITION_MIRRORED, CONDITION_READY, ConditionStatus, Link, LinkCondition, LinkStatus,
+    ObjectRef, ServiceStatus, keys,
+};
+use tokio::sync::Notify;
+
+/// How long the flusher waits after a change before writing, to gather further changes.
+pub const COALESCE: Duration = Duration::from_millis(250);
+
+/// The namespace and name of a remote Service.
+pub type Key = (String, String);
+
+/// The outcome of mirroring one remote Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// `True` when mirrored.
+    pub status: ConditionStatus,
+    /// `Mirrored`, `InvalidService`, `Error` or `MissingNamespace`.
+    pub reason: &'static str,
+    /// Empty on success; what is wrong otherwise.
+    pub message: String,
+    /// The local mirror, on success.
+    pub local: Option<ObjectRef>,
+}
+
+impl Outcome {
+    /// Mirrored as `local`.
+    pub fn mirrored(namespace: &str, name: &str) -> Self {
+        Self {
+            status: ConditionStatus::True,
+            reason: "Mirrored",
+            message: String::new(),
+            local: Some(ObjectRef::service(namespace, name)),
+        }
+    }
+
+    /// Not mirrored, for `reason`.
+    pub fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: ConditionStatus::False,
+            reason,
+            message: message.into(),
+            local: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Cond {
+    status: ConditionStatus,
+    reason: String,
+    message: String,
+    local: Option<ObjectRef>,
+    since: Time,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    services: BTreeMap<Key, Cond>,
+    link: BTreeMap<&'static str, Cond>,
+}
+
+/// Shared handle to one Link's status.
+#[derive(Clone, Debug)]
+pub struct StatusHandle {
+    state: Arc<std::sync::Mutex<State>>,
+    changed: Arc<Notify>,
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+fn same(
+    c: &Cond,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    local: &Option<ObjectRef>,
+) -> bool {
+    c.status == status && c.reason == reason && c.message == message && &c.local == local
+}
+
+impl StatusHandle {
+    /// A handle that starts from the status the Link already has, so that a restarted
+    /// controller keeps the transition times of conditions that did not change.
+    pub fn new(existing: Option<&LinkStatus>) -> Self {
+        let mut state = State::default();
+        if let Some(st) = existing {
+            for entry in &st.mirror_services {
+                if let Some(c) = entry
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == CONDITION_MIRRORED)
+                {
+                    state.services.insert(
+                        (
+                            entry.remote_ref.namespace.clone(),
+                            entry.remote_ref.name.clone(),
+                        ),
+                        Cond {
+                            status: c.status,
+                            reason: c.reason.clone(),
+                            message: c.message.clone(),
+                            local: c.local_ref.clone(),
+                            since: c.last_transition_time.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        Self {
+            state: Arc::new(std::sync::Mutex::new(state)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        // A poisoned lock only means a panic elsewhere mid-update of plain data.
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// Records the outcome for `key`; returns whether it is a transition.
+    pub fn set(&self, key: &Key, outcome: Outcome) -> bool {
+        let changed = self.with(|s| match s.services.get(key) {
+            Some(c)
+                if same(
+                    c,
+                    outcome.status,
+                    outcome.reason,
+                    &outcome.message,
+                    &outcome.local,
+                ) =>
+            {
+                false
+            }
+            _ => {
+                s.services.insert(
+                    key.clone(),
+                    Cond {
+                        status: outcome.status,
+                        reason: outcome.reason.into(),
+                        message: outcome.message,
+                        local: outcome.local,
+                        since: now(),
+                    },
+                );
+                true
+            }
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
+    }
+
+    /// Forgets `key` (unexported or deleted).
+    pub fn remove(&self, key: &Key) {
+        if self.with(|s| s.services.remove(key).is_some()) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The keys that have an entry.
+    pub fn keys(&self) -> Vec<Key> {
+        self.with(|s| s.services.keys().cloned().collect())
+    }
+
+    /// The current outcome reason for `key`.
+    pub fn reason(&self, key: &Key) -> Option<String> {
+        self.with(|s| s.services.get(key).map(|c| c.reason.clone()))
+    }
+
+    /// Sets a Link-level condition and recomputes `Ready` (every other Link-level condition
+    /// True); returns whether it is a transition.
+    pub fn set_link_condition(
+        &self,
+        type_: &'static str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        let changed = self.put_link_condition(type_, status, reason, message);
+        let ready = self.with(|s| {
+            s.link
+                .iter()
+                .find(|(t, c)| **t != CONDITION_READY && c.status != ConditionStatus::True)
+                .map(|(t, c)| (c.status, c.reason.clone(), format!("{t}: {}", c.message)))
+        });
+        match ready {
+            None => self.put_link_condition(CONDITION_READY, ConditionStatus::True, "Ready", ""),
+            Some((status, reason, message)) => {
+                let status = if status == ConditionStatus::Unknown {
+                    status
+                } else {
+                    ConditionStatus::False
+                };
+                self.put_link_condition(CONDITION_READY, status, &reason, &message)
+            }
+        };
+        changed
+    }
+
+    fn put_link_condition(
+        &self,
+        type_: &'static str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        let changed = self.with(|s| match s.link.get(type_) {
+            Some(c) if same(c, status, reason, message, &None) => false,
+            _ => {
+                s.link.insert(
+                    type_,
+                    Cond {
+                        status,
+                        reason: reason.into(),
+                        message: message.into(),
+                        local: None,
+                        since: now(),
+                    },
+                );
+                true
+            }
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
+    }
+
+    /// Counts of entries by reason, for metrics.
+    pub fn count_mirrored(&self) -> usize {
+        self.with(|s| {
+            s.services
+                .values()
+                .filter(|c| c.status == ConditionStatus::True)
+                .count()
+        })
+    }
+
+    /// The status document as it would be written now.
+    pub fn render(&self) -> serde_json::Value {
+        self.with(|s| {
+            let condition = |type_: &str, c: &Cond| LinkCondition {
+                type_: type_.to_owned(),
+                status: c.status,
+                last_probe_time: None,
+                last_transition_time: c.since.clone(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                local_ref: c.local.clone(),
+            };
+            let mirror_services: Vec<ServiceStatus> = s
+                .services
+                .iter()
+                .map(|((ns, name), c)| ServiceStatus {
+                    conditions: vec![condition(CONDITION_MIRRORED, c)],
+                    controller_name: keys::STATUS_CONTROLLER_NAME.to_owned(),
+                    remote_ref: ObjectRef::service(ns, name),
+                })
+                .collect();
+            let conditions: Vec<LinkCondition> =
+                s.link.iter().map(|(t, c)| condition(t, c)).collect();
+            // Merge patch: lists are replaced whole; `federatedServices` is left as it is.
+            serde_json::json!({ "status": {
+                "mirrorServices": mirror_services,
+                "conditions": conditions,
+            }})
+        })
+    }
+
+    /// Writes the status whenever it changes, at most once per [`COALESCE`], until cancelled.
+    /// Failed writes are retried on the next change or after a second.
+    pub async fn flush_forever(
+        self,
+        client: Client,
+        namespace: String,
+        name: String,
+        writes: impl Fn(),
+    ) {
+        let api: Api<Link> = Api::namespaced(client, &namespace);
+        let mut written = serde_json::Value::Null;
+        loop {
+            let body = self.render();
+            if body != written {
+                match api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+                    .await
+                {
+                    Ok(_) => {
+                        writes();
+                        written = body;
+                    }
+                    Err(error) => {
+                        tracing::warn!(link = %name, %error, "writing Link status failed; will retry");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            self.changed.notified().await;
+            tokio::time::sleep(COALESCE).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> Key {
+        ("shop".to_owned(), n.to_owned())
+    }
+
+    #[test]
+    fn transition_times_move_only_on_transitions() {
+        let h = StatusHandle::new(None);
+        assert!(h.set(&key("web"), Outcome::mirrored("shop", "web-east")));
+        let first = h.render();
+        // Condition times have a resolution of one second.
+        std::thread::sleep(Duration::from_millis(1100));
+        // The same outcome again: no transition, nothing to write.
+        assert!(!h.set(&key("web"), Outcome::mirrored("shop", "web-east")));
+        assert_eq!(h.render(), first);
+        // A different outcome is a transition with a new time.
+        assert!(h.set(
+            &key("web"),
+            Outcome::failed("MissingNamespace", "Namespace does not exist")
+        ));
+        let second = h.render();
+        let t = |v: &serde_json::Value| {
+            v["status"]["mirrorServices"][0]["conditions"][0]["lastTransitionTime"].clone()
+        };
+        assert_ne!(t(&first), t(&second));
+        assert_eq!(
+            second["status"]["mirrorServices"][0]["conditions"][0]["reason"],
+            "MissingNamespace"
+        );
+        assert!(
+            second["status"]["mirrorServices"][0]["conditions"][0]
+                .get("localRef")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn renders_linkerds_format_sorted() {
+        let h = StatusHandle::new(None);
+        h.set(&key("web"), Outcome::mirrored("shop", "web-east"));
+        h.set(
+            &("alpha".into(), "db".into()),
+            Outcome::failed("InvalidService", "no ports"),
+        );
+        h.set_link_condition("Ready", ConditionStatus::True, "Ready", "");
+        let v = h.render();
+        let entries = v["status"]["mirrorServices"].as_array().unwrap();
+        assert_eq!(entries[0]["remoteRef"]["namespace"], "alpha");
+        assert_eq!(entries[1]["controllerName"], "linkerd.io/service-mirror");
+        let c = &entries[1]["conditions"][0];
+        assert_eq!(
+            (
+                c["type"].as_str(),
+                c["status"].as_str(),
+                c["reason"].as_str()
+            ),
+            (Some("Mirrored"), Some("True"), Some("Mirrored"))
+        );
+        assert_eq!(c["localRef"]["name"], "web-east");
+        assert_eq!(v["status"]["conditions"][0]["type"], "Ready");
+        h.remove(&key("web"));
+        assert_eq!(
+            h.render()["status"]["mirrorServices"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_transition_times() {
+        let h = StatusHandle::new(None);
+        h.set(&key("web"), Outcome::mirrored("shop", "web-east"));
+        let before = h.render();
+        let status: LinkStatus = serde_json::from_value(before["status"].clone()).unwrap();
+        let again = StatusHandle::new(Some(&status));
+        assert!(!again.set(&key("web"), Outcome::mirrored("shop", "web-east")));
+        assert_eq!(
+            again.render()["status"]["mirrorServices"],
+            before["status"]["mirrorServices"]
+        );
+    }
+}

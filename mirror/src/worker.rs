@@ -1,0 +1,1016 @@
+//! One Link's work: watches of the target cluster and of this Link's local mirrors, and a
+//! reconcile of each remote Service whenever anything it depends on changes.
+//!
+//! Watches feed stores; every change becomes a *key* (namespace and name of a remote Service) in
+//! a de-duplicated queue; the reconcile of a key reads only the stores, computes the desired
+//! local objects with [`crate::desired`] and writes what differs. Nothing is reconciled until
+//! every watch has listed once, so that a mirror is never deleted because its remote Service had
+//! not been seen yet. A watch that fails keeps its last listing (mirrors are never deleted because
+//! the target is unreachable) and is retried with capped backoff; when it lists again, every key
+//! is reconciled against the fresh listing.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::core::v1::ObjectReference,
+    api::{
+        core::v1::{Endpoints, Namespace, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use link_crd::{CONDITION_REMOTE_REACHABLE, ConditionStatus, LinkSpec, keys, naming};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Options,
+    apply::needs_apply,
+    desired::{self, FIELD_MANAGER, Gateway, Mode, SLICE_MANAGED_BY, Target},
+    metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels, WriteLabels},
+    status::{Key, Outcome, StatusHandle},
+};
+
+/// Backoff of a failing key: doubles from this...
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// ...up to this.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A reconcile that failed; retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("writing {kind} {namespace}/{name}: {source}")]
+    Write {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting {kind} {namespace}/{name}: {source}")]
+    Delete {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// The metric label of this kind of failure.
+    pub(crate) fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Write { .. } => "write",
+            Self::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// What one Link's worker needs.
+pub(crate) struct LinkWorker {
+    pub link_name: String,
+    pub spec: LinkSpec,
+    pub local: Client,
+    pub remote: Client,
+    pub gateway: watch::Receiver<Option<Gateway>>,
+    pub status: StatusHandle,
+    pub metrics: Arc<Metrics>,
+    pub options: Options,
+    /// The Link, for Events.
+    pub link_ref: ObjectReference,
+    pub recorder: Recorder,
+}
+
+/// Which watches have listed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    RemoteGateway,
+    RemoteDiscovery,
+    RemoteSlices,
+    LocalServices,
+    LocalEndpoints,
+    LocalSlices,
+    Namespaces,
+}
+
+enum Trigger {
+    Key(Key, Option<Instant>),
+    Namespace(String),
+    Synced(Source),
+    /// A watch relisted: reconcile everything against the new listing.
+    Relisted,
+    WatchFailed(&'static str, String),
+}
+
+struct Stores {
+    gateway: Option<Store<Service>>,
+    discovery: Option<Store<Service>>,
+    local_services: Store<Service>,
+    local_endpoints: Store<Endpoints>,
+    local_slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    /// Remote Services with at least one ready endpoint, by how many slices say so.
+    ready: Arc<Mutex<HashMap<Key, usize>>>,
+}
+
+impl LinkWorker {
+    fn labels(&self) -> LinkLabels {
+        LinkLabels {
+            target_cluster_name: self.spec.target_cluster_name.clone(),
+        }
+    }
+
+    /// Runs until `cancel` fires.
+    pub(crate) async fn run(self, cancel: CancellationToken) {
+        let target = Target::from_spec(&self.spec);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cluster = target.cluster.clone();
+        let mine = format!(
+            "{}=true,{}={cluster}",
+            keys::MIRRORED_RESOURCE_LABEL,
+            keys::CLUSTER_NAME_LABEL
+        );
+        let my_slices = format!(
+            "endpointslice.kubernetes.io/managed-by={SLICE_MANAGED_BY},{}={cluster}",
+            keys::CLUSTER_NAME_LABEL
+        );
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut expected = HashSet::new();
+        let mut remote_store = |selector: Option<&link_crd::LabelSelector>, source, name| {
+            let sel = selector.and_then(|s| s.to_selector_string())?;
+            let api: Api<Service> = Api::all(self.remote.clone());
+            let (store, writer) = reflector::store();
+            let stream = watcher(api, watcher::Config::default().labels(&sel))
+                .default_backoff()
+                .reflect(writer);
+            expected.insert(source);
+            tasks.spawn(forward(stream, tx.clone(), source, name, |s: &Service| {
+                Some((s.namespace()?, s.name_any()))
+            }));
+            Some(store)
+        };
+        let gateway = remote_store(
+            self.spec.selector.as_ref(),
+            Source::RemoteGateway,
+            "remote_services",
+        );
+        let discovery = remote_store(
+            self.spec.remote_discovery_selector.as_ref(),
+            Source::RemoteDiscovery,
+            "remote_discovery_services",
+        );
+
+        let (local_services, w) = reflector::store();
+        let stream = watcher(
+            Api::<Service>::all(self.local.clone()),
+            watcher::Config::default().labels(&mine),
+        )
+        .default_backoff()
+        .reflect(w);
+        let c = cluster.clone();
+        tasks.spawn(forward(
+            stream,
+            tx.clone(),
+            Source::LocalServices,
+            "local_services",
+            move |s: &Service| {
+                Some((
+                    s.namespace()?,
+                    naming::remote_service_name(&s.name_any(), &c)?.to_owned(),
+                ))
+            },
+        ));
+        let (local_endpoints, w) = reflector::store();
+        let stream = watcher(
+            Api::<Endpoints>::all(self.local.clone()),
+            watcher::Config::default().labels(&mine),
+        )
+        .default_backoff()
+        .reflect(w);
+        let c = cluster.clone();
+        tasks.spawn(forward(
+            stream,
+            tx.clone(),
+            Source::LocalEndpoints,
+            "local_endpoints",
+            move |e: &Endpoints| {
+                Some((
+                    e.namespace()?,
+                    naming::remote_service_name(&e.name_any(), &c)?.to_owned(),
+                ))
+            },
+        ));
+        let (local_slices, w) = reflector::store();
+        let stream = watcher(
+            Api::<EndpointSlice>::all(self.local.clone()),
+            watcher::Config::default().labels(&my_slices),
+        )
+        .default_backoff()
+        .reflect(w);
+        let c = cluster.clone();
+        tasks.spawn(forward(
+            stream,
+            tx.clone(),
+            Source::LocalSlices,
+            "local_endpointslices",
+            move |s: &EndpointSlice| {
+                let svc = s.labels().get("kubernetes.io/service-name")?;
+                Some((
+                    s.namespace()?,
+                    naming::remote_service_name(svc, &c)?.to_owned(),
+                ))
+            },
+        ));
+        let (namespaces, w) = reflector::store();
+        let stream = watcher(
+            Api::<Namespace>::all(self.local.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(w);
+        tasks.spawn(forward_namespaces(stream, tx.clone()));
+        let ready = Arc::new(Mutex::new(HashMap::new()));
+        tasks.spawn(watch_remote_readiness(
+            self.remote.clone(),
+            ready.clone(),
+            tx.clone(),
+        ));
+        expected.extend([
+            Source::RemoteSlices,
+            Source::LocalServices,
+            Source::LocalEndpoints,
+            Source::LocalSlices,
+            Source::Namespaces,
+        ]);
+
+        let stores = Stores {
+            gateway,
+            discovery,
+            local_services,
+            local_endpoints,
+            local_slices,
+            namespaces,
+            ready,
+        };
+        let mut state = Loop {
+            worker: &self,
+            target,
+            stores,
+            tx: tx.clone(),
+            pending: BTreeSet::new(),
+            received: HashMap::new(),
+            attempts: HashMap::new(),
+            synced: HashSet::new(),
+            expected,
+            failing: HashMap::new(),
+            in_flight: HashMap::new(),
+        };
+        let mut gateway_rx = self.gateway.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(trigger) = rx.recv() => {
+                    state.on_trigger(trigger);
+                    // Take whatever else is queued before reconciling, so bursts coalesce.
+                    while let Ok(t) = rx.try_recv() {
+                        state.on_trigger(t);
+                    }
+                }
+                Ok(()) = gateway_rx.changed() => state.enqueue_all(),
+            }
+            if state.synced() {
+                state.process().await;
+            }
+        }
+        tasks.shutdown().await;
+    }
+}
+
+/// Drives a reflected watch, turning its events into triggers.
+async fn forward<K, S>(
+    stream: S,
+    tx: mpsc::UnboundedSender<Trigger>,
+    source: Source,
+    name: &'static str,
+    key: impl Fn(&K) -> Option<Key>,
+) where
+    K: Resource + Clone,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = false;
+    while let Some(event) = stream.next().await {
+        let trigger = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                key(&o).map(|k| Trigger::Key(k, Some(Instant::now())))
+            }
+            Ok(watcher::Event::InitDone) if !listed => {
+                listed = true;
+                Some(Trigger::Synced(source))
+            }
+            Ok(watcher::Event::InitDone) => Some(Trigger::Relisted),
+            Ok(_) => None,
+            Err(e) => Some(Trigger::WatchFailed(name, e.to_string())),
+        };
+        if let Some(t) = trigger
+            && tx.send(t).is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn forward_namespaces<S>(stream: S, tx: mpsc::UnboundedSender<Trigger>)
+where
+    S: Stream<Item = Result<watcher::Event<Namespace>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = false;
+    while let Some(event) = stream.next().await {
+        let t = match event {
+            Ok(watcher::Event::Apply(ns)) => Trigger::Namespace(ns.name_any()),
+            Ok(watcher::Event::InitDone) if !listed => {
+                listed = true;
+                Trigger::Synced(Source::Namespaces)
+            }
+            Ok(watcher::Event::InitDone) => Trigger::Relisted,
+            Ok(_) => continue,
+            Err(e) => Trigger::WatchFailed("local_namespaces", e.to_string()),
+        };
+        if tx.send(t).is_err() {
+            return;
+        }
+    }
+}
+
+/// Watches every EndpointSlice of the target cluster and keeps, per Service, how many of its
+/// slices have a ready endpoint. Only that count is kept, not the slices.
+async fn watch_remote_readiness(
+    remote: Client,
+    ready: Arc<Mutex<HashMap<Key, usize>>>,
+    tx: mpsc::UnboundedSender<Trigger>,
+) {
+    let api: Api<EndpointSlice> = Api::all(remote);
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    // (namespace, slice name) -> (service, has a ready endpoint)
+    let mut slices: HashMap<(String, String), (String, bool)> = HashMap::new();
+    let mut relist: Option<HashMap<(String, String), (String, bool)>> = None;
+    let mut listed = false;
+    let summarize = |s: &EndpointSlice| -> Option<((String, String), (String, bool))> {
+        let ns = s.namespace()?;
+        let svc = s.labels().get("kubernetes.io/service-name")?.clone();
+        let has_ready = s.endpoints.iter().flatten().any(|e| {
+            let c = e.conditions.as_ref();
+            // An unset `ready` means ready (EndpointConditions docs).
+            c.and_then(|c| c.ready).unwrap_or(true)
+                && !c.and_then(|c| c.terminating).unwrap_or(false)
+        });
+        Some(((ns, s.name_any()), (svc, has_ready)))
+    };
+    let counts = |slices: &HashMap<(String, String), (String, bool)>| {
+        let mut m: HashMap<Key, usize> = HashMap::new();
+        for ((ns, _), (svc, r)) in slices {
+            let e = m.entry((ns.clone(), svc.clone())).or_default();
+            *e += usize::from(*r);
+        }
+        m
+    };
+    while let Some(event) = stream.next().await {
+        let mut changed = Vec::new();
+        match event {
+            Ok(watcher::Event::Apply(s)) => {
+                if let Some((k, v)) = summarize(&s) {
+                    let key = (k.0.clone(), v.0.clone());
+                    if slices.insert(k, v.clone()) != Some(v) {
+                        changed.push(key);
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                if let Some((k, v)) = summarize(&s) {
+                    slices.remove(&k);
+                    changed.push((k.0, v.0));
+                }
+            }
+            Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+            Ok(watcher::Event::InitApply(s)) => {
+                if let (Some(buf), Some((k, v))) = (relist.as_mut(), summarize(&s)) {
+                    buf.insert(k, v);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if !listed {
+                    listed = true;
+                    let _ = tx.send(Trigger::Synced(Source::RemoteSlices));
+                }
+                let new = relist.take().unwrap_or_default();
+                let (before, after) = (counts(&slices), counts(&new));
+                changed.extend(
+                    before
+                        .keys()
+                        .chain(after.keys())
+                        .filter(|k| {
+                            before.get(*k).copied().unwrap_or(0).min(1)
+                                != after.get(*k).copied().unwrap_or(0).min(1)
+                        })
+                        .cloned(),
+                );
+                slices = new;
+            }
+            Err(e) => {
+                let _ = tx.send(Trigger::WatchFailed("remote_endpointslices", e.to_string()));
+                continue;
+            }
+        }
+        let now = counts(&slices);
+        let mut guard = ready.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flips = Vec::new();
+        for key in changed {
+            let was = guard.get(&key).copied().unwrap_or(0) > 0;
+            let is = now.get(&key).copied().unwrap_or(0) > 0;
+            if was != is {
+                flips.push(key.clone());
+            }
+        }
+        *guard = now;
+        drop(guard);
+        if !flips.is_empty() {
+            tracing::debug!(services = ?flips, "remote readiness changed");
+        }
+        for key in flips {
+            if tx.send(Trigger::Key(key, Some(Instant::now()))).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct Loop<'a> {
+    worker: &'a LinkWorker,
+    target: Target,
+    stores: Stores,
+    tx: mpsc::UnboundedSender<Trigger>,
+    pending: BTreeSet<Key>,
+    /// When the oldest not-yet-reconciled change of each pending key arrived, for the lag metric.
+    received: HashMap<Key, Instant>,
+    attempts: HashMap<Key, u32>,
+    synced: HashSet<Source>,
+    expected: HashSet<Source>,
+    failing: HashMap<&'static str, String>,
+    /// What this worker last applied to each object, and the resourceVersion the API server
+    /// gave it, until the local watch delivers that version. Between the write and its watch
+    /// event the store still shows the old object (or none); without this, every trigger in that
+    /// window would write the same thing again.
+    in_flight: HashMap<(&'static str, String, String), (serde_json::Value, Option<String>)>,
+}
+
+impl Loop<'_> {
+    fn synced(&self) -> bool {
+        self.expected.is_subset(&self.synced)
+    }
+
+    fn on_trigger(&mut self, trigger: Trigger) {
+        match trigger {
+            Trigger::Key(k, at) => {
+                if let Some(at) = at {
+                    self.received.entry(k.clone()).or_insert(at);
+                }
+                self.pending.insert(k);
+            }
+            Trigger::Namespace(ns) => {
+                let keys: Vec<Key> = self
+                    .remote_keys()
+                    .into_iter()
+                    .filter(|(n, _)| *n == ns)
+                    .collect();
+                self.pending.extend(keys);
+            }
+            Trigger::Synced(source) => {
+                self.synced.insert(source);
+                self.failing.clear();
+                self.update_reachability();
+                if self.synced() {
+                    self.enqueue_all();
+                }
+            }
+            Trigger::Relisted => {
+                // A relist may skip versions; compare with what the stores now say.
+                self.in_flight.clear();
+                self.failing.clear();
+                self.update_reachability();
+                self.enqueue_all();
+            }
+            Trigger::WatchFailed(watch, error) => {
+                tracing::warn!(link = %self.worker.link_name, watch, %error, "watch failed; retrying with backoff");
+                self.worker
+                    .metrics
+                    .watch_restarts
+                    .get_or_create(&WatchLabels {
+                        target_cluster_name: self.target.cluster.clone(),
+                        watch,
+                    })
+                    .inc();
+                if watch.starts_with("remote") {
+                    self.failing.insert(watch, error);
+                    self.update_reachability();
+                }
+            }
+        }
+    }
+
+    fn update_reachability(&self) {
+        let status = &self.worker.status;
+        let (s, reason, message) = match self.failing.values().next() {
+            Some(error) => (
+                ConditionStatus::False,
+                if error.contains("401")
+                    || error.contains("403")
+                    || error.contains("Unauthorized")
+                    || error.contains("forbidden")
+                {
+                    "RemoteUnauthorized"
+                } else {
+                    "RemoteUnreachable"
+                },
+                format!(
+                    "the target cluster's API server cannot be watched ({error}); existing mirrors are kept"
+                ),
+            ),
+            None if self.synced() => (ConditionStatus::True, "RemoteReachable", String::new()),
+            None => (
+                ConditionStatus::Unknown,
+                "Syncing",
+                "listing the target cluster's Services".to_owned(),
+            ),
+        };
+        status.set_link_condition(CONDITION_REMOTE_REACHABLE, s, reason, &message);
+    }
+
+    fn remote_keys(&self) -> Vec<Key> {
+        let mut keys = Vec::new();
+        for store in [&self.stores.gateway, &self.stores.discovery]
+            .into_iter()
+            .flatten()
+        {
+            keys.extend(
+                store
+                    .state()
+                    .iter()
+                    .filter_map(|s| Some((s.namespace()?, s.name_any()))),
+            );
+        }
+        keys
+    }
+
+    fn enqueue_all(&mut self) {
+        let mut keys = self.remote_keys();
+        let cluster = &self.target.cluster;
+        keys.extend(self.stores.local_services.state().iter().filter_map(|s| {
+            Some((
+                s.namespace()?,
+                naming::remote_service_name(&s.name_any(), cluster)?.to_owned(),
+            ))
+        }));
+        keys.extend(self.worker.status.keys());
+        self.pending.extend(keys);
+    }
+
+    async fn process(&mut self) {
+        let labels = self.worker.labels();
+        while let Some(key) = self.pending.pop_first() {
+            self.worker.metrics.reconciles.get_or_create(&labels).inc();
+            match self.reconcile(&key).await {
+                Ok(wrote) => {
+                    self.attempts.remove(&key);
+                    let at = self.received.remove(&key);
+                    if let (true, Some(at)) = (wrote, at) {
+                        self.worker
+                            .metrics
+                            .sync_lag
+                            .get_or_create(&labels)
+                            .observe(at.elapsed().as_secs_f64());
+                    }
+                }
+                Err(error) => {
+                    self.worker
+                        .metrics
+                        .reconcile_errors
+                        .get_or_create(&ErrorLabels {
+                            target_cluster_name: self.target.cluster.clone(),
+                            kind: error.metric_label(),
+                        })
+                        .inc();
+                    let n = self.attempts.entry(key.clone()).or_default();
+                    *n += 1;
+                    let delay = RETRY_MIN.saturating_mul(1 << (*n).min(16)).min(RETRY_MAX);
+                    tracing::warn!(link = %self.worker.link_name, namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "reconcile failed");
+                    self.worker
+                        .status
+                        .set(&key, Outcome::failed("Error", error.to_string()));
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Trigger::Key(key, None));
+                    });
+                }
+            }
+        }
+        self.worker
+            .metrics
+            .mirrored
+            .get_or_create(&labels)
+            .set(i64::try_from(self.worker.status.count_mirrored()).unwrap_or(i64::MAX));
+    }
+
+    /// The remote Service for `key` and how it is exported, if it is.
+    fn remote(&self, key: &Key) -> Option<(Arc<Service>, Mode)> {
+        let r = ObjectRef::new(&key.1).within(&key.0);
+        if let Some(s) = self.stores.discovery.as_ref().and_then(|s| s.get(&r)) {
+            return Some((s, Mode::RemoteDiscovery));
+        }
+        self.stores
+            .gateway
+            .as_ref()
+            .and_then(|s| s.get(&r))
+            .map(|s| (s, Mode::Gateway))
+    }
+
+    /// Reconciles one remote Service; returns whether it wrote anything.
+    async fn reconcile(&mut self, key: &Key) -> Result<bool, Error> {
+        let (ns, name) = key;
+        let mirror_name = match naming::mirror_service_name(name, &self.target.cluster) {
+            Ok(n) => n,
+            // No mirror can exist under a name Kubernetes refuses; only the status is left.
+            Err(err) => {
+                if self.remote(key).is_some() {
+                    self.worker
+                        .status
+                        .set(key, Outcome::failed("InvalidService", err.to_string()));
+                } else {
+                    self.worker.status.remove(key);
+                }
+                return Ok(false);
+            }
+        };
+        let local_ref = ObjectRef::new(&mirror_name).within(ns);
+        let local = self.stores.local_services.get(&local_ref);
+
+        let Some((remote, mode)) = self.remote(key) else {
+            self.worker.status.remove(key);
+            let Some(local) = local else { return Ok(false) };
+            self.delete_mirror(&local).await?;
+            return Ok(true);
+        };
+
+        if remote
+            .labels()
+            .get(keys::MIRRORED_RESOURCE_LABEL)
+            .map(String::as_str)
+            == Some("true")
+        {
+            self.worker.status.set(
+                key,
+                Outcome::failed(
+                    "InvalidService",
+                    "this Service is itself a mirror of another cluster's Service; meshlink does not mirror mirrors",
+                ),
+            );
+            return Ok(false);
+        }
+
+        let mut wrote = false;
+        if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none()
+            && self.worker.options.enable_namespace_creation
+        {
+            self.create_namespace(ns).await?;
+            wrote = true;
+        } else if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none() {
+            let first = self.worker.status.reason(key).as_deref() != Some("MissingNamespace");
+            self.worker.status.set(
+                key,
+                Outcome::failed(
+                    "MissingNamespace",
+                    format!("Namespace {ns} does not exist in this cluster: create it and the Service is mirrored at once"),
+                ),
+            );
+            if first {
+                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %name, "namespace missing; will mirror when it appears");
+                self.event(
+                    EventType::Warning,
+                    "MissingNamespace",
+                    format!("Service {ns}/{name} of cluster {} is not mirrored: namespace {ns} does not exist here", self.target.cluster),
+                )
+                .await;
+            }
+            return Ok(false);
+        }
+
+        let desired = match desired::mirror_service(&self.target, &remote, mode) {
+            Ok(d) => d,
+            Err(e) => {
+                self.worker
+                    .status
+                    .set(key, Outcome::failed("InvalidService", e.to_string()));
+                return Ok(false);
+            }
+        };
+        let service = match self.apply("Service", &desired, local.as_deref()).await? {
+            Some(applied) => {
+                wrote = true;
+                applied
+            }
+            None => local.map(|l| (*l).clone()).unwrap_or(desired),
+        };
+        let owner = owner_reference(&service);
+
+        let gateway = self.worker.gateway.borrow().clone();
+        match (mode, gateway) {
+            (Mode::Gateway, Some(gateway)) => {
+                let ready = self
+                    .stores
+                    .ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(key)
+                    .copied()
+                    .unwrap_or(0)
+                    > 0;
+                let mut ep =
+                    desired::gateway_endpoints(&self.target, &remote, &service, ready, &gateway);
+                ep.metadata.owner_references = owner.clone().map(|o| vec![o]);
+                let live = self
+                    .stores
+                    .local_endpoints
+                    .get(&ObjectRef::new(&mirror_name).within(ns));
+                wrote |= self
+                    .apply("Endpoints", &ep, live.as_deref())
+                    .await?
+                    .is_some();
+
+                let slices =
+                    desired::gateway_slices(&self.target, &remote, &service, ready, &gateway);
+                let names: HashSet<String> = slices
+                    .iter()
+                    .filter_map(|s| s.metadata.name.clone())
+                    .collect();
+                for mut slice in slices {
+                    slice.metadata.owner_references = owner.clone().map(|o| vec![o]);
+                    let r = ObjectRef::new(slice.metadata.name.as_deref().unwrap_or_default())
+                        .within(ns);
+                    let live = self.stores.local_slices.get(&r);
+                    wrote |= self
+                        .apply("EndpointSlice", &slice, live.as_deref())
+                        .await?
+                        .is_some();
+                }
+                for stale in self
+                    .slices_of(ns, &mirror_name)
+                    .into_iter()
+                    .filter(|s| !names.contains(&s.name_any()))
+                {
+                    self.delete(&*stale, "EndpointSlice").await?;
+                    wrote = true;
+                }
+            }
+            (Mode::Gateway, None) => {
+                // No gateway address resolved yet: the mirror exists, its endpoints wait.
+            }
+            (Mode::RemoteDiscovery, _) => {
+                // Remote-discovery mirrors have no endpoints here; drop any from a gateway past.
+                if let Some(ep) = self
+                    .stores
+                    .local_endpoints
+                    .get(&ObjectRef::new(&mirror_name).within(ns))
+                {
+                    self.delete(&*ep, "Endpoints").await?;
+                    wrote = true;
+                }
+                for s in self.slices_of(ns, &mirror_name) {
+                    self.delete(&*s, "EndpointSlice").await?;
+                    wrote = true;
+                }
+            }
+        }
+        self.worker
+            .status
+            .set(key, Outcome::mirrored(ns, &mirror_name));
+        Ok(wrote)
+    }
+
+    async fn create_namespace(&self, ns: &str) -> Result<(), Error> {
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": ns,
+                "labels": {
+                    keys::MIRRORED_RESOURCE_LABEL: "true",
+                    keys::CLUSTER_NAME_LABEL: self.target.cluster,
+                },
+            },
+        }))
+        .unwrap_or_default();
+        let api: Api<Namespace> = Api::all(self.worker.local.clone());
+        api.patch(
+            ns,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&namespace),
+        )
+        .await
+        .map_err(|source| Error::Write {
+            kind: "Namespace",
+            namespace: String::new(),
+            name: ns.to_owned(),
+            source,
+        })?;
+        self.count_write("Namespace", "apply");
+        tracing::info!(link = %self.worker.link_name, namespace = %ns, "created namespace for a mirrored Service");
+        Ok(())
+    }
+
+    /// Records an Event on the Link; a failure to record is only logged.
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Mirror".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .worker
+            .recorder
+            .publish(&ev, &self.worker.link_ref)
+            .await
+        {
+            tracing::warn!(link = %self.worker.link_name, %error, "recording an Event failed");
+        }
+    }
+
+    fn slices_of(&self, ns: &str, mirror: &str) -> Vec<Arc<EndpointSlice>> {
+        self.stores
+            .local_slices
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(ns)
+                    && s.labels()
+                        .get("kubernetes.io/service-name")
+                        .map(String::as_str)
+                        == Some(mirror)
+            })
+            .collect()
+    }
+
+    /// Applies `desired` unless `live` already says the same; returns what the API server
+    /// stored when it wrote.
+    async fn apply<K>(
+        &mut self,
+        kind: &'static str,
+        desired: &K,
+        live: Option<&K>,
+    ) -> Result<Option<K>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + Serialize
+            + DeserializeOwned,
+    {
+        let ns = desired.meta().namespace.clone().unwrap_or_default();
+        let name = desired.meta().name.clone().unwrap_or_default();
+        let d = to_json(desired);
+        let id = (kind, ns.clone(), name.clone());
+        let live_rv = live.and_then(|l| l.meta().resource_version.clone());
+        match self.in_flight.get(&id) {
+            // The store has caught up with the last write: compare with it from now on.
+            Some((_, rv)) if live_rv.is_some() && *rv == live_rv => {
+                self.in_flight.remove(&id);
+            }
+            // The same write is on its way to the store.
+            Some((written, _)) if *written == d => return Ok(None),
+            _ => {}
+        }
+        if let Some(live) = live
+            && !needs_apply(&d, &to_json(live), FIELD_MANAGER)
+        {
+            return Ok(None);
+        }
+        let api: Api<K> = Api::namespaced(self.worker.local.clone(), &ns);
+        let stored = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(desired),
+            )
+            .await
+            .map_err(|source| Error::Write {
+                kind,
+                namespace: ns.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        self.count_write(kind, "apply");
+        tracing::debug!(link = %self.worker.link_name, kind, namespace = %ns, %name, "applied");
+        self.in_flight
+            .insert(id, (d, stored.meta().resource_version.clone()));
+        Ok(Some(stored))
+    }
+
+    async fn delete<K>(&mut self, obj: &K, kind: &'static str) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + DeserializeOwned,
+    {
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        self.in_flight.remove(&(kind, ns.clone(), name.clone()));
+        let api: Api<K> = Api::namespaced(self.worker.local.clone(), &ns);
+        // Only the very object that was seen: a re-created namespesake is someone else's.
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: obj.meta().uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind,
+                    namespace: ns,
+                    name,
+                    source,
+                });
+            }
+        }
+        self.count_write(kind, "delete");
+        tracing::info!(link = %self.worker.link_name, kind, namespace = %ns, %name, "deleted");
+        Ok(())
+    }
+
+    /// Deletes a mirror Service; its Endpoints and EndpointSlices go with it (owner references).
+    async fn delete_mirror(&mut self, local: &Service) -> Result<(), Error> {
+        // Only objects this Link made: the watch selects on these labels, but check anyway.
+        let labels = local.labels();
+        if labels
+            .get(keys::MIRRORED_RESOURCE_LABEL)
+            .map(String::as_str)
+            != Some("true")
+            || labels.get(keys::CLUSTER_NAME_LABEL) != Some(&self.target.cluster)
+        {
+            return Ok(());
+        }
+        self.delete(local, "Service").await
+    }
+
+    fn count_write(&self, kind: &'static str, verb: &'static str) {
+        self.worker
+            .metrics
+            .writes
+            .get_or_create(&WriteLabels {
+                target_cluster_name: self.target.cluster.clone(),
+                kind,
+                verb,
+            })
+            .inc();
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+fn owner_reference(service: &Service) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Service".into(),
+        name: service.metadata.name.clone()?,
+        uid: service.metadata.uid.clone()?,
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}

@@ -1,0 +1,220 @@
+//! The admin server every meshlink process runs: `/live`, `/ready` and `/metrics` over plain
+//! HTTP/1 (kubelet probes and Prometheus scrape it).
+//!
+//! It is bounded like every listener: a connection must send its request head within
+//! [`HEADER_TIMEOUT`], at most [`MAX_CONNECTIONS`] are served at once (others wait in the
+//! kernel's backlog), requests have no body to read, and nothing else is routed.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
+use tokio_util::sync::CancellationToken;
+
+/// How long a client may take to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Content type of the OpenMetrics text format.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the admin server to {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// What the admin server serves.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    registry: Arc<Registry>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Admin {
+    /// Serves `registry` on `/metrics` and `ready` on `/ready`.
+    pub fn new(registry: Registry, ready: watch::Receiver<bool>) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            ready,
+        }
+    }
+
+    /// Binds `addr`; the returned future serves until `cancel` fires.
+    pub async fn bind(
+        self,
+        addr: SocketAddr,
+        cancel: CancellationToken,
+    ) -> Result<(SocketAddr, impl Future<Output = ()>), BindError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?;
+        Ok((local, self.serve(listener, cancel)))
+    }
+
+    async fn serve(self, listener: TcpListener, cancel: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                () = cancel.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                () = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        tracing::warn!(%error, "admin accept failed");
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(&req)) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(error) = res {
+                            tracing::debug!(%peer, %error, "admin connection ended");
+                        }
+                    }
+                    () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+            });
+        }
+    }
+
+    fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        }
+        match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" if *self.ready.borrow() => text(StatusCode::OK, "ready\n"),
+            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/metrics" => {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+                    Ok(()) => Response::builder()
+                        .header(header::CONTENT_TYPE, OPENMETRICS)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn routes() {
+        let mut registry = Registry::default();
+        let c = Counter::<u64>::default();
+        c.inc();
+        registry.register("probes", "probes made", c);
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let (addr, serve) = Admin::new(registry, ready_rx)
+            .bind("127.0.0.1:0".parse().unwrap(), cancel.clone())
+            .await
+            .unwrap();
+        let server = tokio::spawn(serve);
+
+        assert!(get(addr, "/live").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 503"));
+        ready_tx.send(true).unwrap();
+        assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.contains("probes_total 1"), "{metrics}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_cut_off() {
+        let (_tx, rx) = watch::channel(true);
+        let cancel = CancellationToken::new();
+        let (addr, serve) = Admin::new(Registry::default(), rx)
+            .bind("127.0.0.1:0".parse().unwrap(), cancel.clone())
+            .await
+            .unwrap();
+        tokio::spawn(serve);
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /live HTTP/1.1\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        // Time is paused: the header timeout fires without waiting 10 real seconds.
+        let n = tokio::time::timeout(HEADER_TIMEOUT * 2, s.read_to_end(&mut buf))
+            .await
+            .expect("the server closes a connection that never finishes its request head")
+            .unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf).contains("408"),
+            "{buf:?}"
+        );
+        cancel.cancel();
+    }
+}
