@@ -16,6 +16,7 @@
 mod binaries;
 mod cluster;
 pub mod meshlink;
+pub mod netns;
 mod objects;
 mod pki;
 mod process;

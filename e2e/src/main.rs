@@ -33,6 +33,11 @@ enum Command {
         #[arg(default_values = ["east", "west"])]
         names: Vec<String>,
     },
+    /// Answer every HTTP request with 200 (a stand-in for a gateway's health port in tests).
+    ProbeServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn default_dir() -> PathBuf {
@@ -53,6 +58,7 @@ async fn main() -> Result<()> {
     match args.command {
         Command::Up { names } => up(&args.dir, &names, &mut out).await,
         Command::Down { names } => down(&args.dir, &names, &mut out),
+        Command::ProbeServer { listen } => probe_server(listen).await,
     }
 }
 
@@ -116,4 +122,31 @@ fn down(dir: &Path, names: &[String], out: &mut impl Write) -> Result<()> {
         bail!("could not stop every cluster:\n{}", failed.join("\n"));
     }
     Ok(())
+}
+
+async fn probe_server(listen: std::net::SocketAddr) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            // Bounded: a request head of at most 16 KiB within 5 s.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nready\n",
+                )
+                .await;
+        });
+    }
 }

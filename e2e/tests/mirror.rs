@@ -141,7 +141,7 @@ async fn setup() -> Result<Env> {
         "meshlink-mirror",
         &[
             format!("--namespace={NS}"),
-            "--log=info,mirror=debug".to_owned(),
+            "--log=info,mirror_controller=debug".to_owned(),
         ],
         &[("KUBECONFIG", west.kubeconfig_path().display().to_string())],
     )

@@ -328,6 +328,106 @@ impl LabelSelector {
     }
 }
 
+/// Why a selector string (`kubectl -l` syntax) does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "selector {selector:?}: {reason}; write terms like `key=value`, `key in (a,b)`, `!key`, separated by commas"
+)]
+pub struct SelectorParseError {
+    selector: String,
+    reason: String,
+}
+
+impl std::str::FromStr for LabelSelector {
+    type Err = SelectorParseError;
+
+    /// Parses Kubernetes' selector syntax (`kubectl -l`): `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
+    /// `k notin (a,b)`, `k`, `!k`, joined by commas.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| SelectorParseError {
+            selector: s.to_owned(),
+            reason,
+        };
+        let mut terms = Vec::new();
+        let (mut depth, mut start) = (0usize, 0usize);
+        for (i, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or_else(|| err("unbalanced ')'".into()))?
+                }
+                ',' if depth == 0 => {
+                    terms.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        if depth != 0 {
+            return Err(err("unbalanced '('".into()));
+        }
+        terms.push(&s[start..]);
+        let mut selector = Self::default();
+        for term in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
+            let req = |key: &str, op: &str, values: Vec<String>| LabelSelectorRequirement {
+                key: key.trim().to_owned(),
+                operator: op.to_owned(),
+                values,
+            };
+            let set = |rest: &str| -> Result<Vec<String>, SelectorParseError> {
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or_else(|| err(format!("{term:?} needs a list in parentheses")))?;
+                let values: Vec<String> = inner
+                    .split(',')
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if values.is_empty() {
+                    return Err(err(format!("{term:?} has an empty list")));
+                }
+                Ok(values)
+            };
+            if let Some(key) = term.strip_prefix('!') {
+                selector
+                    .match_expressions
+                    .push(req(key, operator::DOES_NOT_EXIST, Vec::new()));
+            } else if let Some((key, value)) = term.split_once("!=") {
+                selector.match_expressions.push(req(
+                    key,
+                    operator::NOT_IN,
+                    vec![value.trim().to_owned()],
+                ));
+            } else if let Some((key, value)) =
+                term.split_once("==").or_else(|| term.split_once('='))
+            {
+                selector
+                    .match_labels
+                    .insert(key.trim().to_owned(), value.trim().to_owned());
+            } else if let Some((key, rest)) = term.split_once(" notin ") {
+                selector
+                    .match_expressions
+                    .push(req(key, operator::NOT_IN, set(rest)?));
+            } else if let Some((key, rest)) = term.split_once(" in ") {
+                selector
+                    .match_expressions
+                    .push(req(key, operator::IN, set(rest)?));
+            } else if term.contains(char::is_whitespace) || term.contains(['(', ')']) {
+                return Err(err(format!("cannot read term {term:?}")));
+            } else {
+                selector
+                    .match_expressions
+                    .push(req(term, operator::EXISTS, Vec::new()));
+            }
+        }
+        Ok(selector)
+    }
+}
+
 impl LabelSelectorRequirement {
     fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(&self.key);
@@ -669,6 +769,31 @@ mod tests {
             s.to_selector_string().as_deref(),
             Some("a=1,b=2,c in (x,y),d notin (z),e,!f")
         );
+    }
+
+    #[test]
+    fn selector_parsing_round_trips() {
+        let cases = [
+            "mirror.linkerd.io/exported=true",
+            "a=1,b=2,c in (x,y),d notin (z),e,!f",
+        ];
+        for case in cases {
+            let parsed: LabelSelector = case.parse().unwrap();
+            assert_eq!(parsed.to_selector_string().as_deref(), Some(case));
+        }
+        let s: LabelSelector = "app==web, tier != db".parse().unwrap();
+        assert_eq!(
+            s.to_selector_string().as_deref(),
+            Some("app=web,tier notin (db)")
+        );
+        assert_eq!(
+            "".parse::<LabelSelector>().unwrap(),
+            LabelSelector::default()
+        );
+        for bad in ["a in (x", "a in ()", "a in x", "a b"] {
+            let err = bad.parse::<LabelSelector>().unwrap_err().to_string();
+            assert!(err.contains("write terms like"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -10,13 +10,13 @@ use tokio_util::sync::CancellationToken;
 #[command(about = "Mirrors the Services that linked clusters export", version)]
 struct Args {
     #[command(flatten)]
-    options: mirror::Options,
+    options: mirror_controller::Options,
 
     /// Address of the admin server (/live, /ready, /metrics).
     #[arg(long, env = "MESHLINK_ADMIN_ADDR", default_value = "0.0.0.0:9999")]
     admin_addr: SocketAddr,
 
-    /// Log filter, e.g. `info` or `mirror=debug,info`.
+    /// Log filter, e.g. `info` or `mirror_controller=debug,info`.
     #[arg(long, env = "MESHLINK_LOG", default_value = "info")]
     log: String,
 }
@@ -37,7 +37,7 @@ async fn main() -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
-    let metrics = Arc::new(mirror::Metrics::default());
+    let metrics = Arc::new(mirror_controller::Metrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
 
@@ -48,7 +48,12 @@ async fn main() -> Result<()> {
         .await?;
     tracing::info!(%admin_addr, namespace = %args.options.namespace, "starting");
     let admin = tokio::spawn(admin);
-    let controller = tokio::spawn(mirror::run(client, args.options, metrics, cancel.clone()));
+    let controller = tokio::spawn(mirror_controller::run(
+        client,
+        args.options,
+        metrics,
+        cancel.clone(),
+    ));
     let _ = ready_tx.send(true);
 
     shutdown_signal().await;
