@@ -95,6 +95,20 @@ fn ready_ips(ep: &Endpoints) -> (Vec<String>, Vec<String>) {
     )
 }
 
+async fn meshlink_gateways(kubeconfig: &std::path::Path) -> Result<String> {
+    let out = tokio::process::Command::new(workspace_binary("meshlink")?)
+        .args(["gateways", "--kubeconfig"])
+        .arg(kubeconfig)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "meshlink gateways failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 #[tokio::test]
 async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
     let gateway_host = Host::create().context("a network namespace for the gateway")?;
@@ -233,6 +247,23 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .await?
                 == 1.0
         );
+        let table = wait_for(
+            "`meshlink gateways` to show a live gateway with its latency",
+            WAIT,
+            || async {
+                let t = meshlink_gateways(west.kubeconfig_path()).await.ok()?;
+                let cols: Vec<String> = t
+                    .lines()
+                    .find(|l| l.starts_with("east"))?
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                (cols.len() == 4 && cols[1] == "True" && cols[2] == "1" && cols[3].ends_with("ms"))
+                    .then_some(t)
+            },
+        )
+        .await?;
+        ensure!(table.starts_with("CLUSTER"), "{table}");
 
         // The gateway's health port goes away: after 3 failed probes (1 s apart) it is dead.
         drop(probe);
@@ -264,6 +295,13 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .metric("gateway_alive", "target_cluster_name=\"east\"")
                 .await?
                 == 0.0
+        );
+        let table = meshlink_gateways(west.kubeconfig_path()).await?;
+        ensure!(
+            table
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["east", "False", "1", "-"]),
+            "{table}"
         );
 
         // And back.

@@ -487,6 +487,20 @@ pub struct LinkStatus {
     /// meshlink, absent in Linkerd
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<LinkCondition>,
+
+    /// What the gateway probe measures; written by meshlink, absent in Linkerd
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// What the gateway probe measures
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Latency of a recent successful probe, in milliseconds (refreshed at most once a minute
+    /// unless it changes by more than half, so that probes do not mean status writes)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_milliseconds: Option<u64>,
 }
 
 /// The status of a mirrored service

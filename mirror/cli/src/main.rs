@@ -1,6 +1,7 @@
 //! `meshlink`: the command-line tool. `link` prints what links a cluster to the one it runs
-//! against; `unlink` prints what removes such a link.
+//! against; `unlink` prints what removes such a link; `gateways` shows linked gateways.
 
+mod gateways;
 mod link;
 mod unlink;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Run against the SOURCE cluster; prints what removes a Link, for `kubectl delete -f -`
     /// (the controller then removes the Link's mirrors).
     Unlink(unlink::UnlinkArgs),
+    /// Run against the SOURCE cluster; shows each linked cluster's gateway: alive, mirrored
+    /// Services, probe latency.
+    Gateways(gateways::GatewaysArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -84,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
     let docs = match &cli.command {
         Command::Link(args) => link::run(args, client, &kubeconfig, cli.context.as_deref()).await?,
         Command::Unlink(args) => unlink::run(args, client).await?,
+        Command::Gateways(args) => return Ok(gateways::run(args, client, cli.output).await?),
     };
     Ok(link::print(&docs, cli.output))
 }

@@ -284,6 +284,7 @@ fn start_probe(
     );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cluster = link.spec.target_cluster_name.clone();
+    let latency_status = status.clone();
     tokio::spawn(cancel.clone().run_until_cancelled_owned(probe::run(
         spec,
         cluster,
@@ -291,6 +292,7 @@ fn start_probe(
         alive,
         tx,
         ctx.metrics.probe.clone(),
+        move |latency| latency_status.set_gateway_latency(latency),
     )));
     let status = status.clone();
     let recorder = Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into());

@@ -278,6 +278,7 @@ pub(crate) async fn run(
     alive: watch::Sender<bool>,
     transitions: tokio::sync::mpsc::UnboundedSender<Transition>,
     metrics: std::sync::Arc<ProbeMetrics>,
+    on_latency: impl Fn(Duration),
 ) {
     let labels = ClusterLabels {
         target_cluster_name: cluster.clone(),
@@ -315,6 +316,7 @@ pub(crate) async fn run(
             })
             .inc();
         if let Ok(latency) = outcome {
+            on_latency(latency);
             let ms = latency.as_secs_f64() * 1000.0;
             metrics.latency.get_or_create(&labels).set(ms as i64);
             metrics.latency_ms.get_or_create(&labels).observe(ms);

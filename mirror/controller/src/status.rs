@@ -73,6 +73,18 @@ struct Cond {
 struct State {
     services: BTreeMap<Key, Cond>,
     link: BTreeMap<&'static str, Cond>,
+    /// The gateway latency in the status, and when it was recorded.
+    latency: Option<(u64, std::time::Instant)>,
+}
+
+/// How long a recorded gateway latency stands before a new measurement replaces it...
+pub const LATENCY_REFRESH: Duration = Duration::from_secs(60);
+
+/// ...unless the new one differs by more than half: probes every few seconds must not mean a
+/// status write every few seconds.
+fn latency_changed(old: u64, new: u64) -> bool {
+    let (lo, hi) = (old.min(new), old.max(new));
+    hi > lo.saturating_mul(3) / 2 + 1
 }
 
 /// Shared handle to one Link's status.
@@ -246,6 +258,24 @@ impl StatusHandle {
         changed
     }
 
+    /// Records a measured gateway latency (see [`LATENCY_REFRESH`]).
+    pub fn set_gateway_latency(&self, latency: Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let changed = self.with(|s| {
+            let update = match s.latency {
+                None => true,
+                Some((old, at)) => at.elapsed() >= LATENCY_REFRESH || latency_changed(old, ms),
+            };
+            if update {
+                s.latency = Some((ms, std::time::Instant::now()));
+            }
+            update
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
     /// Counts of entries by reason, for metrics.
     pub fn count_mirrored(&self) -> usize {
         self.with(|s| {
@@ -280,10 +310,14 @@ impl StatusHandle {
             let conditions: Vec<LinkCondition> =
                 s.link.iter().map(|(t, c)| condition(t, c)).collect();
             // Merge patch: lists are replaced whole; `federatedServices` is left as it is.
-            serde_json::json!({ "status": {
+            let mut status = serde_json::json!({
                 "mirrorServices": mirror_services,
                 "conditions": conditions,
-            }})
+            });
+            if let Some((ms, _)) = s.latency {
+                status["gateway"] = serde_json::json!({ "latencyMilliseconds": ms });
+            }
+            serde_json::json!({ "status": status })
         })
     }
 
@@ -393,6 +427,23 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn gateway_latency_is_rate_limited() {
+        let h = StatusHandle::new(None);
+        let lat =
+            |h: &StatusHandle| h.render()["status"]["gateway"]["latencyMilliseconds"].as_u64();
+        assert_eq!(lat(&h), None);
+        h.set_gateway_latency(Duration::from_millis(10));
+        assert_eq!(lat(&h), Some(10));
+        // Small changes within the refresh period are not recorded...
+        h.set_gateway_latency(Duration::from_millis(12));
+        assert_eq!(lat(&h), Some(10));
+        // ...large ones are.
+        h.set_gateway_latency(Duration::from_millis(40));
+        assert_eq!(lat(&h), Some(40));
+        assert!(!latency_changed(0, 1) && latency_changed(1, 3) && !latency_changed(100, 140));
     }
 
     #[test]
