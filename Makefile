@@ -26,6 +26,12 @@ help:
 prerequisites:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found. Install Rust with rustup (https://rustup.rs); rust-toolchain.toml pins the version." >&2; exit 1; }
 	@command -v go >/dev/null || { echo "error: go not found. Install Go 1.21 or newer (https://go.dev/dl); it fetches the Go 1.26 toolchain that Kubernetes needs by itself." >&2; exit 1; }
+	@# The end-to-end tests put test hosts in network namespaces (iproute2, as root).
+	@command -v ip >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing iproute2 (network namespaces for the end-to-end tests)"; \
+	    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
+	  else echo "error: iproute2 (ip) is missing: install it (apt-get install iproute2); the end-to-end tests need it, as root" >&2; exit 1; fi; }
 
 .PHONY: kube-binaries
 kube-binaries: prerequisites
@@ -43,7 +49,7 @@ check-crypto:
 	  echo "error: a second crypto provider is in the dependency tree (above); disable that dependency's default features" >&2; exit 1; fi
 
 .PHONY: test
-test: kube-binaries
+test: prerequisites kube-binaries
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(MAKE) --no-print-directory check-crypto

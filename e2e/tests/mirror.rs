@@ -43,9 +43,10 @@ struct Env {
     east: Mutex<Cluster>,
     east_client: Client,
     east_node: String,
-    _west: Cluster,
+    west: Cluster,
     west_client: Client,
-    controller: Program,
+    /// Replaced by the check that restarts the controller.
+    controller: Mutex<Program>,
 }
 
 type Check = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -73,6 +74,13 @@ fn main() -> ExitCode {
             Box::pin(relabel_to_remote_discovery(e))
         }),
         (
+            "controller_restart_keeps_mirrors_ready_and_writes_nothing",
+            |e| Box::pin(controller_restart(e)),
+        ),
+        ("rotated_credentials_take_effect_without_a_restart", |e| {
+            Box::pin(credentials_rotation(e))
+        }),
+        (
             "remote_api_restart_keeps_mirrors_and_idle_resync_writes_nothing",
             |e| Box::pin(remote_restart_and_idle(e)),
         ),
@@ -89,10 +97,8 @@ fn main() -> ExitCode {
                     ))
                 })?;
                 handle.block_on(check(env.clone())).map_err(|e| {
-                    Failed::from(format!(
-                        "{e:#}\n--- controller log:\n{}",
-                        env.controller.log_tail()
-                    ))
+                    let log = handle.block_on(env.controller.lock()).log_tail();
+                    Failed::from(format!("{e:#}\n--- controller log:\n{log}"))
                 })
             })
         })
@@ -137,7 +143,19 @@ async fn setup() -> Result<Env> {
     });
     apply_yaml(&wc, &serde_norway::to_string(&link)?).await?;
 
-    let controller = Program::start(
+    let controller = start_controller(&west).await?;
+    Ok(Env {
+        east_client: east.client(),
+        east_node: east.node_name(),
+        east: Mutex::new(east),
+        west,
+        west_client: wc,
+        controller: Mutex::new(controller),
+    })
+}
+
+async fn start_controller(west: &Cluster) -> Result<Program> {
+    Ok(Program::start(
         "meshlink-mirror",
         &[
             format!("--namespace={NS}"),
@@ -145,15 +163,7 @@ async fn setup() -> Result<Env> {
         ],
         &[("KUBECONFIG", west.kubeconfig_path().display().to_string())],
     )
-    .await?;
-    Ok(Env {
-        east_client: east.client(),
-        east_node: east.node_name(),
-        east: Mutex::new(east),
-        _west: west,
-        west_client: wc,
-        controller,
-    })
+    .await?)
 }
 
 /// Creates an exported Service `name` in `ns` of `east` with one Ready Pod at `ip`.
@@ -495,24 +505,13 @@ async fn relabel_to_remote_discovery(env: Arc<Env>) -> Result<()> {
 
 async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     let w = &env.west_client;
-    let mirror_writes = |env: Arc<Env>| async move {
-        let mut total = 0.0;
-        for kind in ["Service", "Endpoints", "EndpointSlice", "Namespace"] {
-            total += env
-                .controller
-                .metric(
-                    "service_mirror_api_writes_total",
-                    &format!("kind=\"{kind}\""),
-                )
-                .await?;
-        }
-        anyhow::Ok(total)
-    };
     // Let earlier checks settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = mirror_writes(env.clone()).await?;
+    let before = mirror_writes(&*env.controller.lock().await).await?;
     let restarts = env
         .controller
+        .lock()
+        .await
         .metric("service_mirror_watch_restarts_total", "")
         .await?;
 
@@ -561,13 +560,15 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     .await?;
     ensure!(
         env.controller
+            .lock()
+            .await
             .metric("service_mirror_watch_restarts_total", "")
             .await?
             > restarts
     );
     // Every key was reconciled against the fresh listing, and nothing had changed.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = mirror_writes(env.clone()).await?;
+    let after = mirror_writes(&*env.controller.lock().await).await?;
     ensure!(
         after == before,
         "a resync with nothing changed wrote {} times",
@@ -583,5 +584,110 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
             "{ns}/{name} missing after the restart"
         );
     }
+    Ok(())
+}
+
+async fn mirror_writes(p: &Program) -> Result<f64> {
+    let mut total = 0.0;
+    for kind in ["Service", "Endpoints", "EndpointSlice", "Namespace"] {
+        total += p
+            .metric(
+                "service_mirror_api_writes_total",
+                &format!("kind=\"{kind}\""),
+            )
+            .await?;
+    }
+    Ok(total)
+}
+
+async fn controller_restart(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let endpoints: Api<Endpoints> = Api::namespaced(w.clone(), "billing");
+    let before = endpoints.get("invoices-east").await?;
+    let transition = |l: Link| {
+        l.status.and_then(|s| {
+            s.mirror_services
+                .into_iter()
+                .find(|e| e.remote_ref.name == "invoices")
+                .map(|e| e.conditions[0].last_transition_time.clone())
+        })
+    };
+    let t0 = transition(Api::<Link>::namespaced(w.clone(), NS).get("east").await?);
+
+    // Killed outright, mid-flight as far as it knows: the mirrors stay.
+    let mut controller = env.controller.lock().await;
+    controller.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(endpoints.get_opt("invoices-east").await?.is_some());
+    *controller = start_controller(&env.west).await?;
+    // Let it list everything and reconcile every key.
+    wait_for("the new controller to reconcile", WAIT, || async {
+        let n = controller
+            .metric("service_mirror_reconciles_total", "")
+            .await
+            .ok()?;
+        (n >= 3.0).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        mirror_writes(&controller).await? == 0.0,
+        "a restart rewrote mirrors"
+    );
+    let after = endpoints.get("invoices-east").await?;
+    ensure!(
+        after.resource_version() == before.resource_version(),
+        "the mirror's Endpoints changed across a restart (ready endpoints must never flip)"
+    );
+    ensure!(
+        transition(Api::<Link>::namespaced(w.clone(), NS).get("east").await?) == t0,
+        "lastTransitionTime moved"
+    );
+    Ok(())
+}
+
+async fn credentials_rotation(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let pid = env.controller.lock().await.pid();
+    // Credentials that the target refuses: the Link says so, the mirrors stay.
+    let east = env.east.lock().await;
+    let bad = east.kubeconfig_for_token("remote", "not-a-valid-token");
+    put_credentials(&env.west, NS, "east", &bad).await?;
+    wait_for(
+        "RemoteReachable=False with RemoteUnauthorized",
+        WAIT,
+        || async {
+            let link = Api::<Link>::namespaced(w.clone(), NS)
+                .get("east")
+                .await
+                .ok()?;
+            link.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "RemoteReachable" && c.reason == "RemoteUnauthorized")
+                .then_some(())
+        },
+    )
+    .await?;
+    ensure!(
+        get::<Service>(w, "shop", "web-east").await.is_some(),
+        "mirrors removed over bad credentials"
+    );
+
+    // Rotated to a fresh, valid token: picked up without a restart.
+    let good = remote_access_kubeconfig(&east, NS).await?;
+    drop(east);
+    put_credentials(&env.west, NS, "east", &good).await?;
+    export(&env, "shop", "rotated", "true", Ipv4Addr::new(10, 1, 4, 1)).await?;
+    wait_for(
+        "a Service exported after the rotation to be mirrored",
+        WAIT,
+        || get::<Endpoints>(w, "shop", "rotated-east"),
+    )
+    .await?;
+    ensure!(
+        env.controller.lock().await.pid() == pid,
+        "the controller restarted"
+    );
     Ok(())
 }
