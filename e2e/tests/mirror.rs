@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         ("rotated_credentials_take_effect_without_a_restart", |e| {
             Box::pin(credentials_rotation(e))
         }),
+        ("two_replicas_hand_over_without_deleting_or_flapping", |e| {
+            Box::pin(two_replicas(e))
+        }),
         (
             "remote_api_restart_keeps_mirrors_and_idle_resync_writes_nothing",
             |e| Box::pin(remote_restart_and_idle(e)),
@@ -155,11 +158,19 @@ async fn setup() -> Result<Env> {
 }
 
 async fn start_controller(west: &Cluster) -> Result<Program> {
+    start_replica(west, "a").await
+}
+
+/// A controller replica; short Lease times so that hand-overs take seconds.
+async fn start_replica(west: &Cluster, identity: &str) -> Result<Program> {
     Ok(Program::start(
         "meshlink-mirror",
         &[
             format!("--namespace={NS}"),
             "--log=info,mirror_controller=debug".to_owned(),
+            format!("--identity={identity}"),
+            "--lease-duration=3s".to_owned(),
+            "--lease-renew=500ms".to_owned(),
         ],
         &[("KUBECONFIG", west.kubeconfig_path().display().to_string())],
     )
@@ -566,7 +577,7 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
             .await?
             > restarts
     );
-    // Every key was reconciled against the fresh listing, and nothing had changed.
+    // Whether the watches resumed or listed again, nothing had changed: nothing is written.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = mirror_writes(&*env.controller.lock().await).await?;
     ensure!(
@@ -689,5 +700,65 @@ async fn credentials_rotation(env: Arc<Env>) -> Result<()> {
         env.controller.lock().await.pid() == pid,
         "the controller restarted"
     );
+    Ok(())
+}
+
+async fn two_replicas(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let mut leader = env.controller.lock().await;
+    ensure!(
+        leader.metric("service_mirror_leader", "").await? == 1.0,
+        "replica a does not lead"
+    );
+    let follower = start_replica(&env.west, "b").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        follower.metric("service_mirror_leader", "").await? == 0.0,
+        "two leaders"
+    );
+    ensure!(
+        follower
+            .metric("service_mirror_api_writes_total", "")
+            .await?
+            == 0.0,
+        "the follower wrote"
+    );
+
+    let endpoints: Api<Endpoints> = Api::namespaced(w.clone(), "billing");
+    let before = endpoints.get("invoices-east").await?;
+    let mirror_uid = get::<Service>(w, "billing", "invoices-east")
+        .await
+        .and_then(|s| s.metadata.uid);
+    // The leader dies without releasing its Lease: the follower takes over once it expires.
+    leader.kill();
+    wait_for("the follower to lead", WAIT, || async {
+        (follower.metric("service_mirror_leader", "").await.ok()? == 1.0).then_some(())
+    })
+    .await?;
+    export(
+        &env,
+        "billing",
+        "refunds",
+        "true",
+        Ipv4Addr::new(10, 1, 5, 1),
+    )
+    .await?;
+    wait_for("the new leader to mirror a new export", WAIT, || {
+        get::<Endpoints>(w, "billing", "refunds-east")
+    })
+    .await?;
+    let after = endpoints.get("invoices-east").await?;
+    ensure!(
+        after.resource_version() == before.resource_version(),
+        "existing Endpoints flapped over the hand-over"
+    );
+    ensure!(
+        get::<Service>(w, "billing", "invoices-east")
+            .await
+            .and_then(|s| s.metadata.uid)
+            == mirror_uid,
+        "an existing mirror was re-created"
+    );
+    *leader = follower;
     Ok(())
 }

@@ -7,6 +7,7 @@
 mod apply;
 pub mod desired;
 mod gateway;
+pub mod leader;
 mod links;
 mod metrics;
 mod probe;
@@ -24,7 +25,9 @@ use hickory_resolver::{
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
-pub use self::{links::FINALIZER, metrics::Metrics, remote::CredentialsError};
+pub use self::{
+    leader::LeaseOptions, links::FINALIZER, metrics::Metrics, remote::CredentialsError,
+};
 
 /// How the controller runs.
 #[derive(Clone, Debug, clap::Args)]
@@ -67,12 +70,29 @@ impl Options {
     }
 }
 
-/// Serves Links until `cancel` fires. Stopping leaves every mirror in place.
+/// Serves Links while this replica holds the Lease, until `cancel` fires. Stopping, or losing
+/// the Lease, leaves every mirror in place.
 pub async fn run(
     client: Client,
     options: Options,
+    lease: LeaseOptions,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    links::run(client, options, metrics, cancel).await;
+    // Linkerd's name for a per-Link controller's Lease; one name for a controller of them all.
+    let name = match &options.link {
+        Some(link) => format!("service-mirror-write-{link}"),
+        None => "meshlink-service-mirror-write".to_owned(),
+    };
+    let namespace = options.namespace.clone();
+    leader::run_while_leader(
+        client.clone(),
+        &namespace,
+        &name,
+        &lease,
+        metrics.leader.clone(),
+        cancel,
+        move |token| links::run(client.clone(), options.clone(), metrics.clone(), token),
+    )
+    .await;
 }

@@ -12,6 +12,9 @@ struct Args {
     #[command(flatten)]
     options: mirror_controller::Options,
 
+    #[command(flatten)]
+    lease: mirror_controller::LeaseOptions,
+
     /// Address of the admin server (/live, /ready, /metrics).
     #[arg(long, env = "MESHLINK_ADMIN_ADDR", default_value = "0.0.0.0:9999")]
     admin_addr: SocketAddr,
@@ -51,6 +54,7 @@ async fn main() -> Result<()> {
     let controller = tokio::spawn(mirror_controller::run(
         client,
         args.options,
+        args.lease,
         metrics,
         cancel.clone(),
     ));

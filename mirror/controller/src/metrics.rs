@@ -54,6 +54,7 @@ pub struct Metrics {
     pub(crate) watch_restarts: Family<WatchLabels, Counter>,
     pub(crate) sync_lag: HistogramFamily,
     pub(crate) probe: std::sync::Arc<crate::probe::ProbeMetrics>,
+    pub(crate) leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -66,6 +67,7 @@ impl Default for Metrics {
             watch_restarts: Family::default(),
             sync_lag: Family::new_with_constructor(lag_histogram),
             probe: std::sync::Arc::default(),
+            leader: Gauge::default(),
         }
     }
 }
@@ -98,6 +100,11 @@ impl Metrics {
             "service_mirror_watch_restarts",
             "Watches that failed and were restarted",
             self.watch_restarts.clone(),
+        );
+        registry.register(
+            "service_mirror_leader",
+            "1 while this replica holds the Lease and writes",
+            self.leader.clone(),
         );
         registry.register_with_unit(
             "service_mirror_sync_lag",

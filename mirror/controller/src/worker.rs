@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder},
@@ -117,6 +117,8 @@ enum Trigger {
     /// A watch relisted: reconcile everything against the new listing.
     Relisted,
     WatchFailed(&'static str, String),
+    /// The target's API answers again the calls the failed watches make.
+    Recovered,
 }
 
 struct Stores {
@@ -281,6 +283,7 @@ impl LinkWorker {
             synced: HashSet::new(),
             expected,
             failing: HashMap::new(),
+            recovering: false,
             in_flight: HashMap::new(),
         };
         let mut gateway_rx = self.gateway.clone();
@@ -464,6 +467,34 @@ async fn watch_remote_readiness(
     }
 }
 
+/// Lists what the remote watches watch (one object each) until the target answers, then says so.
+async fn recover(remote: Client, selector: Option<String>, tx: mpsc::UnboundedSender<Trigger>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(delay).await;
+        if tx.is_closed() {
+            return;
+        }
+        let mut services = ListParams::default().limit(1);
+        if let Some(s) = &selector {
+            services = services.labels(s);
+        }
+        let ok = Api::<Service>::all(remote.clone())
+            .list(&services)
+            .await
+            .is_ok()
+            && Api::<EndpointSlice>::all(remote.clone())
+                .list(&ListParams::default().limit(1))
+                .await
+                .is_ok();
+        if ok {
+            let _ = tx.send(Trigger::Recovered);
+            return;
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 struct Loop<'a> {
     worker: &'a LinkWorker,
     target: Target,
@@ -476,6 +507,8 @@ struct Loop<'a> {
     synced: HashSet<Source>,
     expected: HashSet<Source>,
     failing: HashMap<&'static str, String>,
+    /// Whether a recovery check of the target's API runs (see [`recover`]).
+    recovering: bool,
     /// What this worker last applied to each object, and the resourceVersion the API server
     /// gave it, until the local watch delivers that version. Between the write and its watch
     /// event the store still shows the old object (or none); without this, every trigger in that
@@ -532,7 +565,28 @@ impl Loop<'_> {
                 if watch.starts_with("remote") {
                     self.failing.insert(watch, error);
                     self.update_reachability();
+                    // A watch that resumes where it stopped reports no event until something
+                    // changes, so recovery needs a check of its own.
+                    if !self.recovering {
+                        self.recovering = true;
+                        let selector = self
+                            .worker
+                            .spec
+                            .selector
+                            .as_ref()
+                            .and_then(|s| s.to_selector_string());
+                        tokio::spawn(recover(
+                            self.worker.remote.clone(),
+                            selector,
+                            self.tx.clone(),
+                        ));
+                    }
                 }
+            }
+            Trigger::Recovered => {
+                self.recovering = false;
+                self.failing.clear();
+                self.update_reachability();
             }
         }
     }
