@@ -19,6 +19,7 @@ help:
 	@echo "make demo           start local clusters east and west and show a Link"
 	@echo "make test           formatting, lints and every test (real clusters included)"
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
+	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
 
@@ -59,6 +60,14 @@ test: prerequisites kube-binaries
 	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
 	@# One closing line for the whole run (cargo's own last line is that of the last crate).
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all tests: %d passed, %d failed\n", p, f }' target/test.log
+
+.PHONY: bench
+# Measurements, not tests: release builds against real clusters. SERVICES=10000 by hand.
+SERVICES ?= 1000
+bench: prerequisites kube-binaries
+	$(CARGO) build --release --workspace --bins --locked
+	@# --workspace: the same feature set as the build above, so nothing is compiled twice.
+	$(CARGO) bench --locked --workspace --bench mirror -- --services $(SERVICES)
 
 .PHONY: clusters
 clusters: kube-binaries

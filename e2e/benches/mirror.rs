@@ -1,0 +1,318 @@
+//! The service-mirror benchmark (a measurement, not a timed test: it asserts nothing about time).
+//!
+//! `cargo bench -p e2e --bench mirror -- --services N` (N = 1,000 in CI; 10,000 by hand) starts
+//! two real clusters, exports N Services from `east`, starts the release build of the controller
+//! in `west` and reports:
+//!
+//! - the time until every mirror and its Endpoints exist, beside the baseline of the same run:
+//!   the time the harness took to create the N remote Services through the same kind of API
+//!   server (the ratio says how close mirroring comes to the API server's own write rate);
+//! - the steady-state sync lag (a remote change until the local mirror shows it), p50 and p99;
+//! - the write calls of a full resync in which nothing changed (a restarted controller);
+//! - the controller's peak RSS.
+//!
+//! Results are printed and written to `target/bench/mirror.json`.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use e2e::{
+    Cluster, apply_yaml, create_namespace, create_ready_pod,
+    meshlink::{Program, labels, put_credentials, remote_access_kubeconfig},
+};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+
+const NS: &str = "linkerd-multicluster";
+const BENCH_NS: &str = "bench";
+/// Concurrent API calls when creating Services (kubectl-like clients use a handful).
+const CONCURRENCY: usize = 32;
+/// Changes sampled for the steady-state lag.
+const LAG_SAMPLES: usize = 100;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn mirrored_with_endpoints(client: &kube::Client) -> Result<usize> {
+    let lp = ListParams::default().labels("mirror.linkerd.io/cluster-name=east");
+    let eps = Api::<Endpoints>::namespaced(client.clone(), BENCH_NS)
+        .list(&lp)
+        .await?;
+    Ok(eps
+        .items
+        .iter()
+        .filter(|e| e.subsets.as_ref().is_some_and(|s| !s.is_empty()))
+        .count())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn writes(p: &Program) -> Result<f64> {
+    Ok(p.metric("service_mirror_api_writes_total", "").await?)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; only our own flag matters.
+    let n = arg("--services", 1000);
+    let clusters = Cluster::start_many(&["east", "west"]).await?;
+    let (east, west) = (&clusters[0], &clusters[1]);
+    let (ec, wc) = (east.client(), west.client());
+
+    apply_yaml(
+        &wc,
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/crds/link.yaml"
+        ))?,
+    )
+    .await?;
+    create_namespace(&wc, NS).await?;
+    create_namespace(&wc, BENCH_NS).await?;
+    create_namespace(&ec, BENCH_NS).await?;
+    let kubeconfig = remote_access_kubeconfig(east, NS).await?;
+    put_credentials(west, NS, "east", &kubeconfig).await?;
+    apply_yaml(
+        &wc,
+        &serde_norway::to_string(&json!({
+            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+            "metadata": { "name": "east", "namespace": NS },
+            "spec": {
+                "targetClusterName": "east", "targetClusterDomain": "cluster.local",
+                "clusterCredentialsSecret": "cluster-credentials-east",
+                // Data only: no probe path, so nothing is dialled.
+                "gatewayAddress": "192.0.2.10", "gatewayPort": "4143", "probeSpec": {},
+                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
+            },
+        }))?,
+    )
+    .await?;
+
+    // One Ready Pod that every exported Service selects: each gets real Endpoints.
+    create_ready_pod(
+        &ec,
+        BENCH_NS,
+        "backend-0",
+        &labels(&[("app", "backend")]),
+        IpAddr::V4(Ipv4Addr::new(10, 7, 0, 1)),
+        &east.node_name(),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(ec.clone(), BENCH_NS);
+    let created = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let services = services.clone();
+            async move {
+                let svc: Service = serde_json::from_value(json!({
+                    "metadata": { "name": format!("svc-{i:05}"), "labels": { "mirror.linkerd.io/exported": "true" } },
+                    "spec": { "selector": { "app": "backend" }, "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+                }))?;
+                services.create(&PostParams::default(), &svc).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<()>()
+        .await?;
+    let baseline = created.elapsed();
+    eprintln!("created {n} remote Services in {baseline:?}; waiting for their EndpointSlices");
+    // Let the target's controllers publish every EndpointSlice, so the controller starts from a
+    // settled target.
+    let slices =
+        Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(ec.clone(), BENCH_NS);
+    e2e::wait_for(
+        "every remote EndpointSlice",
+        Duration::from_secs(600),
+        || async {
+            (slices
+                .list_metadata(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .len()
+                >= n)
+                .then_some(())
+        },
+    )
+    .await?;
+
+    let bin = [("KUBECONFIG", west.kubeconfig_path().display().to_string())];
+    let start = Instant::now();
+    let controller = Program::start(
+        "meshlink-mirror",
+        &[format!("--namespace={NS}"), "--log=warn".to_owned()],
+        &bin,
+    )
+    .await
+    .context("the release controller (cargo build --release --bins)")?;
+    let mut last_report = Instant::now();
+    loop {
+        let done = mirrored_with_endpoints(&wc).await?;
+        if done >= n {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("{done}/{n} mirrored after {:?}", start.elapsed());
+            last_report = Instant::now();
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(900),
+            "not every Service was mirrored in 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mirror_time = start.elapsed();
+    eprintln!("all {n} mirrored in {mirror_time:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Steady-state lag: change one remote Service at a time, time until the mirror shows it.
+    let local: Api<Service> = Api::namespaced(wc.clone(), BENCH_NS);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let watch = tokio::spawn({
+        let local = local.clone();
+        async move {
+            let mut s = std::pin::pin!(
+                watcher(
+                    local,
+                    watcher::Config::default().labels("mirror.linkerd.io/cluster-name=east")
+                )
+                .applied_objects()
+            );
+            while let Some(Ok(svc)) = s.next().await {
+                if let Some(v) = svc
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("bench.meshlink.io/seq"))
+                {
+                    let _ = seen_tx.send((v.clone(), Instant::now()));
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lags = Vec::with_capacity(LAG_SAMPLES);
+    for i in 0..LAG_SAMPLES {
+        let name = format!("svc-{:05}", (i * 7919) % n);
+        let seq = format!("{i}");
+        let sent = Instant::now();
+        services
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({ "metadata": { "annotations": { "bench.meshlink.io/seq": seq } } }),
+                ),
+            )
+            .await?;
+        let arrived = loop {
+            let (v, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await
+                .context("a change was not mirrored within 30 s")?
+                .context("the local watch ended")?;
+            if v == seq {
+                break at;
+            }
+        };
+        lags.push(arrived - sent);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watch.abort();
+    lags.sort();
+
+    // Idle: nothing changes for 10 s.
+    let before = writes(&controller).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_writes = writes(&controller).await? - before;
+    let peak_rss = controller.pid().and_then(peak_rss_kib).unwrap_or(0);
+    // A full resync with nothing changed: a new controller lists and reconciles all N.
+    drop(controller);
+    let resync_start = Instant::now();
+    let second = Program::start(
+        "meshlink-mirror",
+        &[format!("--namespace={NS}"), "--log=warn".to_owned()],
+        &bin,
+    )
+    .await?;
+    e2e::wait_for(
+        "the new controller to reconcile every Service",
+        Duration::from_secs(600),
+        || async {
+            let r = second
+                .metric("service_mirror_reconciles_total", "")
+                .await
+                .ok()?;
+            (r >= n as f64).then_some(())
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resync_time = resync_start.elapsed();
+    let resync_writes = writes(&second).await?;
+    let peak_rss = peak_rss.max(second.pid().and_then(peak_rss_kib).unwrap_or(0));
+
+    let results = json!({
+        "services": n,
+        "baseline_create_seconds": baseline.as_secs_f64(),
+        "mirror_all_seconds": mirror_time.as_secs_f64(),
+        "mirror_over_baseline": mirror_time.as_secs_f64() / baseline.as_secs_f64(),
+        "lag_p50_ms": percentile(&lags, 0.5).as_secs_f64() * 1000.0,
+        "lag_p99_ms": percentile(&lags, 0.99).as_secs_f64() * 1000.0,
+        "idle_writes_10s": idle_writes,
+        "resync_seconds": resync_time.as_secs_f64(),
+        "resync_writes": resync_writes,
+        "peak_rss_mib": peak_rss as f64 / 1024.0,
+    });
+    let table: BTreeMap<&str, String> = results
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.to_string()))
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    for (k, v) in &table {
+        writeln!(stdout, "{k:>24}  {v}")?;
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("mirror.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    Ok(())
+}
