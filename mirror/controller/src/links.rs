@@ -216,8 +216,18 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     let (gateway_tx, gateway_rx) = watch::channel(None);
     let target = crate::desired::Target::from_spec(&link.spec);
     let entries: Vec<Entry> = gateway::parse_entries(&link.spec.gateway_address);
-    // Until the probe says otherwise the gateway counts as alive (see `probe`).
-    let (alive_tx, alive_rx) = watch::channel(true);
+    // Until the probe says otherwise the gateway is as the Link last said, alive when it never
+    // said (see `probe`).
+    let was_alive = link
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_GATEWAY_ALIVE)
+        })
+        .is_none_or(|c| c.status != ConditionStatus::False);
+    let (alive_tx, alive_rx) = watch::channel(was_alive);
     if let (Some(port), false) = (target.gateway_port, entries.is_empty()) {
         match ctx.options.resolver() {
             Ok(resolver) => {
@@ -276,12 +286,14 @@ fn start_probe(
             return;
         }
     };
-    status.set_link_condition(
-        CONDITION_GATEWAY_ALIVE,
-        ConditionStatus::True,
-        "ProbePending",
-        "alive until failureThreshold probes in a row fail",
-    );
+    if !status.has_link_condition(CONDITION_GATEWAY_ALIVE) {
+        status.set_link_condition(
+            CONDITION_GATEWAY_ALIVE,
+            ConditionStatus::True,
+            "ProbePending",
+            "alive until failureThreshold probes in a row fail",
+        );
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cluster = link.spec.target_cluster_name.clone();
     let latency_status = status.clone();

@@ -1,6 +1,7 @@
 //! Gateway liveness: one explicit state machine, fed by a probe of the gateway's health port.
 //!
-//! The state starts **alive**. A controller that restarts, or a Link that is re-applied, must not
+//! The state starts **alive** (or as the Link's `GatewayAlive` condition last said, when the
+//! controller restarts). A controller that restarts, or a Link that is re-applied, must not
 //! flip mirror endpoints that were ready to not-ready before it has seen a single failure
 //! (Linkerd's probe worker starts dead while its watcher starts alive, so a gateway that is down
 //! from the start is never reported, and a restart can fail requests fast [quirk, #8590]). It
@@ -44,11 +45,23 @@ pub struct State {
 
 impl State {
     /// The initial state: alive, no failures.
+    #[cfg(test)]
     pub fn new(threshold: u32) -> Self {
+        Self::starting(threshold, Liveness::Alive)
+    }
+
+    /// A state that starts as `liveness` (what the Link's status last said); a dead start
+    /// counts as `threshold` failures, so one success revives it.
+    pub fn starting(threshold: u32, liveness: Liveness) -> Self {
+        let threshold = threshold.max(1);
         Self {
-            liveness: Liveness::Alive,
-            failures: 0,
-            threshold: threshold.max(1),
+            liveness,
+            failures: if liveness == Liveness::Dead {
+                threshold
+            } else {
+                0
+            },
+            threshold,
         }
     }
 
@@ -284,8 +297,16 @@ pub(crate) async fn run(
         target_cluster_name: cluster.clone(),
     };
     metrics.enabled.get_or_create(&labels).set(1);
-    metrics.alive.get_or_create(&labels).set(1);
-    let mut state = State::new(spec.failure_threshold);
+    let initial = if *alive.borrow() {
+        Liveness::Alive
+    } else {
+        Liveness::Dead
+    };
+    metrics
+        .alive
+        .get_or_create(&labels)
+        .set(i64::from(initial == Liveness::Alive));
+    let mut state = State::starting(spec.failure_threshold, initial);
     loop {
         let jitter = spec.period.mul_f64(jitter_fraction() / 10.0);
         tokio::select! {
@@ -398,6 +419,10 @@ mod tests {
         }
         // A threshold of 0 would make the first failure flip; it counts as 1.
         assert_eq!(State::new(0).observe(false), Some(Liveness::Dead));
+        // Restarted dead: stays dead on failures, one success revives it.
+        let mut s = State::starting(3, Liveness::Dead);
+        assert_eq!(s.observe(false), None);
+        assert_eq!(s.observe(true), Some(Liveness::Alive));
     }
 
     #[test]

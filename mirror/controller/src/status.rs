@@ -114,6 +114,27 @@ impl StatusHandle {
     pub fn new(existing: Option<&LinkStatus>) -> Self {
         let mut state = State::default();
         if let Some(st) = existing {
+            for c in &st.conditions {
+                let Some(type_) = [
+                    CONDITION_READY,
+                    link_crd::CONDITION_REMOTE_REACHABLE,
+                    link_crd::CONDITION_GATEWAY_ALIVE,
+                ]
+                .into_iter()
+                .find(|t| *t == c.type_) else {
+                    continue;
+                };
+                state.link.insert(
+                    type_,
+                    Cond {
+                        status: c.status,
+                        reason: c.reason.clone(),
+                        message: c.message.clone(),
+                        local: None,
+                        since: c.last_transition_time.clone(),
+                    },
+                );
+            }
             for entry in &st.mirror_services {
                 if let Some(c) = entry
                     .conditions
@@ -274,6 +295,11 @@ impl StatusHandle {
         if changed {
             self.changed.notify_one();
         }
+    }
+
+    /// Whether a Link-level condition of this type is recorded.
+    pub fn has_link_condition(&self, type_: &str) -> bool {
+        self.with(|s| s.link.contains_key(type_))
     }
 
     /// Counts of entries by reason, for metrics.
