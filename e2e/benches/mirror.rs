@@ -172,14 +172,16 @@ async fn main() -> Result<()> {
     .await?;
 
     let bin = [("KUBECONFIG", west.kubeconfig_path().display().to_string())];
+    // One identity for both runs below, as a restarted replica keeps its Lease.
+    let flags = [
+        format!("--namespace={NS}"),
+        "--log=warn".to_owned(),
+        "--identity=bench".to_owned(),
+    ];
     let start = Instant::now();
-    let controller = Program::start(
-        "meshlink-mirror",
-        &[format!("--namespace={NS}"), "--log=warn".to_owned()],
-        &bin,
-    )
-    .await
-    .context("the release controller (cargo build --release --bins)")?;
+    let controller = Program::start("meshlink-mirror", &flags, &bin)
+        .await
+        .context("the release controller (cargo build --release --bins)")?;
     let mut last_report = Instant::now();
     loop {
         let done = mirrored_with_endpoints(&wc).await?;
@@ -263,12 +265,7 @@ async fn main() -> Result<()> {
     // A full resync with nothing changed: a new controller lists and reconciles all N.
     drop(controller);
     let resync_start = Instant::now();
-    let second = Program::start(
-        "meshlink-mirror",
-        &[format!("--namespace={NS}"), "--log=warn".to_owned()],
-        &bin,
-    )
-    .await?;
+    let second = Program::start("meshlink-mirror", &flags, &bin).await?;
     e2e::wait_for(
         "the new controller to reconcile every Service",
         Duration::from_secs(600),

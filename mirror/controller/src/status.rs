@@ -357,7 +357,9 @@ impl StatusHandle {
         writes: impl Fn(),
     ) {
         let api: Api<Link> = Api::namespaced(client, &namespace);
-        let mut written = serde_json::Value::Null;
+        // What the Link already says (this handle starts from it): a restart with nothing
+        // changed writes nothing.
+        let mut written = self.render();
         loop {
             let body = self.render();
             if body != written {
