@@ -162,7 +162,8 @@ impl Program {
                 l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(filter)
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .sum::<f64>()
+            + 0.0) // an empty sum is -0.0
     }
 
     /// Stops the program at once, as a crash would.

@@ -162,6 +162,13 @@ impl LinkWorker {
             let (store, writer) = reflector::store();
             let stream = watcher(api, watcher::Config::default().labels(&sel))
                 .default_backoff()
+                // Kept in memory for every exported Service: only what mirroring reads.
+                .modify(|s: &mut Service| {
+                    s.metadata.managed_fields = None;
+                    if let Some(a) = s.metadata.annotations.as_mut() {
+                        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+                    }
+                })
                 .reflect(writer);
             expected.insert(source);
             tasks.spawn(forward(stream, tx.clone(), source, name, |s: &Service| {
@@ -186,6 +193,7 @@ impl LinkWorker {
             watcher::Config::default().labels(&mine),
         )
         .default_backoff()
+        .modify(keep_own_fields)
         .reflect(w);
         let c = cluster.clone();
         tasks.spawn(forward(
@@ -206,6 +214,7 @@ impl LinkWorker {
             watcher::Config::default().labels(&mine),
         )
         .default_backoff()
+        .modify(keep_own_fields)
         .reflect(w);
         let c = cluster.clone();
         tasks.spawn(forward(
@@ -226,6 +235,7 @@ impl LinkWorker {
             watcher::Config::default().labels(&my_slices),
         )
         .default_backoff()
+        .modify(keep_own_fields)
         .reflect(w);
         let c = cluster.clone();
         tasks.spawn(forward(
@@ -247,6 +257,7 @@ impl LinkWorker {
             watcher::Config::default(),
         )
         .default_backoff()
+        .modify(keep_own_fields)
         .reflect(w);
         tasks.spawn(forward_namespaces(stream, tx.clone()));
         let ready = Arc::new(Mutex::new(HashMap::new()));
@@ -305,6 +316,14 @@ impl LinkWorker {
             }
         }
         tasks.shutdown().await;
+    }
+}
+
+/// Keeps, of a local object's `managedFields`, only this controller's entries: the only ones
+/// [`needs_apply`] reads, and most of the object's size.
+fn keep_own_fields<K: Resource>(obj: &mut K) {
+    if let Some(fields) = obj.meta_mut().managed_fields.as_mut() {
+        fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
     }
 }
 
@@ -496,7 +515,7 @@ async fn recover(remote: Client, selector: Option<String>, tx: mpsc::UnboundedSe
 }
 
 /// Per object (kind, namespace, name): the body last applied and the resourceVersion it got.
-type InFlight = HashMap<(&'static str, String, String), (serde_json::Value, Option<String>)>;
+type InFlight = HashMap<(&'static str, String, String), (u64, Option<String>)>;
 
 struct Loop<'a> {
     worker: &'a LinkWorker,
@@ -978,6 +997,12 @@ impl Loop<'_> {
         let ns = desired.meta().namespace.clone().unwrap_or_default();
         let name = desired.meta().name.clone().unwrap_or_default();
         let d = to_json(desired);
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            d.to_string().hash(&mut h);
+            h.finish()
+        };
         let id = (kind, ns.clone(), name.clone());
         let live_rv = live.and_then(|l| l.meta().resource_version.clone());
         let flight = self.flights().get(&id).cloned();
@@ -987,7 +1012,7 @@ impl Loop<'_> {
                 self.flights().remove(&id);
             }
             // The same write is on its way to the store.
-            Some((written, _)) if written == d => return Ok(None),
+            Some((written, _)) if written == digest => return Ok(None),
             _ => {}
         }
         if let Some(live) = live
@@ -1012,7 +1037,7 @@ impl Loop<'_> {
         self.count_write(kind, "apply");
         tracing::debug!(link = %self.worker.link_name, kind, namespace = %ns, %name, "applied");
         self.flights()
-            .insert(id, (d, stored.meta().resource_version.clone()));
+            .insert(id, (digest, stored.meta().resource_version.clone()));
         Ok(Some(stored))
     }
 
