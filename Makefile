@@ -78,20 +78,6 @@ clusters-down:
 	$(CARGO) run --quiet -p e2e --bin e2e -- down east west
 
 .PHONY: demo
-demo: export KUBECONFIG = $(DEMO_KUBECONFIG)
-demo: clusters
-	@echo; echo "== Installing the Link CRD in both clusters"
-	$(KUBECTL) --context east apply --server-side -f manifests/crds/link.yaml
-	$(KUBECTL) --context west apply --server-side -f manifests/crds/link.yaml
-	$(KUBECTL) --context west wait --for condition=Established crd/links.multicluster.linkerd.io
-	@echo; echo "== Linking west to east (manifests/examples/link-east.yaml)"
-	$(KUBECTL) --context west apply -f manifests/examples/link-east.yaml
-	@echo; echo "== kubectl --context west get links -A"
-	@$(KUBECTL) --context west get links -A
-	@echo; echo "== A Link that Linkerd would accept and then fail on is refused here:"
-	@sed 's/gatewayPort: "4143"/gatewayPort: "mc-gateway"/; s/period: 3s/period: "3"/' manifests/examples/link-east.yaml \
-	  | $(KUBECTL) --context west apply -f - 2>&1 | grep -v '^namespace/' | sed 's/^/   /' || true
-	@echo; echo "The clusters keep running. Use them with:"
-	@echo "  export KUBECONFIG=$(DEMO_KUBECONFIG) PATH=$(KUBE_BIN):\$$PATH"
-	@echo "  kubectl --context west get links -A"
-	@echo "Stop them with: make clusters-down"
+demo: prerequisites kube-binaries
+	$(CARGO) build --quiet --workspace --bins --locked
+	./target/debug/e2e demo

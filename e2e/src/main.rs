@@ -1,5 +1,7 @@
-//! `e2e up` starts local test clusters that outlive the command (for people and `make demo`);
-//! `e2e down` stops them.
+//! `e2e up` starts local test clusters that outlive the command (for people); `e2e down` stops
+//! them; `e2e demo` runs the multicluster flow on them (`make demo`).
+
+mod demo;
 
 use std::{
     io::Write,
@@ -33,6 +35,8 @@ enum Command {
         #[arg(default_values = ["east", "west"])]
         names: Vec<String>,
     },
+    /// Start fresh clusters east and west and run the multicluster flow on them.
+    Demo,
     /// Answer every HTTP request with 200 (a stand-in for a gateway's health port in tests).
     ProbeServer {
         #[arg(long)]
@@ -49,7 +53,10 @@ fn default_dir() -> PathBuf {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // kube's client logs every failed request at ERROR; while an API server starts,
+                // /readyz fails by design until it is ready.
+                .unwrap_or_else(|_| "warn,kube_client=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -59,6 +66,7 @@ async fn main() -> Result<()> {
         Command::Up { names } => up(&args.dir, &names, &mut out).await,
         Command::Down { names } => down(&args.dir, &names, &mut out),
         Command::ProbeServer { listen } => probe_server(listen).await,
+        Command::Demo => run_demo(&args.dir, &mut out).await,
     }
 }
 
@@ -149,4 +157,47 @@ async fn probe_server(listen: std::net::SocketAddr) -> Result<()> {
                 .await;
         });
     }
+}
+
+async fn run_demo(dir: &Path, out: &mut impl Write) -> Result<()> {
+    let names = ["east", "west"];
+    for name in names {
+        let d = dir.join(name);
+        if d.exists() {
+            state::remove(&d).with_context(|| format!("stopping the earlier {name}"))?;
+        }
+    }
+    writeln!(
+        out,
+        "== Starting clusters east and west (real kube-apiserver, controller-manager, etcd)"
+    )?;
+    let clusters = futures::future::try_join_all(names.iter().map(|name| {
+        let mut opts = ClusterOptions::new(name);
+        opts.fixed_dir = Some(dir.join(name));
+        Cluster::start_with(opts)
+    }))
+    .await?;
+    let kubectl = Binaries::locate()?.kubectl();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let result = demo::run(&repo, &clusters[0], &clusters[1], &kubectl, out).await;
+    let mut kubeconfigs = Vec::new();
+    for cluster in clusters {
+        kubeconfigs.push(cluster.kubeconfig_path().to_owned());
+        cluster.detach()?;
+    }
+    result?;
+    let joined = std::env::join_paths(&kubeconfigs)?;
+    writeln!(
+        out,
+        "\nThe controller has stopped; the clusters and the mirror stay. Look around with:"
+    )?;
+    writeln!(
+        out,
+        "  export KUBECONFIG={} PATH={}:$PATH",
+        joined.to_string_lossy(),
+        kubectl.parent().unwrap_or(dir).display()
+    )?;
+    writeln!(out, "  kubectl --context west -n shop get svc,endpoints")?;
+    writeln!(out, "Stop them with `make clusters-down`.")?;
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -22,16 +22,22 @@ use crate::{Cluster, Error, process::Process};
 
 /// A program of this workspace, built by cargo next to the test executables.
 pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
-    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    // Test executables live in target/<profile>/deps, binaries (the `e2e` command too) in
+    // target/<profile>.
     let exe = std::env::current_exe().map_err(|e| Error::Invalid(e.to_string()))?;
     let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| Error::Invalid(format!("no target directory above {}", exe.display())))?;
-    let path = dir.join(name);
-    if path.is_file() {
+        .ok_or_else(|| Error::Invalid(format!("no directory above {}", exe.display())))?;
+    let candidates = [Some(dir), dir.parent()];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if let Some(path) = found {
         Ok(path)
     } else {
+        let path = dir.join(name);
         Err(Error::Binaries(format!(
             "{} is missing: build it with `cargo build --workspace --bins` (`make test` does)",
             path.display()
