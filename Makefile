@@ -59,7 +59,7 @@ test: prerequisites kube-binaries
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked 2>&1 | tee target/test.log
 	@# One closing line for the whole run (cargo's own last line is that of the last crate).
-	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all tests: %d passed, %d failed\n", p, f }' target/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all tests: %d passed, %d failed\n", p, f }' target/test.log | tee target/test-summary.txt
 
 .PHONY: bench
 # Measurements, not tests: release builds against real clusters. SERVICES=10000 by hand.
