@@ -224,6 +224,12 @@ impl Cluster {
                 format!("--root-ca-file={}", path("ca.crt")),
                 // No metrics or health server: nothing scrapes it, and it would need a port.
                 "--secure-port=0".to_owned(),
+                // The defaults (20 QPS) keep 10,000 Services' Endpoints and EndpointSlices
+                // minutes behind; tests and benchmarks need the cluster itself to keep up.
+                "--kube-api-qps=500".to_owned(),
+                "--kube-api-burst=1000".to_owned(),
+                "--concurrent-service-endpoint-syncs=20".to_owned(),
+                "--concurrent-endpoint-syncs=20".to_owned(),
             ]),
             d,
         );

@@ -19,6 +19,8 @@ use k8s_openapi::{
 };
 use link_crd::{LinkSpec, NameError, keys, naming};
 
+pub mod federated;
+
 /// Field manager of every write the controller makes (server-side apply).
 pub const FIELD_MANAGER: &str = "meshlink-service-mirror";
 
