@@ -491,6 +491,24 @@ pub struct LinkStatus {
     /// What the gateway probe measures; written by meshlink, absent in Linkerd
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayStatus>,
+
+    /// How many remote Services are mirrored and how many are not; written by meshlink. With
+    /// thousands of Services, `mirrorServices` lists every one that is not mirrored but only
+    /// some that are, to keep the Link under the API server's size limit
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ServiceSummary>,
+}
+
+/// Counts of the remote Services a Link selects
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSummary {
+    /// Remote Services mirrored
+    pub mirrored: u64,
+    /// Remote Services selected but not mirrored (see their entries for why)
+    pub not_mirrored: u64,
+    /// Entries in mirrorServices (all of those not mirrored come first)
+    pub listed: u64,
 }
 
 /// What the gateway probe measures

@@ -67,6 +67,8 @@ pub(crate) fn row(link: &Link) -> Option<Row> {
             ConditionStatus::False => Some(false),
             ConditionStatus::Unknown => None,
         });
+    // The full count when the controller summarised a long list (see LinkStatus::summary).
+    let summarised = status.summary.as_ref().map(|s| s.mirrored);
     let services = status
         .mirror_services
         .iter()
@@ -79,7 +81,7 @@ pub(crate) fn row(link: &Link) -> Option<Row> {
     Some(Row {
         cluster: link.spec.target_cluster_name.clone(),
         alive,
-        services,
+        services: summarised.map_or(services, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         latency_ms: status.gateway.and_then(|g| g.latency_milliseconds),
     })
 }

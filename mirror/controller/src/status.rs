@@ -22,6 +22,12 @@ use tokio::sync::Notify;
 /// How long the flusher waits after a change before writing, to gather further changes.
 pub const COALESCE: Duration = Duration::from_millis(250);
 
+/// Most entries `mirrorServices` lists. At about 300 bytes each, a Link with every entry of
+/// 10,000 Services would exceed what the API server stores in one object (etcd's request limit);
+/// Services that are not mirrored are listed first, so that every problem stays visible, and
+/// `status.summary` gives the full counts.
+pub const MAX_ENTRIES: usize = 1000;
+
 /// The namespace and name of a remote Service.
 pub type Key = (String, String);
 
@@ -324,15 +330,25 @@ impl StatusHandle {
                 message: c.message.clone(),
                 local_ref: c.local.clone(),
             };
-            let mirror_services: Vec<ServiceStatus> = s
+            let failing = s
                 .services
                 .iter()
+                .filter(|(_, c)| c.status != ConditionStatus::True);
+            let mirrored = s
+                .services
+                .iter()
+                .filter(|(_, c)| c.status == ConditionStatus::True);
+            let not_mirrored = failing.clone().count();
+            let mirror_services: Vec<ServiceStatus> = failing
+                .chain(mirrored)
+                .take(MAX_ENTRIES)
                 .map(|((ns, name), c)| ServiceStatus {
                     conditions: vec![condition(CONDITION_MIRRORED, c)],
                     controller_name: keys::STATUS_CONTROLLER_NAME.to_owned(),
                     remote_ref: ObjectRef::service(ns, name),
                 })
                 .collect();
+            let mirror_services_len = mirror_services.len();
             let conditions: Vec<LinkCondition> =
                 s.link.iter().map(|(t, c)| condition(t, c)).collect();
             // Merge patch: lists are replaced whole; `federatedServices` is left as it is.
@@ -343,6 +359,11 @@ impl StatusHandle {
             if let Some((ms, _)) = s.latency {
                 status["gateway"] = serde_json::json!({ "latencyMilliseconds": ms });
             }
+            status["summary"] = serde_json::json!({
+                "mirrored": s.services.len() - not_mirrored,
+                "notMirrored": not_mirrored,
+                "listed": mirror_services_len,
+            });
             serde_json::json!({ "status": status })
         })
     }
@@ -379,7 +400,9 @@ impl StatusHandle {
                 }
             }
             self.changed.notified().await;
-            tokio::time::sleep(COALESCE).await;
+            // Larger documents are written less often: about a second per megabyte.
+            let size = u64::try_from(written.to_string().len()).unwrap_or(u64::MAX);
+            tokio::time::sleep(COALESCE.max(Duration::from_millis(size / 1000))).await;
         }
     }
 }
@@ -472,6 +495,37 @@ mod tests {
         h.set_gateway_latency(Duration::from_millis(40));
         assert_eq!(lat(&h), Some(40));
         assert!(!latency_changed(0, 1) && latency_changed(1, 3) && !latency_changed(100, 140));
+    }
+
+    #[test]
+    fn large_status_is_bounded_and_keeps_every_problem() {
+        let h = StatusHandle::new(None);
+        for i in 0..MAX_ENTRIES + 500 {
+            h.set(
+                &("shop".into(), format!("ok-{i:05}")),
+                Outcome::mirrored("shop", "x"),
+            );
+        }
+        for i in 0..3 {
+            h.set(
+                &("shop".into(), format!("zz-bad-{i}")),
+                Outcome::failed("InvalidService", "no ports"),
+            );
+        }
+        let v = h.render();
+        let entries = v["status"]["mirrorServices"].as_array().unwrap();
+        assert_eq!(entries.len(), MAX_ENTRIES);
+        // The problems come first, although they sort last by name.
+        assert_eq!(entries[0]["remoteRef"]["name"], "zz-bad-0");
+        assert_eq!(entries[2]["conditions"][0]["reason"], "InvalidService");
+        assert_eq!(
+            v["status"]["summary"],
+            serde_json::json!({ "mirrored": MAX_ENTRIES + 500, "notMirrored": 3, "listed": MAX_ENTRIES })
+        );
+        assert!(
+            v.to_string().len() < 512 * 1024,
+            "a bounded status stays small"
+        );
     }
 
     #[test]

@@ -964,17 +964,15 @@ impl Loop<'_> {
         }
     }
 
+    /// This controller's slices of mirror `ns/mirror`: their names are fixed (one per address
+    /// family, see `desired::gateway_slices`), so they are looked up, not searched for.
     fn slices_of(&self, ns: &str, mirror: &str) -> Vec<Arc<EndpointSlice>> {
-        self.stores
-            .local_slices
-            .state()
+        ["ipv4", "ipv6"]
             .into_iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns)
-                    && s.labels()
-                        .get("kubernetes.io/service-name")
-                        .map(String::as_str)
-                        == Some(mirror)
+            .filter_map(|family| {
+                self.stores
+                    .local_slices
+                    .get(&ObjectRef::new(&format!("{mirror}-{family}")).within(ns))
             })
             .collect()
     }
