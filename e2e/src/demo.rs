@@ -17,15 +17,15 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
-use kube::{
-    Api,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::{Api, api::PostParams};
 use serde_json::json;
 
 use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
-    meshlink::{Program, labels, service_account_token, workspace_binary},
+    meshlink::{
+        Program, create_gateway_service, labels, service_account_token, wait_remote_access_token,
+        workspace_binary,
+    },
     netns::Host,
     wait_for,
 };
@@ -85,34 +85,7 @@ pub async fn run(
         "== east: remote access for linked clusters, a gateway Service, an exported Service"
     )?;
     apply_yaml(&ec, &manifest(repo, "mirror/remote-access.yaml")?).await?;
-    let gateway: Service = serde_json::from_value(json!({
-        "metadata": {
-            "name": "linkerd-gateway",
-            "annotations": {
-                "mirror.linkerd.io/gateway-identity": "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local",
-                "mirror.linkerd.io/probe-path": "/ready",
-                "mirror.linkerd.io/probe-period": "3",
-            },
-        },
-        "spec": {
-            "type": "LoadBalancer",
-            "selector": { "app": "linkerd-gateway" },
-            "ports": [{ "name": "mc-gateway", "port": 4143 }, { "name": "mc-probe", "port": 4191 }],
-        },
-    }))?;
-    let gateways: Api<Service> = Api::namespaced(ec.clone(), NS);
-    if gateways.get_opt("linkerd-gateway").await?.is_none() {
-        gateways.create(&PostParams::default(), &gateway).await?;
-    }
-    gateways
-        .patch_status(
-            "linkerd-gateway",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({ "status": { "loadBalancer": { "ingress": [{ "ip": gw_ip }] } } }),
-            ),
-        )
-        .await?;
+    create_gateway_service(east, &gw_ip, "3").await?;
     let mut probe = host
         .command(&workspace_binary("e2e")?)
         .args(["probe-server", "--listen", &format!("{gw_ip}:4191")])
@@ -137,14 +110,7 @@ pub async fn run(
         )
         .await?;
     }
-    wait_for("the remote-access token", WAIT, || async {
-        let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ec.clone(), NS)
-            .get_opt("linkerd-service-mirror-remote-access-default-token")
-            .await
-            .ok()??;
-        s.data?.get("token").map(drop)
-    })
-    .await?;
+    wait_remote_access_token(east).await?;
 
     writeln!(
         out,

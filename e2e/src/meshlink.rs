@@ -278,3 +278,75 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect()
 }
+
+/// The ready and not-ready addresses of an Endpoints object.
+pub fn endpoint_ips(ep: &k8s_openapi::api::core::v1::Endpoints) -> (Vec<String>, Vec<String>) {
+    let subsets = ep.subsets.iter().flatten();
+    (
+        subsets
+            .clone()
+            .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
+            .collect(),
+        subsets
+            .flat_map(|s| s.not_ready_addresses.iter().flatten().map(|a| a.ip.clone()))
+            .collect(),
+    )
+}
+
+/// Creates the target's gateway Service `linkerd-multicluster/linkerd-gateway` as the gateway's
+/// installation would (Linkerd's annotations, ports `mc-gateway` 4143 and `mc-probe` 4191) and
+/// plays the load-balancer controller: its ingress address is `ip`.
+pub async fn create_gateway_service(
+    target: &Cluster,
+    ip: &str,
+    probe_period: &str,
+) -> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Service;
+    let namespace = link_crd::keys::DEFAULT_MULTICLUSTER_NAMESPACE;
+    let name = link_crd::keys::DEFAULT_GATEWAY_NAME;
+    let gateway: Service = from_json(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "annotations": {
+                link_crd::keys::GATEWAY_IDENTITY_ANNOTATION: "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local",
+                link_crd::keys::GATEWAY_PROBE_PATH_ANNOTATION: "/ready",
+                link_crd::keys::GATEWAY_PROBE_PERIOD_ANNOTATION: probe_period,
+            },
+        },
+        "spec": {
+            "type": "LoadBalancer",
+            "selector": { "app": name },
+            "ports": [{ "name": "mc-gateway", "port": 4143 }, { "name": "mc-probe", "port": 4191 }],
+        },
+    }))?;
+    let services: Api<Service> = Api::namespaced(target.client(), namespace);
+    if services.get_opt(name).await?.is_none() {
+        services.create(&PostParams::default(), &gateway).await?;
+    }
+    let status = serde_json::json!({ "status": { "loadBalancer": { "ingress": [{ "ip": ip }] } } });
+    services
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// Waits until the token controller has filled the remote-access token Secret of
+/// `manifests/mirror/remote-access.yaml`.
+pub async fn wait_remote_access_token(target: &Cluster) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(
+        target.client(),
+        link_crd::keys::DEFAULT_MULTICLUSTER_NAMESPACE,
+    );
+    crate::wait_for(
+        "the remote-access token",
+        Duration::from_secs(60),
+        || async {
+            let s = secrets
+                .get_opt(&format!("{REMOTE_ACCESS_ACCOUNT}-token"))
+                .await
+                .ok()??;
+            s.data?.get("token").map(drop)
+        },
+    )
+    .await
+}

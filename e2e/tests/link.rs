@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
     Cluster, apply_yaml, create_ready_pod,
-    meshlink::{Program, labels, service_account_token, workspace_binary},
+    meshlink::{
+        Program, create_gateway_service, endpoint_ips, labels, service_account_token,
+        wait_remote_access_token, workspace_binary,
+    },
     netns::Host,
     wait_for,
 };
@@ -25,7 +28,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, PostParams},
 };
 use link_crd::Link;
 use serde_json::json;
@@ -84,17 +87,6 @@ async fn link_condition(w: &kube::Client, type_: &str) -> Option<String> {
         .map(|c| format!("{:?}", c.status))
 }
 
-fn ready_ips(ep: &Endpoints) -> (Vec<String>, Vec<String>) {
-    let s = ep.subsets.iter().flatten();
-    (
-        s.clone()
-            .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
-            .collect(),
-        s.flat_map(|s| s.not_ready_addresses.iter().flatten().map(|a| a.ip.clone()))
-            .collect(),
-    )
-}
-
 async fn meshlink_gateways(kubeconfig: &std::path::Path) -> Result<String> {
     let out = tokio::process::Command::new(workspace_binary("meshlink")?)
         .args(["gateways", "--kubeconfig"])
@@ -119,42 +111,8 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
 
     // Target side: remote access, and a gateway Service as the gateway's install would make it.
     apply_yaml(&ec, &manifest("mirror/remote-access.yaml")?).await?;
-    let gateway: Service = serde_json::from_value(json!({
-        "metadata": {
-            "name": "linkerd-gateway",
-            "annotations": {
-                "mirror.linkerd.io/gateway-identity": "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local",
-                "mirror.linkerd.io/probe-path": "/ready",
-                "mirror.linkerd.io/probe-period": "1",
-            },
-        },
-        "spec": {
-            "type": "LoadBalancer",
-            "selector": { "app": "linkerd-gateway" },
-            "ports": [{ "name": "mc-gateway", "port": 4143 }, { "name": "mc-probe", "port": 4191 }],
-        },
-    }))?;
-    let gateways: Api<Service> = Api::namespaced(ec.clone(), NS);
-    gateways.create(&PostParams::default(), &gateway).await?;
-    // No cloud here: the test plays the load-balancer controller.
-    gateways
-        .patch_status(
-            "linkerd-gateway",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({ "status": { "loadBalancer": { "ingress": [{ "ip": gw_ip }] } } }),
-            ),
-        )
-        .await?;
-    // The token controller fills the remote-access token in a moment.
-    wait_for("the remote-access token", WAIT, || async {
-        let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ec.clone(), NS)
-            .get_opt("linkerd-service-mirror-remote-access-default-token")
-            .await
-            .ok()??;
-        s.data?.get("token").map(drop)
-    })
-    .await?;
+    create_gateway_service(east, &gw_ip, "1").await?;
+    wait_remote_access_token(east).await?;
 
     // `meshlink link` against east; its output applied unchanged to west.
     let out = tokio::process::Command::new(workspace_binary("meshlink")?)
@@ -234,7 +192,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .get_opt("web-east")
                 .await
                 .ok()??;
-            (ready_ips(&ep).0 == [gw_ip.clone()]).then_some(())
+            (endpoint_ips(&ep).0 == [gw_ip.clone()]).then_some(())
         })
         .await?;
         wait_for("Link Ready", WAIT, || async {
@@ -276,7 +234,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .get_opt("web-east")
                 .await
                 .ok()??;
-            (ready_ips(&ep) == (vec![], vec![gw_ip.clone()])).then_some(())
+            (endpoint_ips(&ep) == (vec![], vec![gw_ip.clone()])).then_some(())
         })
         .await?;
         ensure!(link_condition(&wc, "Ready").await.as_deref() == Some("False"));
@@ -311,7 +269,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .get_opt("web-east")
                 .await
                 .ok()??;
-            (ready_ips(&ep).0 == [gw_ip.clone()]).then_some(())
+            (endpoint_ips(&ep).0 == [gw_ip.clone()]).then_some(())
         })
         .await?;
         wait_for("GatewayAlive=True", WAIT, || async {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
     Cluster, Component, apply_yaml, create_namespace, create_ready_pod,
-    meshlink::{Program, labels, put_credentials, remote_access_kubeconfig},
+    meshlink::{Program, endpoint_ips, labels, put_credentials, remote_access_kubeconfig},
     wait_for,
 };
 use k8s_openapi::api::{
@@ -218,17 +218,6 @@ where
         .flatten()
 }
 
-fn ready_ips(ep: &Endpoints) -> (Vec<String>, Vec<String>) {
-    let s = ep.subsets.iter().flatten();
-    (
-        s.clone()
-            .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
-            .collect(),
-        s.flat_map(|s| s.not_ready_addresses.iter().flatten().map(|a| a.ip.clone()))
-            .collect(),
-    )
-}
-
 async fn mirror_status(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
     let link = Api::<Link>::namespaced(client.clone(), NS)
         .get("east")
@@ -282,7 +271,7 @@ async fn exported_service_is_mirrored(env: Arc<Env>) -> Result<()> {
         || async {
             get::<Endpoints>(w, "shop", "web-east")
                 .await
-                .filter(|e| ready_ips(e).0 == [GATEWAY_IP])
+                .filter(|e| endpoint_ips(e).0 == [GATEWAY_IP])
         },
     )
     .await?;

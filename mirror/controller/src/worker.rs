@@ -187,70 +187,33 @@ impl LinkWorker {
             "remote_discovery_services",
         );
 
-        let (local_services, w) = reflector::store();
-        let stream = watcher(
-            Api::<Service>::all(self.local.clone()),
-            watcher::Config::default().labels(&mine),
-        )
-        .default_backoff()
-        .modify(keep_own_fields)
-        .reflect(w);
-        let c = cluster.clone();
-        tasks.spawn(forward(
-            stream,
-            tx.clone(),
-            Source::LocalServices,
-            "local_services",
-            move |s: &Service| {
-                Some((
-                    s.namespace()?,
-                    naming::remote_service_name(&s.name_any(), &c)?.to_owned(),
-                ))
-            },
-        ));
-        let (local_endpoints, w) = reflector::store();
-        let stream = watcher(
-            Api::<Endpoints>::all(self.local.clone()),
-            watcher::Config::default().labels(&mine),
-        )
-        .default_backoff()
-        .modify(keep_own_fields)
-        .reflect(w);
-        let c = cluster.clone();
-        tasks.spawn(forward(
-            stream,
-            tx.clone(),
-            Source::LocalEndpoints,
-            "local_endpoints",
-            move |e: &Endpoints| {
-                Some((
-                    e.namespace()?,
-                    naming::remote_service_name(&e.name_any(), &c)?.to_owned(),
-                ))
-            },
-        ));
-        let (local_slices, w) = reflector::store();
-        let stream = watcher(
-            Api::<EndpointSlice>::all(self.local.clone()),
-            watcher::Config::default().labels(&my_slices),
-        )
-        .default_backoff()
-        .modify(keep_own_fields)
-        .reflect(w);
-        let c = cluster.clone();
-        tasks.spawn(forward(
-            stream,
-            tx.clone(),
-            Source::LocalSlices,
-            "local_endpointslices",
-            move |s: &EndpointSlice| {
-                let svc = s.labels().get("kubernetes.io/service-name")?;
-                Some((
-                    s.namespace()?,
-                    naming::remote_service_name(svc, &c)?.to_owned(),
-                ))
-            },
-        ));
+        let local_services = watch_local(
+            &mut tasks,
+            &self.local,
+            &mine,
+            &tx,
+            (Source::LocalServices, "local_services"),
+            &cluster,
+            |s: &Service| Some(s.name_any()),
+        );
+        let local_endpoints = watch_local(
+            &mut tasks,
+            &self.local,
+            &mine,
+            &tx,
+            (Source::LocalEndpoints, "local_endpoints"),
+            &cluster,
+            |e: &Endpoints| Some(e.name_any()),
+        );
+        let local_slices = watch_local(
+            &mut tasks,
+            &self.local,
+            &my_slices,
+            &tx,
+            (Source::LocalSlices, "local_endpointslices"),
+            &cluster,
+            |s: &EndpointSlice| s.labels().get("kubernetes.io/service-name").cloned(),
+        );
         let (namespaces, w) = reflector::store();
         let stream = watcher(
             Api::<Namespace>::all(self.local.clone()),
@@ -317,6 +280,45 @@ impl LinkWorker {
         }
         tasks.shutdown().await;
     }
+}
+
+/// Watches this Link's own local objects of kind `K` (those `labels` select) into a store; each
+/// change is keyed back to the remote Service whose mirror `mirror_name` names.
+fn watch_local<K>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    client: &Client,
+    labels: &str,
+    tx: &mpsc::UnboundedSender<Trigger>,
+    (source, name): (Source, &'static str),
+    cluster: &str,
+    mirror_name: fn(&K) -> Option<String>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(
+        Api::<K>::all(client.clone()),
+        watcher::Config::default().labels(labels),
+    )
+    .default_backoff()
+    .modify(keep_own_fields)
+    .reflect(writer);
+    let cluster = cluster.to_owned();
+    tasks.spawn(forward(stream, tx.clone(), source, name, move |o: &K| {
+        let mirror = mirror_name(o)?;
+        Some((
+            o.namespace()?,
+            naming::remote_service_name(&mirror, &cluster)?.to_owned(),
+        ))
+    }));
+    store
 }
 
 /// Keeps, of a local object's `managedFields`, only this controller's entries: the only ones
