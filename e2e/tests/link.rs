@@ -223,6 +223,20 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
         .await?;
         ensure!(table.starts_with("CLUSTER"), "{table}");
 
+        ensure!(
+            controller
+                .metric(
+                    "service_mirror_endpoint_repairs_total",
+                    "target_cluster_name=\"east\""
+                )
+                .await?
+                >= 1.0,
+            "resolving the gateway is a repair of every mirror's endpoints"
+        );
+        let repairs = controller
+            .metric("service_mirror_endpoint_repairs_total", "")
+            .await?;
+
         // The gateway's health port goes away: after 3 failed probes (1 s apart) it is dead.
         drop(probe);
         wait_for("GatewayAlive=False", WAIT, || async {
@@ -260,6 +274,14 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
                 .lines()
                 .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["east", "False", "1", "-"]),
             "{table}"
+        );
+
+        ensure!(
+            controller
+                .metric("service_mirror_endpoint_repairs_total", "")
+                .await?
+                > repairs,
+            "a dead gateway repaired no endpoints"
         );
 
         // And back.

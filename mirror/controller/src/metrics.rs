@@ -55,6 +55,7 @@ pub struct Metrics {
     pub(crate) sync_lag: HistogramFamily,
     pub(crate) probe: std::sync::Arc<crate::probe::ProbeMetrics>,
     pub(crate) leader: Gauge,
+    pub(crate) endpoint_repairs: Family<LinkLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +69,7 @@ impl Default for Metrics {
             sync_lag: Family::new_with_constructor(lag_histogram),
             probe: std::sync::Arc::default(),
             leader: Gauge::default(),
+            endpoint_repairs: Family::default(),
         }
     }
 }
@@ -100,6 +102,11 @@ impl Metrics {
             "service_mirror_watch_restarts",
             "Watches that failed and were restarted",
             self.watch_restarts.clone(),
+        );
+        registry.register(
+            "service_mirror_endpoint_repairs",
+            "Times every mirror's endpoints were recomputed because the gateway changed",
+            self.endpoint_repairs.clone(),
         );
         registry.register(
             "service_mirror_leader",

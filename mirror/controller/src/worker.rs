@@ -272,7 +272,12 @@ impl LinkWorker {
                         state.on_trigger(t);
                     }
                 }
-                Ok(()) = gateway_rx.changed() => state.enqueue_all(),
+                Ok(()) = gateway_rx.changed() => {
+                    // Linkerd repairs every mirror's endpoints when the gateway changes (and on a
+                    // timer, which watches make unnecessary here); this is that repair.
+                    self.metrics.endpoint_repairs.get_or_create(&self.labels()).inc();
+                    state.enqueue_all();
+                }
             }
             if state.synced() {
                 state.process().await;
