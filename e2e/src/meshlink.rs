@@ -350,3 +350,21 @@ pub async fn wait_remote_access_token(target: &Cluster) -> Result<(), Error> {
     )
     .await
 }
+
+/// The status and reason of the Link-level condition `type_` of Link `namespace/name`.
+pub async fn link_condition(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String)> {
+    let link = Api::<link_crd::Link>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .ok()?;
+    link.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (format!("{:?}", c.status), c.reason))
+}

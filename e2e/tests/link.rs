@@ -76,15 +76,18 @@ impl Drop for ProbeServer {
 }
 
 async fn link_condition(w: &kube::Client, type_: &str) -> Option<String> {
-    let link = Api::<Link>::namespaced(w.clone(), NS)
-        .get("east")
+    e2e::meshlink::link_condition(w, NS, "east", type_)
         .await
-        .ok()?;
-    link.status?
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| format!("{:?}", c.status))
+        .map(|(status, _)| status)
+}
+
+/// The ready and not-ready addresses of the mirror `shop/web-east`.
+async fn mirror_ips(w: &kube::Client) -> Option<(Vec<String>, Vec<String>)> {
+    let ep = Api::<Endpoints>::namespaced(w.clone(), "shop")
+        .get_opt("web-east")
+        .await
+        .ok()??;
+    Some(endpoint_ips(&ep))
 }
 
 async fn meshlink_gateways(kubeconfig: &std::path::Path) -> Result<String> {
@@ -188,11 +191,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
     .await?;
     let result = async {
         wait_for("ready mirror endpoints at the gateway", WAIT, || async {
-            let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
-                .get_opt("web-east")
-                .await
-                .ok()??;
-            (endpoint_ips(&ep).0 == [gw_ip.clone()]).then_some(())
+            (mirror_ips(&wc).await?.0 == [gw_ip.clone()]).then_some(())
         })
         .await?;
         wait_for("Link Ready", WAIT, || async {
@@ -244,11 +243,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
         })
         .await?;
         wait_for("mirror endpoints not ready", WAIT, || async {
-            let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
-                .get_opt("web-east")
-                .await
-                .ok()??;
-            (endpoint_ips(&ep) == (vec![], vec![gw_ip.clone()])).then_some(())
+            (mirror_ips(&wc).await? == (vec![], vec![gw_ip.clone()])).then_some(())
         })
         .await?;
         ensure!(link_condition(&wc, "Ready").await.as_deref() == Some("False"));
@@ -287,11 +282,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
         // And back.
         let _probe = ProbeServer::start(&gateway_host).await?;
         wait_for("mirror endpoints ready again", WAIT, || async {
-            let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
-                .get_opt("web-east")
-                .await
-                .ok()??;
-            (endpoint_ips(&ep).0 == [gw_ip.clone()]).then_some(())
+            (mirror_ips(&wc).await?.0 == [gw_ip.clone()]).then_some(())
         })
         .await?;
         wait_for("GatewayAlive=True", WAIT, || async {

@@ -218,6 +218,11 @@ where
         .flatten()
 }
 
+/// The Link's RemoteReachable condition: status and reason.
+async fn remote_reachable(w: &Client) -> Option<(String, String)> {
+    e2e::meshlink::link_condition(w, NS, "east", "RemoteReachable").await
+}
+
 async fn mirror_status(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
     let link = Api::<Link>::namespaced(client.clone(), NS)
         .get("east")
@@ -526,15 +531,7 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
         );
     }
     wait_for("RemoteReachable=False on the Link", WAIT, || async {
-        let link = Api::<Link>::namespaced(w.clone(), NS)
-            .get("east")
-            .await
-            .ok()?;
-        link.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "RemoteReachable" && format!("{:?}", c.status) == "False")
-            .then_some(())
+        (remote_reachable(w).await?.0 == "False").then_some(())
     })
     .await?;
 
@@ -545,17 +542,7 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     wait_for(
         "the controller's watches to list again",
         Duration::from_secs(60),
-        || async {
-            let link = Api::<Link>::namespaced(w.clone(), NS)
-                .get("east")
-                .await
-                .ok()?;
-            link.status?
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "RemoteReachable" && format!("{:?}", c.status) == "True")
-                .then_some(())
-        },
+        || async { (remote_reachable(w).await?.0 == "True").then_some(()) },
     )
     .await?;
     ensure!(
@@ -656,17 +643,7 @@ async fn credentials_rotation(env: Arc<Env>) -> Result<()> {
     wait_for(
         "RemoteReachable=False with RemoteUnauthorized",
         WAIT,
-        || async {
-            let link = Api::<Link>::namespaced(w.clone(), NS)
-                .get("east")
-                .await
-                .ok()?;
-            link.status?
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "RemoteReachable" && c.reason == "RemoteUnauthorized")
-                .then_some(())
-        },
+        || async { (remote_reachable(w).await?.1 == "RemoteUnauthorized").then_some(()) },
     )
     .await?;
     ensure!(

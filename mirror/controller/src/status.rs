@@ -104,14 +104,33 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-fn same(
-    c: &Cond,
+/// Records a condition under `key`; the transition time moves only when something changed.
+/// Returns whether it did.
+fn upsert<K: Ord>(
+    map: &mut BTreeMap<K, Cond>,
+    key: K,
     status: ConditionStatus,
     reason: &str,
     message: &str,
-    local: &Option<ObjectRef>,
+    local: Option<ObjectRef>,
 ) -> bool {
-    c.status == status && c.reason == reason && c.message == message && &c.local == local
+    if let Some(c) = map.get(&key)
+        && c.status == status
+        && c.reason == reason
+        && c.message == message
+        && c.local == local
+    {
+        return false;
+    }
+    let cond = Cond {
+        status,
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        local,
+        since: now(),
+    };
+    map.insert(key, cond);
+    true
 }
 
 impl StatusHandle {
@@ -177,31 +196,15 @@ impl StatusHandle {
 
     /// Records the outcome for `key`; returns whether it is a transition.
     pub fn set(&self, key: &Key, outcome: Outcome) -> bool {
-        let changed = self.with(|s| match s.services.get(key) {
-            Some(c)
-                if same(
-                    c,
-                    outcome.status,
-                    outcome.reason,
-                    &outcome.message,
-                    &outcome.local,
-                ) =>
-            {
-                false
-            }
-            _ => {
-                s.services.insert(
-                    key.clone(),
-                    Cond {
-                        status: outcome.status,
-                        reason: outcome.reason.into(),
-                        message: outcome.message,
-                        local: outcome.local,
-                        since: now(),
-                    },
-                );
-                true
-            }
+        let changed = self.with(|s| {
+            upsert(
+                &mut s.services,
+                key.clone(),
+                outcome.status,
+                outcome.reason,
+                &outcome.message,
+                outcome.local,
+            )
         });
         if changed {
             self.changed.notify_one();
@@ -263,22 +266,7 @@ impl StatusHandle {
         reason: &str,
         message: &str,
     ) -> bool {
-        let changed = self.with(|s| match s.link.get(type_) {
-            Some(c) if same(c, status, reason, message, &None) => false,
-            _ => {
-                s.link.insert(
-                    type_,
-                    Cond {
-                        status,
-                        reason: reason.into(),
-                        message: message.into(),
-                        local: None,
-                        since: now(),
-                    },
-                );
-                true
-            }
-        });
+        let changed = self.with(|s| upsert(&mut s.link, type_, status, reason, message, None));
         if changed {
             self.changed.notify_one();
         }
