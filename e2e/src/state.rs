@@ -182,6 +182,17 @@ mod tests {
         assert!(!owner_alive("garbage"));
     }
 
+    fn wait_for_cmdline(pid: u32, dir: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !runs_in(i32::try_from(pid).unwrap(), dir) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never showed its command line"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn sweep_removes_dead_owners_and_their_processes_only() {
         let root = tempfile::tempdir().unwrap();
@@ -197,6 +208,9 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(stale.join("etcd.pid"), child.id().to_string()).unwrap();
+        // Right after spawn the kernel may not show the new command line yet (the exec is still
+        // setting it up); a real leftover is long past that point.
+        wait_for_cmdline(child.id(), &stale);
         // A process recorded in the stale directory that does not name it: never killed.
         let mut bystander = std::process::Command::new("tail")
             .args(["-f", "/dev/null"])

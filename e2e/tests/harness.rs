@@ -113,6 +113,20 @@ async fn start_sweeps_what_a_killed_run_left_behind() {
         .spawn()
         .unwrap();
     std::fs::write(stale.join("etcd.pid"), orphan.id().to_string()).unwrap();
+    // Right after spawn the kernel may not show the new command line yet (the exec is still
+    // setting it up), and the sweep would rightly leave a process that does not name the
+    // directory; a real leftover is long past that point.
+    let needle = stale.join("marker").display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read(format!("/proc/{}/cmdline", orphan.id()))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan never showed its command line"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let mut opts = ClusterOptions::new("fresh");
     opts.root = root.path().to_owned();
