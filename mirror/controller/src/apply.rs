@@ -7,7 +7,24 @@
 //! the live one, or when the live object has a label or annotation this controller owns (per
 //! `metadata.managedFields`) that the desired object no longer has.
 
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::{Arc, Mutex},
+};
+
+use kube::{
+    Api, Client, Resource,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    core::NamespaceResourceScope,
+};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
+
+use crate::{
+    desired::FIELD_MANAGER,
+    metrics::{Metrics, WriteLabels},
+};
 
 /// Whether server-side applying `desired` as `manager` would change `live`.
 pub fn needs_apply(desired: &Value, live: &Value, manager: &str) -> bool {
@@ -72,6 +89,196 @@ fn owns_dropped_keys(desired: &Value, live: &Value, manager: &str) -> bool {
         }
     }
     false
+}
+
+/// Per object (kind, namespace, name): the body last applied and the resourceVersion it got.
+type InFlight = HashMap<(&'static str, String, String), (u64, Option<String>)>;
+
+/// A write failed; the key is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("writing {kind} {namespace}/{name}: {source}")]
+    Write {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting {kind} {namespace}/{name}: {source}")]
+    Delete {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// The metric label of this kind of failure.
+    pub(crate) fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Write { .. } => "write",
+            Self::Delete { .. } => "delete",
+        }
+    }
+
+    /// Whether the API server refused the write because the namespace is gone.
+    pub(crate) fn is_missing_namespace(&self) -> bool {
+        matches!(self, Self::Write { source: kube::Error::Api(e), .. } if e.code == 404)
+    }
+}
+
+/// Writes local objects with server-side apply as [`FIELD_MANAGER`], skipping writes that would
+/// change nothing, and counts every call.
+pub(crate) struct Writer {
+    client: Client,
+    metrics: Arc<Metrics>,
+    /// The `target_cluster_name` label of the write metrics ("" for federated Services).
+    cluster: String,
+    /// What was last applied to each object, and the resourceVersion the API server gave it,
+    /// until the local watch delivers that version. Between the write and its watch event the
+    /// store still shows the old object (or none); without this, every trigger in that window
+    /// would write the same thing again.
+    in_flight: Mutex<InFlight>,
+}
+
+impl Writer {
+    pub(crate) fn new(client: Client, metrics: Arc<Metrics>, cluster: String) -> Self {
+        Self {
+            client,
+            metrics,
+            cluster,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets every write in flight: after a relist the stores are the truth again.
+    pub(crate) fn forget_in_flight(&self) {
+        self.flights().clear();
+    }
+
+    /// Applies `desired` unless `live` already says the same; returns what the API server
+    /// stored when it wrote.
+    pub(crate) async fn apply<K>(
+        &self,
+        kind: &'static str,
+        desired: &K,
+        live: Option<&K>,
+    ) -> Result<Option<K>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + Serialize
+            + DeserializeOwned,
+    {
+        let ns = desired.meta().namespace.clone().unwrap_or_default();
+        let name = desired.meta().name.clone().unwrap_or_default();
+        let d = to_json(desired);
+        let digest = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            d.to_string().hash(&mut h);
+            h.finish()
+        };
+        let id = (kind, ns.clone(), name.clone());
+        let live_rv = live.and_then(|l| l.meta().resource_version.clone());
+        let flight = self.flights().get(&id).cloned();
+        match flight {
+            // The store has caught up with the last write: compare with it from now on.
+            Some((_, rv)) if live_rv.is_some() && rv == live_rv => {
+                self.flights().remove(&id);
+            }
+            // The same write is on its way to the store.
+            Some((written, _)) if written == digest => return Ok(None),
+            _ => {}
+        }
+        if let Some(live) = live
+            && !needs_apply(&d, &to_json(live), FIELD_MANAGER)
+        {
+            return Ok(None);
+        }
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let stored = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(desired),
+            )
+            .await
+            .map_err(|source| Error::Write {
+                kind,
+                namespace: ns.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        self.count(kind, "apply");
+        tracing::debug!(kind, namespace = %ns, %name, "applied");
+        self.flights()
+            .insert(id, (digest, stored.meta().resource_version.clone()));
+        Ok(Some(stored))
+    }
+
+    /// Deletes exactly `obj` (a uid precondition: a re-created namesake is someone else's).
+    pub(crate) async fn delete<K>(&self, obj: &K, kind: &'static str) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + DeserializeOwned,
+    {
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        self.flights().remove(&(kind, ns.clone(), name.clone()));
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: obj.meta().uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind,
+                    namespace: ns,
+                    name,
+                    source,
+                });
+            }
+        }
+        self.count(kind, "delete");
+        tracing::info!(kind, namespace = %ns, %name, "deleted");
+        Ok(())
+    }
+
+    /// Counts one API write.
+    pub(crate) fn count(&self, kind: &'static str, verb: &'static str) {
+        self.metrics
+            .writes
+            .get_or_create(&WriteLabels {
+                target_cluster_name: self.cluster.clone(),
+                kind,
+                verb,
+            })
+            .inc();
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    api::{ListParams, Patch, PatchParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder},
@@ -35,15 +35,15 @@ use kube::{
     },
 };
 use link_crd::{CONDITION_REMOTE_REACHABLE, ConditionStatus, LinkSpec, keys, naming};
-use serde::{Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Options,
-    apply::needs_apply,
+    apply::{Error, Writer},
     desired::{self, FIELD_MANAGER, Gateway, Mode, SLICE_MANAGED_BY, Target},
-    metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels, WriteLabels},
+    metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels},
     status::{Key, Outcome, StatusHandle},
 };
 
@@ -51,37 +51,6 @@ use crate::{
 const RETRY_MIN: Duration = Duration::from_millis(200);
 /// ...up to this.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// A reconcile that failed; retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
-    #[error("writing {kind} {namespace}/{name}: {source}")]
-    Write {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("deleting {kind} {namespace}/{name}: {source}")]
-    Delete {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-}
-
-impl Error {
-    /// The metric label of this kind of failure.
-    pub(crate) fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Write { .. } => "write",
-            Self::Delete { .. } => "delete",
-        }
-    }
-}
 
 /// What one Link's worker needs.
 pub(crate) struct LinkWorker {
@@ -258,7 +227,11 @@ impl LinkWorker {
             expected,
             failing: HashMap::new(),
             recovering: false,
-            in_flight: Mutex::new(HashMap::new()),
+            writer: Writer::new(
+                self.local.clone(),
+                self.metrics.clone(),
+                self.spec.target_cluster_name.clone(),
+            ),
         };
         let mut gateway_rx = self.gateway.clone();
         loop {
@@ -521,9 +494,6 @@ async fn recover(remote: Client, selector: Option<String>, tx: mpsc::UnboundedSe
     }
 }
 
-/// Per object (kind, namespace, name): the body last applied and the resourceVersion it got.
-type InFlight = HashMap<(&'static str, String, String), (u64, Option<String>)>;
-
 struct Loop<'a> {
     worker: &'a LinkWorker,
     target: Target,
@@ -538,11 +508,7 @@ struct Loop<'a> {
     failing: HashMap<&'static str, String>,
     /// Whether a recovery check of the target's API runs (see [`recover`]).
     recovering: bool,
-    /// What this worker last applied to each object, and the resourceVersion the API server
-    /// gave it, until the local watch delivers that version. Between the write and its watch
-    /// event the store still shows the old object (or none); without this, every trigger in that
-    /// window would write the same thing again.
-    in_flight: Mutex<InFlight>,
+    writer: Writer,
 }
 
 /// Remote Services reconciled at once. Each reconcile is a few API calls in a row; running many
@@ -580,7 +546,7 @@ impl Loop<'_> {
             }
             Trigger::Relisted => {
                 // A relist may skip versions; compare with what the stores now say.
-                self.flights().clear();
+                self.writer.forget_in_flight();
                 self.failing.clear();
                 self.update_reachability();
                 self.enqueue_all();
@@ -681,10 +647,6 @@ impl Loop<'_> {
         }));
         keys.extend(self.worker.status.keys());
         self.pending.extend(keys);
-    }
-
-    fn flights(&self) -> std::sync::MutexGuard<'_, InFlight> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn process(&mut self) {
@@ -838,7 +800,7 @@ impl Loop<'_> {
                 return Ok(false);
             }
         };
-        let service = match self.apply("Service", &desired, local.as_deref()).await? {
+        let service = match self.writer.apply("Service", &desired, local.as_deref()).await? {
             Some(applied) => {
                 wrote = true;
                 applied
@@ -867,6 +829,7 @@ impl Loop<'_> {
                     .local_endpoints
                     .get(&ObjectRef::new(&mirror_name).within(ns));
                 wrote |= self
+                    .writer
                     .apply("Endpoints", &ep, live.as_deref())
                     .await?
                     .is_some();
@@ -883,6 +846,7 @@ impl Loop<'_> {
                         .within(ns);
                     let live = self.stores.local_slices.get(&r);
                     wrote |= self
+                        .writer
                         .apply("EndpointSlice", &slice, live.as_deref())
                         .await?
                         .is_some();
@@ -892,7 +856,7 @@ impl Loop<'_> {
                     .into_iter()
                     .filter(|s| !names.contains(&s.name_any()))
                 {
-                    self.delete(&*stale, "EndpointSlice").await?;
+                    self.writer.delete(&*stale, "EndpointSlice").await?;
                     wrote = true;
                 }
             }
@@ -906,11 +870,11 @@ impl Loop<'_> {
                     .local_endpoints
                     .get(&ObjectRef::new(&mirror_name).within(ns))
                 {
-                    self.delete(&*ep, "Endpoints").await?;
+                    self.writer.delete(&*ep, "Endpoints").await?;
                     wrote = true;
                 }
                 for s in self.slices_of(ns, &mirror_name) {
-                    self.delete(&*s, "EndpointSlice").await?;
+                    self.writer.delete(&*s, "EndpointSlice").await?;
                     wrote = true;
                 }
             }
@@ -947,7 +911,7 @@ impl Loop<'_> {
             name: ns.to_owned(),
             source,
         })?;
-        self.count_write("Namespace", "apply");
+        self.writer.count("Namespace", "apply");
         tracing::info!(link = %self.worker.link_name, namespace = %ns, "created namespace for a mirrored Service");
         Ok(())
     }
@@ -984,104 +948,6 @@ impl Loop<'_> {
             .collect()
     }
 
-    /// Applies `desired` unless `live` already says the same; returns what the API server
-    /// stored when it wrote.
-    async fn apply<K>(
-        &self,
-        kind: &'static str,
-        desired: &K,
-        live: Option<&K>,
-    ) -> Result<Option<K>, Error>
-    where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + Serialize
-            + DeserializeOwned,
-    {
-        let ns = desired.meta().namespace.clone().unwrap_or_default();
-        let name = desired.meta().name.clone().unwrap_or_default();
-        let d = to_json(desired);
-        let digest = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            d.to_string().hash(&mut h);
-            h.finish()
-        };
-        let id = (kind, ns.clone(), name.clone());
-        let live_rv = live.and_then(|l| l.meta().resource_version.clone());
-        let flight = self.flights().get(&id).cloned();
-        match flight {
-            // The store has caught up with the last write: compare with it from now on.
-            Some((_, rv)) if live_rv.is_some() && rv == live_rv => {
-                self.flights().remove(&id);
-            }
-            // The same write is on its way to the store.
-            Some((written, _)) if written == digest => return Ok(None),
-            _ => {}
-        }
-        if let Some(live) = live
-            && !needs_apply(&d, &to_json(live), FIELD_MANAGER)
-        {
-            return Ok(None);
-        }
-        let api: Api<K> = Api::namespaced(self.worker.local.clone(), &ns);
-        let stored = api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(desired),
-            )
-            .await
-            .map_err(|source| Error::Write {
-                kind,
-                namespace: ns.clone(),
-                name: name.clone(),
-                source,
-            })?;
-        self.count_write(kind, "apply");
-        tracing::debug!(link = %self.worker.link_name, kind, namespace = %ns, %name, "applied");
-        self.flights()
-            .insert(id, (digest, stored.meta().resource_version.clone()));
-        Ok(Some(stored))
-    }
-
-    async fn delete<K>(&self, obj: &K, kind: &'static str) -> Result<(), Error>
-    where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + DeserializeOwned,
-    {
-        let ns = obj.meta().namespace.clone().unwrap_or_default();
-        let name = obj.meta().name.clone().unwrap_or_default();
-        self.flights().remove(&(kind, ns.clone(), name.clone()));
-        let api: Api<K> = Api::namespaced(self.worker.local.clone(), &ns);
-        // Only the very object that was seen: a re-created namespesake is someone else's.
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: obj.meta().uid.clone(),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        match api.delete(&name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(source) => {
-                return Err(Error::Delete {
-                    kind,
-                    namespace: ns,
-                    name,
-                    source,
-                });
-            }
-        }
-        self.count_write(kind, "delete");
-        tracing::info!(link = %self.worker.link_name, kind, namespace = %ns, %name, "deleted");
-        Ok(())
-    }
-
     /// Deletes a mirror Service; its Endpoints and EndpointSlices go with it (owner references).
     async fn delete_mirror(&self, local: &Service) -> Result<(), Error> {
         // Only objects this Link made: the watch selects on these labels, but check anyway.
@@ -1094,24 +960,8 @@ impl Loop<'_> {
         {
             return Ok(());
         }
-        self.delete(local, "Service").await
+        self.writer.delete(local, "Service").await
     }
-
-    fn count_write(&self, kind: &'static str, verb: &'static str) {
-        self.worker
-            .metrics
-            .writes
-            .get_or_create(&WriteLabels {
-                target_cluster_name: self.target.cluster.clone(),
-                kind,
-                verb,
-            })
-            .inc();
-    }
-}
-
-fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or_default()
 }
 
 fn owner_reference(service: &Service) -> Option<OwnerReference> {
