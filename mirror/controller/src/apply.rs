@@ -13,6 +13,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
@@ -20,6 +21,8 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
+
+use link_crd::keys;
 
 use crate::{
     desired::FIELD_MANAGER,
@@ -123,11 +126,6 @@ impl Error {
             Self::Delete { .. } => "delete",
         }
     }
-
-    /// Whether the API server refused the write because the namespace is gone.
-    pub(crate) fn is_missing_namespace(&self) -> bool {
-        matches!(self, Self::Write { source: kube::Error::Api(e), .. } if e.code == 404)
-    }
 }
 
 /// Writes local objects with server-side apply as [`FIELD_MANAGER`], skipping writes that would
@@ -152,10 +150,6 @@ impl Writer {
             cluster,
             in_flight: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
     }
 
     fn flights(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -261,6 +255,41 @@ impl Writer {
         }
         self.count(kind, "delete");
         tracing::info!(kind, namespace = %ns, %name, "deleted");
+        Ok(())
+    }
+
+    /// Creates namespace `ns` for mirrors of `cluster` (`None`: for federated Services), labelled
+    /// as Linkerd labels the namespaces it creates.
+    pub(crate) async fn create_namespace(
+        &self,
+        ns: &str,
+        cluster: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut labels = serde_json::json!({ keys::MIRRORED_RESOURCE_LABEL: "true" });
+        if let Some(c) = cluster {
+            labels[keys::CLUSTER_NAME_LABEL] = c.into();
+        }
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": ns, "labels": labels },
+        }))
+        .unwrap_or_default();
+        Api::<Namespace>::all(self.client.clone())
+            .patch(
+                ns,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&namespace),
+            )
+            .await
+            .map_err(|source| Error::Write {
+                kind: "Namespace",
+                namespace: String::new(),
+                name: ns.to_owned(),
+                source,
+            })?;
+        self.count("Namespace", "apply");
+        tracing::info!(namespace = %ns, "created namespace for mirrored Services");
         Ok(())
     }
 

@@ -374,5 +374,207 @@ pub fn gateway_slices(
         .collect()
 }
 
+/// Whether a Service is headless (`clusterIP: None`).
+pub fn is_headless(s: &Service) -> bool {
+    s.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .is_some_and(|ip| ip == "None")
+}
+
+/// One port of a remote headless Service's endpoints (pods are reached on their own ports, not
+/// the gateway's): name, port, protocol.
+pub type EndpointPortSpec = (Option<String>, Option<i32>, Option<String>);
+
+/// The root mirror of a headless remote Service: the mirror Service, headless too, so that
+/// `<hostname>.<mirror>.<namespace>.svc` names each remote pod here.
+pub fn headless_mirror_service(
+    target: &Target,
+    remote: &Service,
+) -> Result<Service, InvalidService> {
+    let mut s = mirror_service(target, remote, Mode::Gateway)?;
+    if let Some(spec) = s.spec.as_mut() {
+        spec.cluster_ip = Some("None".into());
+    }
+    Ok(s)
+}
+
+/// The mirror of one remote pod `hostname` of headless Service `remote`: a ClusterIP Service
+/// `<hostname>-<cluster>` whose endpoints are the gateway, owned by the root mirror (so that it
+/// goes with it, in its namespace only).
+pub fn endpoint_mirror_service(
+    target: &Target,
+    remote: &Service,
+    root: &str,
+    hostname: &str,
+) -> Result<Service, InvalidService> {
+    let remote_name = remote.metadata.name.as_deref().unwrap_or_default();
+    let namespace = remote.metadata.namespace.clone().unwrap_or_default();
+    let mut service = mirror_service(target, remote, Mode::Gateway)?;
+    service.metadata.name = Some(naming::endpoint_mirror_name(hostname, &target.cluster)?);
+    service
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(keys::HEADLESS_MIRROR_SVC_NAME_LABEL.into(), root.to_owned());
+    // Linkerd's endpoint mirrors carry only these two annotations.
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        keys::REMOTE_SVC_FQ_NAME_ANNOTATION.to_owned(),
+        naming::remote_endpoint_fqdn(hostname, remote_name, &namespace, &target.domain)?,
+    );
+    if let Some(rv) = &remote.metadata.resource_version {
+        annotations.insert(keys::REMOTE_RESOURCE_VERSION_ANNOTATION.into(), rv.clone());
+    }
+    service.metadata.annotations = Some(annotations);
+    Ok(service)
+}
+
+/// The Endpoints and EndpointSlices of an endpoint mirror: the gateway, as for any gateway-mode
+/// mirror, named for the one pod they stand for.
+pub fn endpoint_mirror_endpoints(
+    target: &Target,
+    remote: &Service,
+    endpoint_mirror: &Service,
+    gateway: &Gateway,
+) -> (Endpoints, Vec<EndpointSlice>) {
+    let fq = endpoint_mirror
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(keys::REMOTE_SVC_FQ_NAME_ANNOTATION))
+        .cloned();
+    let root = endpoint_mirror
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL))
+        .cloned();
+    let fix = |meta: &mut ObjectMeta| {
+        if let Some(root) = &root {
+            meta.labels
+                .get_or_insert_default()
+                .insert(keys::HEADLESS_MIRROR_SVC_NAME_LABEL.into(), root.clone());
+        }
+        if let Some(fq) = &fq {
+            meta.annotations
+                .get_or_insert_default()
+                .insert(keys::REMOTE_SVC_FQ_NAME_ANNOTATION.into(), fq.clone());
+        }
+    };
+    let mut endpoints = gateway_endpoints(target, remote, endpoint_mirror, true, gateway);
+    fix(&mut endpoints.metadata);
+    let mut slices = gateway_slices(target, remote, endpoint_mirror, true, gateway);
+    for s in &mut slices {
+        fix(&mut s.metadata);
+    }
+    (endpoints, slices)
+}
+
+/// The Endpoints and EndpointSlices of a headless root mirror: one address per ready remote pod,
+/// named by its hostname, at the ClusterIP of that pod's endpoint mirror, on the pods' own ports.
+/// Like every mirror's, they are not ready while the gateway is dead (Linkerd applies that on
+/// update but not on create [quirk]).
+pub fn headless_endpoints(
+    target: &Target,
+    remote: &Service,
+    mirror: &Service,
+    pods: &[(String, IpAddr)],
+    ports: &[EndpointPortSpec],
+    alive: bool,
+) -> (Endpoints, Vec<EndpointSlice>) {
+    let mirror_name = mirror.metadata.name.clone().unwrap_or_default();
+    let mut metadata = endpoint_metadata(target, remote, mirror);
+    let mut endpoints_meta = metadata.clone();
+    endpoints_meta
+        .labels
+        .get_or_insert_default()
+        .insert(SKIP_MIRROR_LABEL.into(), "true".into());
+    let addresses: Vec<EndpointAddress> = pods
+        .iter()
+        .map(|(hostname, ip)| EndpointAddress {
+            hostname: Some(hostname.clone()),
+            ip: ip.to_string(),
+            ..EndpointAddress::default()
+        })
+        .collect();
+    let subsets = if addresses.is_empty() {
+        Vec::new()
+    } else {
+        let (ready, not_ready) = if alive {
+            (Some(addresses), None)
+        } else {
+            (None, Some(addresses))
+        };
+        vec![EndpointSubset {
+            addresses: ready,
+            not_ready_addresses: not_ready,
+            ports: Some(
+                ports
+                    .iter()
+                    .filter_map(|(name, port, protocol)| {
+                        Some(EndpointPort {
+                            name: name.clone(),
+                            port: (*port)?,
+                            protocol: protocol.clone(),
+                            ..EndpointPort::default()
+                        })
+                    })
+                    .collect(),
+            ),
+        }]
+    };
+    let endpoints = Endpoints {
+        metadata: endpoints_meta,
+        subsets: Some(subsets),
+    };
+    let labels = metadata.labels.get_or_insert_default();
+    labels.insert(SERVICE_NAME_LABEL.into(), mirror_name.clone());
+    labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGED_BY.into());
+    let mut slices = Vec::new();
+    for (family, suffix) in [("IPv4", "ipv4"), ("IPv6", "ipv6")] {
+        let family_pods: Vec<&(String, IpAddr)> = pods
+            .iter()
+            .filter(|(_, ip)| ip.is_ipv4() == (family == "IPv4"))
+            .collect();
+        if family_pods.is_empty() && family == "IPv6" {
+            continue;
+        }
+        let mut meta = metadata.clone();
+        meta.name = Some(format!("{mirror_name}-{suffix}"));
+        slices.push(EndpointSlice {
+            metadata: meta,
+            address_type: family.to_owned(),
+            endpoints: Some(
+                family_pods
+                    .iter()
+                    .map(|(hostname, ip)| discovery::Endpoint {
+                        addresses: vec![ip.to_string()],
+                        hostname: Some(hostname.clone()),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(alive),
+                            serving: Some(alive),
+                            terminating: Some(false),
+                        }),
+                        ..discovery::Endpoint::default()
+                    })
+                    .collect(),
+            ),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port, protocol)| discovery::EndpointPort {
+                        name: name.clone(),
+                        port: *port,
+                        protocol: protocol.clone(),
+                        ..discovery::EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    (endpoints, slices)
+}
+
 #[cfg(test)]
 mod tests;

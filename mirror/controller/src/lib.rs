@@ -6,6 +6,7 @@
 
 mod apply;
 pub mod desired;
+mod federation;
 mod gateway;
 pub mod leader;
 mod links;
@@ -46,9 +47,32 @@ pub struct Options {
     #[arg(long, env = "MESHLINK_ENABLE_NAMESPACE_CREATION")]
     pub enable_namespace_creation: bool,
 
+    /// This cluster's own members of federated Services (a label selector, as `kubectl -l`
+    /// takes); "" for none. Linkerd's local service mirror uses the same default.
+    #[arg(long, env = "MESHLINK_LOCAL_FEDERATED_SELECTOR", default_value = "mirror.linkerd.io/federated=member", value_parser = selector)]
+    pub local_federated_selector: String,
+
+    /// Mirror headless Services as headless, with a mirror per named pod
+    /// (`<hostname>-<cluster>`), so that `<hostname>.<svc>-<cluster>.<ns>.svc` reaches one pod.
+    /// On by default (Linkerd's `-enable-headless-services` is off by default); `=false`
+    /// mirrors them as ClusterIP Services.
+    #[arg(long, env = "MESHLINK_ENABLE_HEADLESS_SERVICES", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub enable_headless_services: bool,
+
     /// DNS server that resolves gateway names (host:port); the system's resolver otherwise.
     #[arg(long, env = "MESHLINK_DNS_SERVER")]
     pub dns_server: Option<SocketAddr>,
+}
+
+/// A label selector in `kubectl -l` syntax, checked here so that a typo stops the start with a
+/// clear message rather than a watch the API server keeps refusing.
+fn selector(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    s.parse::<link_crd::LabelSelector>()
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 impl Options {

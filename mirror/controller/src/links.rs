@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Options,
+    federation::Federation,
     gateway::{self, Entry},
     metrics::{Metrics, WriteLabels},
     probe, remote,
@@ -53,6 +54,8 @@ struct Ctx {
     metrics: Arc<Metrics>,
     secrets: Api<Secret>,
     running: Mutex<HashMap<String, Running>>,
+    /// Federated Services, when this controller serves every Link.
+    federation: Option<Federation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +79,29 @@ pub async fn run(
     }
     let secret_config =
         watcher::Config::default().fields(&format!("type={}", keys::REMOTE_KUBECONFIG_SECRET_TYPE));
+    let controller = Controller::new(links, link_config);
+    let store = controller.store();
+    let federation = match &options.link {
+        None => Some(Federation::start(
+            client.clone(),
+            &options,
+            metrics.clone(),
+            store.clone(),
+            &cancel,
+        )),
+        Some(link) => {
+            tracing::info!(%link, "serving one Link: federated Services are left to a controller of every Link");
+            None
+        }
+    };
     let ctx = Arc::new(Ctx {
         client,
         options,
         metrics,
         secrets: secrets.clone(),
         running: Mutex::new(HashMap::new()),
+        federation,
     });
-    let controller = Controller::new(links, link_config);
-    let store = controller.store();
     controller
         // A credentials Secret's change re-reconciles the Links that name it.
         .watches(secrets, secret_config, move |secret: Secret| {
@@ -170,6 +187,9 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     drop(running);
 
     let status = StatusHandle::new(link.status.as_ref());
+    if let Some(f) = &ctx.federation {
+        f.join(link, status.clone());
+    }
     let metrics = ctx.metrics.clone();
     let cluster = link.spec.target_cluster_name.clone();
     tokio::spawn(
@@ -256,6 +276,7 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
         metrics: ctx.metrics.clone(),
         options: ctx.options.clone(),
         link_ref: link.object_ref(&()),
+        federation: ctx.federation.clone(),
         recorder: Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into()),
     };
     tracing::info!(link = %name, target = %link.spec.target_cluster_name, "serving Link");
@@ -347,6 +368,9 @@ async fn cleanup(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     let cluster = &link.spec.target_cluster_name;
     if cluster.is_empty() {
         return Ok(Action::await_change());
+    }
+    if let Some(f) = &ctx.federation {
+        f.leave(cluster);
     }
     let services: Api<Service> = Api::all(ctx.client.clone());
     let selector = format!(

@@ -78,6 +78,8 @@ struct Cond {
 #[derive(Debug, Default)]
 struct State {
     services: BTreeMap<Key, Cond>,
+    /// This Link's members of federated Services.
+    federated: BTreeMap<Key, Cond>,
     link: BTreeMap<&'static str, Cond>,
     /// The gateway latency in the status, and when it was recorded.
     latency: Option<(u64, std::time::Instant)>,
@@ -91,6 +93,31 @@ pub const LATENCY_REFRESH: Duration = Duration::from_secs(60);
 fn latency_changed(old: u64, new: u64) -> bool {
     let (lo, hi) = (old.min(new), old.max(new));
     hi > lo.saturating_mul(3) / 2 + 1
+}
+
+/// A status list: entries that are not `True` first, so that every problem stays visible, at
+/// most [`MAX_ENTRIES`]; and how many are not `True`.
+fn entries(
+    map: &BTreeMap<Key, Cond>,
+    condition: impl Fn(&str, &Cond) -> LinkCondition,
+) -> (Vec<ServiceStatus>, usize) {
+    let failing = map
+        .iter()
+        .filter(|(_, c)| c.status != ConditionStatus::True);
+    let ok = map
+        .iter()
+        .filter(|(_, c)| c.status == ConditionStatus::True);
+    let not_ok = failing.clone().count();
+    let list = failing
+        .chain(ok)
+        .take(MAX_ENTRIES)
+        .map(|((ns, name), c)| ServiceStatus {
+            conditions: vec![condition(CONDITION_MIRRORED, c)],
+            controller_name: keys::STATUS_CONTROLLER_NAME.to_owned(),
+            remote_ref: ObjectRef::service(ns, name),
+        })
+        .collect();
+    (list, not_ok)
 }
 
 /// Shared handle to one Link's status.
@@ -160,13 +187,19 @@ impl StatusHandle {
                     },
                 );
             }
-            for entry in &st.mirror_services {
-                if let Some(c) = entry
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == CONDITION_MIRRORED)
-                {
-                    state.services.insert(
+            for (list, entries) in [
+                (&mut state.services, &st.mirror_services),
+                (&mut state.federated, &st.federated_services),
+            ] {
+                for entry in entries {
+                    let Some(c) = entry
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == CONDITION_MIRRORED)
+                    else {
+                        continue;
+                    };
+                    list.insert(
                         (
                             entry.remote_ref.namespace.clone(),
                             entry.remote_ref.name.clone(),
@@ -215,6 +248,30 @@ impl StatusHandle {
     /// Forgets `key` (unexported or deleted).
     pub fn remove(&self, key: &Key) {
         if self.with(|s| s.services.remove(key).is_some()) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Records the outcome of this Link's member `key` of a federated Service.
+    pub fn set_federated(&self, key: &Key, outcome: Outcome) {
+        let changed = self.with(|s| {
+            upsert(
+                &mut s.federated,
+                key.clone(),
+                outcome.status,
+                outcome.reason,
+                &outcome.message,
+                outcome.local,
+            )
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Forgets the federated member `key` (it left its federated Service).
+    pub fn remove_federated(&self, key: &Key) {
+        if self.with(|s| s.federated.remove(key).is_some()) {
             self.changed.notify_one();
         }
     }
@@ -318,30 +375,15 @@ impl StatusHandle {
                 message: c.message.clone(),
                 local_ref: c.local.clone(),
             };
-            let failing = s
-                .services
-                .iter()
-                .filter(|(_, c)| c.status != ConditionStatus::True);
-            let mirrored = s
-                .services
-                .iter()
-                .filter(|(_, c)| c.status == ConditionStatus::True);
-            let not_mirrored = failing.clone().count();
-            let mirror_services: Vec<ServiceStatus> = failing
-                .chain(mirrored)
-                .take(MAX_ENTRIES)
-                .map(|((ns, name), c)| ServiceStatus {
-                    conditions: vec![condition(CONDITION_MIRRORED, c)],
-                    controller_name: keys::STATUS_CONTROLLER_NAME.to_owned(),
-                    remote_ref: ObjectRef::service(ns, name),
-                })
-                .collect();
+            let (mirror_services, not_mirrored) = entries(&s.services, condition);
+            let (federated_services, _) = entries(&s.federated, condition);
             let mirror_services_len = mirror_services.len();
             let conditions: Vec<LinkCondition> =
                 s.link.iter().map(|(t, c)| condition(t, c)).collect();
-            // Merge patch: lists are replaced whole; `federatedServices` is left as it is.
+            // Merge patch: lists are replaced whole.
             let mut status = serde_json::json!({
                 "mirrorServices": mirror_services,
+                "federatedServices": federated_services,
                 "conditions": conditions,
             });
             if let Some((ms, _)) = s.latency {

@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -26,7 +27,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder},
@@ -42,7 +43,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Options,
     apply::{Error, Writer},
-    desired::{self, FIELD_MANAGER, Gateway, Mode, SLICE_MANAGED_BY, Target},
+    desired::{self, EndpointPortSpec, FIELD_MANAGER, Gateway, Mode, SLICE_MANAGED_BY, Target},
+    federation::{self, Federation},
     metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels},
     status::{Key, Outcome, StatusHandle},
 };
@@ -65,6 +67,8 @@ pub(crate) struct LinkWorker {
     /// The Link, for Events.
     pub link_ref: ObjectReference,
     pub recorder: Recorder,
+    /// Where this Link's members of federated Services are reported (see [`crate::federation`]).
+    pub federation: Option<Federation>,
 }
 
 /// Which watches have listed once.
@@ -97,8 +101,8 @@ struct Stores {
     local_endpoints: Store<Endpoints>,
     local_slices: Store<EndpointSlice>,
     namespaces: Store<Namespace>,
-    /// Remote Services with at least one ready endpoint, by how many slices say so.
-    ready: Arc<Mutex<HashMap<Key, usize>>>,
+    /// What mirroring needs of each remote Service's endpoints.
+    ready: Arc<Mutex<HashMap<Key, RemoteEndpoints>>>,
 }
 
 impl LinkWorker {
@@ -131,13 +135,7 @@ impl LinkWorker {
             let (store, writer) = reflector::store();
             let stream = watcher(api, watcher::Config::default().labels(&sel))
                 .default_backoff()
-                // Kept in memory for every exported Service: only what mirroring reads.
-                .modify(|s: &mut Service| {
-                    s.metadata.managed_fields = None;
-                    if let Some(a) = s.metadata.annotations.as_mut() {
-                        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-                    }
-                })
+                .modify(strip_remote)
                 .reflect(writer);
             expected.insert(source);
             tasks.spawn(forward(stream, tx.clone(), source, name, |s: &Service| {
@@ -155,6 +153,30 @@ impl LinkWorker {
             Source::RemoteDiscovery,
             "remote_discovery_services",
         );
+        if let Some(federation) = &self.federation {
+            match self
+                .spec
+                .federated_service_selector
+                .as_ref()
+                .and_then(|s| s.to_selector_string())
+            {
+                Some(sel) => {
+                    let stream = watcher(
+                        Api::<Service>::all(self.remote.clone()),
+                        watcher::Config::default().labels(&sel),
+                    )
+                    .default_backoff()
+                    .modify(strip_remote);
+                    tasks.spawn(federation::forward_members(
+                        stream,
+                        federation.clone(),
+                        cluster.clone(),
+                    ));
+                }
+                // No selector: this Link has no members.
+                None => federation.listed(&cluster, HashMap::new()),
+            }
+        }
 
         let local_services = watch_local(
             &mut tasks,
@@ -290,13 +312,25 @@ where
     .reflect(writer);
     let cluster = cluster.to_owned();
     tasks.spawn(forward(stream, tx.clone(), source, name, move |o: &K| {
-        let mirror = mirror_name(o)?;
+        // A pod's mirror (and its endpoints) belongs to its headless Service's mirror.
+        let mirror = match o.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
+            Some(root) => root.clone(),
+            None => mirror_name(o)?,
+        };
         Some((
             o.namespace()?,
             naming::remote_service_name(&mirror, &cluster)?.to_owned(),
         ))
     }));
     store
+}
+
+/// Kept in memory for every exported Service: only what mirroring reads.
+fn strip_remote(s: &mut Service) {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// Keeps, of a local object's `managedFields`, only this controller's entries: the only ones
@@ -364,44 +398,109 @@ where
     }
 }
 
-/// Watches every EndpointSlice of the target cluster and keeps, per Service, how many of its
-/// slices have a ready endpoint. Only that count is kept, not the slices.
+/// What the controller keeps of one remote EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SliceSummary {
+    service: String,
+    has_ready: bool,
+    /// For slices of headless Services only: the hostnames of ready endpoints, whether any
+    /// endpoint (ready or not) has one, and the endpoints' ports.
+    headless: Option<(BTreeSet<String>, bool, Vec<EndpointPortSpec>)>,
+}
+
+/// What the controller knows of a remote Service's endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RemoteEndpoints {
+    /// At least one endpoint is ready.
+    pub ready: bool,
+    /// Headless Services: hostnames of the ready endpoints.
+    pub hostnames: BTreeSet<String>,
+    /// Headless Services: some endpoint, ready or not, has a hostname (Linkerd's test for
+    /// mirroring a headless Service as headless).
+    pub named: bool,
+    /// Headless Services: the endpoints' ports.
+    pub ports: Vec<EndpointPortSpec>,
+}
+
+type SliceKey = (String, String);
+
+fn summarize(s: &EndpointSlice) -> Option<(SliceKey, SliceSummary)> {
+    let ns = s.namespace()?;
+    let service = s.labels().get("kubernetes.io/service-name")?.clone();
+    let ready = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
+        let c = e.conditions.as_ref();
+        // An unset `ready` means ready (EndpointConditions docs).
+        c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
+    };
+    let endpoints = s.endpoints.iter().flatten();
+    let headless = s
+        .labels()
+        .contains_key("service.kubernetes.io/headless")
+        .then(|| {
+            let hostnames = endpoints
+                .clone()
+                .filter(|e| ready(e))
+                .filter_map(|e| e.hostname.clone())
+                .collect();
+            let named = endpoints.clone().any(|e| e.hostname.is_some());
+            let ports = s
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| (p.name.clone(), p.port, p.protocol.clone()))
+                .collect();
+            (hostnames, named, ports)
+        });
+    Some((
+        (ns, s.name_any()),
+        SliceSummary {
+            service,
+            has_ready: endpoints.clone().any(ready),
+            headless,
+        },
+    ))
+}
+
+/// Per remote Service, what its slices say together.
+fn by_service(slices: &HashMap<SliceKey, SliceSummary>) -> HashMap<Key, RemoteEndpoints> {
+    let mut m: HashMap<Key, RemoteEndpoints> = HashMap::new();
+    for ((ns, _), s) in slices {
+        let e = m.entry((ns.clone(), s.service.clone())).or_default();
+        e.ready |= s.has_ready;
+        if let Some((hostnames, named, ports)) = &s.headless {
+            e.hostnames.extend(hostnames.iter().cloned());
+            e.named |= named;
+            for p in ports {
+                if !e.ports.contains(p) {
+                    e.ports.push(p.clone());
+                }
+            }
+        }
+    }
+    for e in m.values_mut() {
+        e.ports.sort();
+    }
+    m
+}
+
+/// Watches every EndpointSlice of the target cluster and keeps, per Service, what mirroring
+/// needs of them ([`RemoteEndpoints`]); not the slices.
 async fn watch_remote_readiness(
     remote: Client,
-    ready: Arc<Mutex<HashMap<Key, usize>>>,
+    ready: Arc<Mutex<HashMap<Key, RemoteEndpoints>>>,
     tx: mpsc::UnboundedSender<Trigger>,
 ) {
     let api: Api<EndpointSlice> = Api::all(remote);
     let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-    // (namespace, slice name) -> (service, has a ready endpoint)
-    let mut slices: HashMap<(String, String), (String, bool)> = HashMap::new();
-    let mut relist: Option<HashMap<(String, String), (String, bool)>> = None;
+    let mut slices: HashMap<SliceKey, SliceSummary> = HashMap::new();
+    let mut relist: Option<HashMap<SliceKey, SliceSummary>> = None;
     let mut listed = false;
-    let summarize = |s: &EndpointSlice| -> Option<((String, String), (String, bool))> {
-        let ns = s.namespace()?;
-        let svc = s.labels().get("kubernetes.io/service-name")?.clone();
-        let has_ready = s.endpoints.iter().flatten().any(|e| {
-            let c = e.conditions.as_ref();
-            // An unset `ready` means ready (EndpointConditions docs).
-            c.and_then(|c| c.ready).unwrap_or(true)
-                && !c.and_then(|c| c.terminating).unwrap_or(false)
-        });
-        Some(((ns, s.name_any()), (svc, has_ready)))
-    };
-    let counts = |slices: &HashMap<(String, String), (String, bool)>| {
-        let mut m: HashMap<Key, usize> = HashMap::new();
-        for ((ns, _), (svc, r)) in slices {
-            let e = m.entry((ns.clone(), svc.clone())).or_default();
-            *e += usize::from(*r);
-        }
-        m
-    };
     while let Some(event) = stream.next().await {
-        let mut changed = Vec::new();
+        let mut changed: Vec<Key> = Vec::new();
         match event {
             Ok(watcher::Event::Apply(s)) => {
                 if let Some((k, v)) = summarize(&s) {
-                    let key = (k.0.clone(), v.0.clone());
+                    let key = (k.0.clone(), v.service.clone());
                     if slices.insert(k, v.clone()) != Some(v) {
                         changed.push(key);
                     }
@@ -410,7 +509,7 @@ async fn watch_remote_readiness(
             Ok(watcher::Event::Delete(s)) => {
                 if let Some((k, v)) = summarize(&s) {
                     slices.remove(&k);
-                    changed.push((k.0, v.0));
+                    changed.push((k.0, v.service));
                 }
             }
             Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
@@ -425,16 +524,11 @@ async fn watch_remote_readiness(
                     let _ = tx.send(Trigger::Synced(Source::RemoteSlices));
                 }
                 let new = relist.take().unwrap_or_default();
-                let (before, after) = (counts(&slices), counts(&new));
                 changed.extend(
-                    before
-                        .keys()
-                        .chain(after.keys())
-                        .filter(|k| {
-                            before.get(*k).copied().unwrap_or(0).min(1)
-                                != after.get(*k).copied().unwrap_or(0).min(1)
-                        })
-                        .cloned(),
+                    slices
+                        .iter()
+                        .chain(new.iter())
+                        .map(|((ns, _), v)| (ns.clone(), v.service.clone())),
                 );
                 slices = new;
             }
@@ -443,20 +537,21 @@ async fn watch_remote_readiness(
                 continue;
             }
         }
-        let now = counts(&slices);
+        if changed.is_empty() {
+            continue;
+        }
+        let now = by_service(&slices);
         let mut guard = ready.lock().unwrap_or_else(|e| e.into_inner());
         let mut flips = Vec::new();
         for key in changed {
-            let was = guard.get(&key).copied().unwrap_or(0) > 0;
-            let is = now.get(&key).copied().unwrap_or(0) > 0;
-            if was != is {
-                flips.push(key.clone());
+            if guard.get(&key) != now.get(&key) && !flips.contains(&key) {
+                flips.push(key);
             }
         }
         *guard = now;
         drop(guard);
         if !flips.is_empty() {
-            tracing::debug!(services = ?flips, "remote readiness changed");
+            tracing::debug!(services = ?flips, "remote endpoints changed");
         }
         for key in flips {
             if tx.send(Trigger::Key(key, Some(Instant::now()))).is_err() {
@@ -640,9 +735,13 @@ impl Loop<'_> {
         let mut keys = self.remote_keys();
         let cluster = &self.target.cluster;
         keys.extend(self.stores.local_services.state().iter().filter_map(|s| {
+            let name = match s.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
+                Some(root) => root.clone(),
+                None => s.name_any(),
+            };
             Some((
                 s.namespace()?,
-                naming::remote_service_name(&s.name_any(), cluster)?.to_owned(),
+                naming::remote_service_name(&name, cluster)?.to_owned(),
             ))
         }));
         keys.extend(self.worker.status.keys());
@@ -739,12 +838,35 @@ impl Loop<'_> {
             }
         };
         let local_ref = ObjectRef::new(&mirror_name).within(ns);
-        let local = self.stores.local_services.get(&local_ref);
+        let mut local = self.stores.local_services.get(&local_ref);
+        // The name is taken by the mirror of one pod of a headless Service: not this key's.
+        if let Some(root) = local.as_ref().and_then(|l| {
+            l.labels()
+                .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
+                .cloned()
+        }) {
+            if self.remote(key).is_some() {
+                self.worker.status.set(
+                    key,
+                    Outcome::failed(
+                        "InvalidService",
+                        format!("its mirror's name {mirror_name} is taken by the mirror of pod {name} of headless Service {root}; rename the Service or the pod"),
+                    ),
+                );
+            } else {
+                self.worker.status.remove(key);
+            }
+            return Ok(false);
+        }
 
         let Some((remote, mode)) = self.remote(key) else {
             self.worker.status.remove(key);
             let Some(local) = local else { return Ok(false) };
             self.delete_mirror(&local).await?;
+            if desired::is_headless(&local) {
+                self.delete_endpoint_mirrors(ns, &mirror_name, &HashSet::new())
+                    .await?;
+            }
             return Ok(true);
         };
 
@@ -768,7 +890,9 @@ impl Loop<'_> {
         if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none()
             && self.worker.options.enable_namespace_creation
         {
-            self.create_namespace(ns).await?;
+            self.writer
+                .create_namespace(ns, Some(&self.target.cluster))
+                .await?;
             wrote = true;
         } else if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none() {
             let first = self.worker.status.reason(key).as_deref() != Some("MissingNamespace");
@@ -791,7 +915,26 @@ impl Loop<'_> {
             return Ok(false);
         }
 
-        let desired = match desired::mirror_service(&self.target, &remote, mode) {
+        let endpoints = self
+            .stores
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        // Linkerd's rule: headless when some endpoint has a hostname; otherwise the pods
+        // cannot be named and a ClusterIP mirror through the gateway serves them.
+        let headless = mode == Mode::Gateway
+            && self.worker.options.enable_headless_services
+            && desired::is_headless(&remote)
+            && endpoints.named;
+        let desired = if headless {
+            desired::headless_mirror_service(&self.target, &remote)
+        } else {
+            desired::mirror_service(&self.target, &remote, mode)
+        };
+        let desired = match desired {
             Ok(d) => d,
             Err(e) => {
                 self.worker
@@ -800,7 +943,21 @@ impl Loop<'_> {
                 return Ok(false);
             }
         };
-        let service = match self.writer.apply("Service", &desired, local.as_deref()).await? {
+        let was_headless = local.as_deref().is_some_and(desired::is_headless);
+        if let Some(l) = &local
+            && was_headless != headless
+        {
+            // A Service's clusterIP cannot change: replace the mirror.
+            tracing::info!(link = %self.worker.link_name, namespace = %ns, mirror = %mirror_name, headless, "mirror changes between headless and ClusterIP; replacing it");
+            self.writer.delete(&**l, "Service").await?;
+            local = None;
+            wrote = true;
+        }
+        let service = match self
+            .writer
+            .apply("Service", &desired, local.as_deref())
+            .await?
+        {
             Some(applied) => {
                 wrote = true;
                 applied
@@ -810,55 +967,33 @@ impl Loop<'_> {
         let owner = owner_reference(&service);
 
         let gateway = self.worker.gateway.borrow().clone();
+        if headless {
+            wrote |= self
+                .reconcile_headless(&remote, &service, &endpoints, gateway.as_ref())
+                .await?;
+        } else if was_headless || desired::is_headless(&remote) {
+            wrote |= self
+                .delete_endpoint_mirrors(ns, &mirror_name, &HashSet::new())
+                .await?;
+        }
         match (mode, gateway) {
+            (Mode::Gateway, _) if headless => {}
             (Mode::Gateway, Some(gateway)) => {
-                let ready = self
-                    .stores
-                    .ready
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(key)
-                    .copied()
-                    .unwrap_or(0)
-                    > 0;
-                let mut ep =
-                    desired::gateway_endpoints(&self.target, &remote, &service, ready, &gateway);
-                ep.metadata.owner_references = owner.clone().map(|o| vec![o]);
-                let live = self
-                    .stores
-                    .local_endpoints
-                    .get(&ObjectRef::new(&mirror_name).within(ns));
-                wrote |= self
-                    .writer
-                    .apply("Endpoints", &ep, live.as_deref())
-                    .await?
-                    .is_some();
-
-                let slices =
-                    desired::gateway_slices(&self.target, &remote, &service, ready, &gateway);
-                let names: HashSet<String> = slices
-                    .iter()
-                    .filter_map(|s| s.metadata.name.clone())
-                    .collect();
-                for mut slice in slices {
-                    slice.metadata.owner_references = owner.clone().map(|o| vec![o]);
-                    let r = ObjectRef::new(slice.metadata.name.as_deref().unwrap_or_default())
-                        .within(ns);
-                    let live = self.stores.local_slices.get(&r);
-                    wrote |= self
-                        .writer
-                        .apply("EndpointSlice", &slice, live.as_deref())
-                        .await?
-                        .is_some();
-                }
-                for stale in self
-                    .slices_of(ns, &mirror_name)
-                    .into_iter()
-                    .filter(|s| !names.contains(&s.name_any()))
-                {
-                    self.writer.delete(&*stale, "EndpointSlice").await?;
-                    wrote = true;
-                }
+                let ep = desired::gateway_endpoints(
+                    &self.target,
+                    &remote,
+                    &service,
+                    endpoints.ready,
+                    &gateway,
+                );
+                let slices = desired::gateway_slices(
+                    &self.target,
+                    &remote,
+                    &service,
+                    endpoints.ready,
+                    &gateway,
+                );
+                wrote |= self.apply_endpoints(ep, slices, owner).await?;
             }
             (Mode::Gateway, None) => {
                 // No gateway address resolved yet: the mirror exists, its endpoints wait.
@@ -885,35 +1020,151 @@ impl Loop<'_> {
         Ok(wrote)
     }
 
-    async fn create_namespace(&self, ns: &str) -> Result<(), Error> {
-        let namespace: Namespace = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {
-                "name": ns,
-                "labels": {
-                    keys::MIRRORED_RESOURCE_LABEL: "true",
-                    keys::CLUSTER_NAME_LABEL: self.target.cluster,
-                },
-            },
-        }))
-        .unwrap_or_default();
-        let api: Api<Namespace> = Api::all(self.worker.local.clone());
-        api.patch(
-            ns,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&namespace),
-        )
-        .await
-        .map_err(|source| Error::Write {
-            kind: "Namespace",
-            namespace: String::new(),
-            name: ns.to_owned(),
-            source,
-        })?;
-        self.writer.count("Namespace", "apply");
-        tracing::info!(link = %self.worker.link_name, namespace = %ns, "created namespace for a mirrored Service");
-        Ok(())
+    /// Applies a mirror's Endpoints and EndpointSlices (owned by `owner`, the mirror Service)
+    /// and deletes its slices that are no longer wanted.
+    async fn apply_endpoints(
+        &self,
+        mut endpoints: Endpoints,
+        slices: Vec<EndpointSlice>,
+        owner: Option<OwnerReference>,
+    ) -> Result<bool, Error> {
+        let ns = endpoints.metadata.namespace.clone().unwrap_or_default();
+        let mirror = endpoints.metadata.name.clone().unwrap_or_default();
+        endpoints.metadata.owner_references = owner.clone().map(|o| vec![o]);
+        let live = self
+            .stores
+            .local_endpoints
+            .get(&ObjectRef::new(&mirror).within(&ns));
+        let mut wrote = self
+            .writer
+            .apply("Endpoints", &endpoints, live.as_deref())
+            .await?
+            .is_some();
+        let names: HashSet<String> = slices
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect();
+        for mut slice in slices {
+            slice.metadata.owner_references = owner.clone().map(|o| vec![o]);
+            let r = ObjectRef::new(slice.metadata.name.as_deref().unwrap_or_default()).within(&ns);
+            let live = self.stores.local_slices.get(&r);
+            wrote |= self
+                .writer
+                .apply("EndpointSlice", &slice, live.as_deref())
+                .await?
+                .is_some();
+        }
+        for stale in self
+            .slices_of(&ns, &mirror)
+            .into_iter()
+            .filter(|s| !names.contains(&s.name_any()))
+        {
+            self.writer.delete(&*stale, "EndpointSlice").await?;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
+    /// The per-pod mirrors of headless mirror `root`, and its Endpoints naming each pod.
+    async fn reconcile_headless(
+        &self,
+        remote: &Service,
+        root: &Service,
+        endpoints: &RemoteEndpoints,
+        gateway: Option<&Gateway>,
+    ) -> Result<bool, Error> {
+        let ns = root.namespace().unwrap_or_default();
+        let root_name = root.name_any();
+        let owner = owner_reference(root);
+        let mut wrote = false;
+        let mut pods = Vec::new();
+        let mut keep = HashSet::new();
+        for hostname in &endpoints.hostnames {
+            let mut want = match desired::endpoint_mirror_service(
+                &self.target,
+                remote,
+                &root_name,
+                hostname,
+            ) {
+                Ok(w) => w,
+                Err(error) => {
+                    tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, %error, "pod not mirrored");
+                    continue;
+                }
+            };
+            let name = want.metadata.name.clone().unwrap_or_default();
+            let live = self
+                .stores
+                .local_services
+                .get(&ObjectRef::new(&name).within(&ns));
+            // Never take over a Service that is not this root's: a mirror of a remote Service
+            // named like the pod is left alone, and reports the collision itself.
+            if let Some(l) = &live
+                && l.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) != Some(&root_name)
+            {
+                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, taken_by = %name, "pod not mirrored: its mirror's name is taken");
+                continue;
+            }
+            keep.insert(name.clone());
+            want.metadata.owner_references = owner.clone().map(|o| vec![o]);
+            let svc = match self.writer.apply("Service", &want, live.as_deref()).await? {
+                Some(applied) => {
+                    wrote = true;
+                    applied
+                }
+                None => live.map(|l| (*l).clone()).unwrap_or(want),
+            };
+            if let Some(ip) = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.as_deref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+            {
+                pods.push((hostname.clone(), ip));
+            }
+            if let Some(gateway) = gateway {
+                let (ep, slices) =
+                    desired::endpoint_mirror_endpoints(&self.target, remote, &svc, gateway);
+                wrote |= self
+                    .apply_endpoints(ep, slices, owner_reference(&svc))
+                    .await?;
+            }
+        }
+        let alive = gateway.is_none_or(|g| g.alive);
+        let (ep, slices) =
+            desired::headless_endpoints(&self.target, remote, root, &pods, &endpoints.ports, alive);
+        wrote |= self.apply_endpoints(ep, slices, owner).await?;
+        wrote |= self.delete_endpoint_mirrors(&ns, &root_name, &keep).await?;
+        Ok(wrote)
+    }
+
+    /// Deletes the per-pod mirrors of `root` in `ns` (only there, #15200) except those in `keep`.
+    async fn delete_endpoint_mirrors(
+        &self,
+        ns: &str,
+        root: &str,
+        keep: &HashSet<String>,
+    ) -> Result<bool, Error> {
+        let mut wrote = false;
+        let stale: Vec<Arc<Service>> = self
+            .stores
+            .local_services
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(ns)
+                    && s.labels()
+                        .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
+                        .map(String::as_str)
+                        == Some(root)
+                    && !keep.contains(&s.name_any())
+            })
+            .collect();
+        for s in stale {
+            self.writer.delete(&*s, "Service").await?;
+            wrote = true;
+        }
+        Ok(wrote)
     }
 
     /// Records an Event on the Link; a failure to record is only logged.

@@ -12,6 +12,11 @@
 //! Labels and annotations come from the first member in that order. Ports are the union of every
 //! member's ports, keyed by (port, protocol); where members disagree on a port's name or target,
 //! the first member wins. The discovery annotations list every member in that order.
+//!
+//! A member whose cluster has not been listed yet (the controller just started, or that cluster's
+//! API server is unreachable since) is *pending*: it keeps its `svc@cluster` entry if the
+//! federated Service already had one, and contributes nothing else until it is listed. A
+//! federated Service whose only members are pending is left as it is, never deleted.
 
 use std::collections::BTreeMap;
 
@@ -19,9 +24,10 @@ use k8s_openapi::{
     api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
+use kube::ResourceExt;
 use link_crd::{keys, naming};
 
-use super::{DROPPED_ANNOTATIONS, InvalidService, is_excluded};
+use super::{DROPPED_ANNOTATIONS, InvalidService, is_excluded, is_headless};
 
 /// One member of a federated Service.
 #[derive(Clone, Debug)]
@@ -30,8 +36,8 @@ pub struct Member<'a> {
     pub cluster: Option<&'a str>,
     /// When the member's Link was created (remote members); orders the members.
     pub link_created: Option<&'a Time>,
-    /// The member Service.
-    pub service: &'a Service,
+    /// The member Service; `None` for a pending member (see the module documentation).
+    pub service: Option<&'a Service>,
     /// Label keys not copied (the member's Link's `excludedLabels`).
     pub excluded_labels: &'a [String],
     /// Annotation keys not copied (the member's Link's `excludedAnnotations`).
@@ -48,17 +54,12 @@ pub struct Rejected {
 /// What the federated Service should be.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Federated {
-    /// `None` when no member can join: the federated Service should not exist.
+    /// `None` when no member can join: the federated Service should not exist, unless `keep`.
     pub service: Option<Service>,
+    /// Only pending members: leave the federated Service as it is.
+    pub keep: bool,
     /// Members left out.
     pub rejected: Vec<Rejected>,
-}
-
-fn is_headless(s: &Service) -> bool {
-    s.spec
-        .as_ref()
-        .and_then(|s| s.cluster_ip.as_deref())
-        .is_some_and(|ip| ip == "None")
 }
 
 /// The federated Service for `members` (all of the same name and namespace).
@@ -66,14 +67,25 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
     let mut rejected = Vec::new();
     let mut joining: Vec<&Member<'_>> = Vec::new();
     for m in members {
-        if is_headless(m.service) {
-            rejected.push(Rejected {
-                cluster: m.cluster.map(str::to_owned),
-                reason: "a headless Service cannot join a federated Service".to_owned(),
-            });
-        } else {
-            joining.push(m);
-        }
+        let reason = match m.service {
+            Some(s) if is_headless(s) => "a headless Service cannot join a federated Service",
+            Some(s)
+                if s.labels()
+                    .get(keys::MIRRORED_RESOURCE_LABEL)
+                    .map(String::as_str)
+                    == Some("true") =>
+            {
+                "this Service is itself a mirror; mirrors do not join federated Services"
+            }
+            _ => {
+                joining.push(m);
+                continue;
+            }
+        };
+        rejected.push(Rejected {
+            cluster: m.cluster.map(str::to_owned),
+            reason: reason.to_owned(),
+        });
     }
     joining.sort_by(|a, b| {
         let key = |m: &Member<'_>| {
@@ -85,17 +97,18 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
         };
         key(a).cmp(&key(b))
     });
-    let Some(first) = joining.first() else {
+    // Metadata comes from the first member that is known.
+    let Some((first, first_service)) = joining.iter().find_map(|m| Some((*m, m.service?))) else {
         return Ok(Federated {
             service: None,
+            keep: !joining.is_empty(),
             rejected,
         });
     };
-    let name = first.service.metadata.name.clone().unwrap_or_default();
-    let namespace = first.service.metadata.namespace.clone();
+    let name = first_service.metadata.name.clone().unwrap_or_default();
+    let namespace = first_service.metadata.namespace.clone();
 
-    let mut labels: BTreeMap<String, String> = first
-        .service
+    let mut labels: BTreeMap<String, String> = first_service
         .metadata
         .labels
         .iter()
@@ -107,8 +120,7 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
         .collect();
     labels.insert(keys::MIRRORED_RESOURCE_LABEL.to_owned(), "true".to_owned());
 
-    let mut annotations: BTreeMap<String, String> = first
-        .service
+    let mut annotations: BTreeMap<String, String> = first_service
         .metadata
         .annotations
         .iter()
@@ -135,7 +147,8 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
 
     let mut ports: Vec<ServicePort> = Vec::new();
     for m in &joining {
-        for p in m.service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+        let ports_of = m.service.and_then(|s| s.spec.as_ref());
+        for p in ports_of.iter().flat_map(|s| s.ports.iter().flatten()) {
             let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".to_owned());
             let seen = ports
                 .iter()
@@ -181,6 +194,7 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
             }),
             status: None,
         }),
+        keep: false,
         rejected,
     })
 }
@@ -217,7 +231,7 @@ mod tests {
         Member {
             cluster,
             link_created: created,
-            service,
+            service: Some(service),
             excluded_labels: &[],
             excluded_annotations: &[],
         }
@@ -399,5 +413,42 @@ mod tests {
             federated_service(&[member(Some("east"), Some(&t), &long)]),
             Err(InvalidService::Name(_))
         ));
+    }
+
+    #[test]
+    fn pending_members_keep_their_entry_and_alone_keep_the_service() {
+        let (t1, t2) = (time(1), time(2));
+        let east = svc(json!({ "from": "east" }), json!([{ "port": 80 }]), false);
+        let pending = |cluster, created| Member {
+            service: None,
+            ..member(Some(cluster), created, &east)
+        };
+        // west's Link is older but west is not listed yet: metadata from east, both listed.
+        let f = federated_service(&[
+            member(Some("east"), Some(&t2), &east),
+            pending("west", Some(&t1)),
+        ])
+        .unwrap();
+        assert_eq!(
+            annotation(&f, "multicluster.linkerd.io/remote-discovery").as_deref(),
+            Some("web@west,web@east")
+        );
+        assert_eq!(f.service.unwrap().metadata.labels.unwrap()["from"], "east");
+        // Only pending members: leave the Service alone rather than delete it.
+        let f = federated_service(&[pending("west", Some(&t1))]).unwrap();
+        assert_eq!((f.service, f.keep), (None, true));
+        assert!(!federated_service(&[]).unwrap().keep);
+    }
+
+    #[test]
+    fn mirrors_do_not_join() {
+        let mirror = svc(
+            json!({ "mirror.linkerd.io/mirrored-service": "true" }),
+            json!([{ "port": 80 }]),
+            false,
+        );
+        let f = federated_service(&[member(None, None, &mirror)]).unwrap();
+        assert_eq!((f.service, f.keep), (None, false));
+        assert!(f.rejected[0].reason.contains("itself a mirror"));
     }
 }

@@ -364,3 +364,94 @@ fn target_from_spec() {
         assert_eq!(Target::from_spec(&spec).gateway_port, None, "{bad:?}");
     }
 }
+
+#[test]
+fn headless_root_and_endpoint_mirrors() {
+    let t = target();
+    let remote = web();
+    let root = headless_mirror_service(&t, &remote).unwrap();
+    assert!(is_headless(&root));
+    assert_eq!(root.metadata.name.as_deref(), Some("web-east"));
+
+    let pod = endpoint_mirror_service(&t, &remote, "web-east", "web-0").unwrap();
+    assert_eq!(pod.metadata.name.as_deref(), Some("web-0-east"));
+    assert!(
+        !is_headless(&pod),
+        "a pod's mirror has a ClusterIP of its own"
+    );
+    let labels = pod.metadata.labels.as_ref().unwrap();
+    assert_eq!(
+        labels["mirror.linkerd.io/headless-mirror-svc-name"],
+        "web-east"
+    );
+    assert_eq!(labels["mirror.linkerd.io/cluster-name"], "east");
+    let annotations = pod.metadata.annotations.as_ref().unwrap();
+    assert_eq!(
+        annotations["mirror.linkerd.io/remote-svc-fq-name"],
+        "web-0.web.shop.svc.cluster.local"
+    );
+    assert_eq!(annotations.len(), 2, "{annotations:?}");
+
+    // The pod's mirror reaches the gateway, named and labelled for the pod.
+    let (ep, slices) = endpoint_mirror_endpoints(
+        &t,
+        &remote,
+        &pod,
+        &gateway(true, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]),
+    );
+    assert_eq!(ep.metadata.name.as_deref(), Some("web-0-east"));
+    let subset = &ep.subsets.as_ref().unwrap()[0];
+    assert_eq!(subset.addresses.as_ref().unwrap()[0].ip, "192.0.2.1");
+    assert!(
+        subset
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|p| p.port == 4143)
+    );
+    for meta in std::iter::once(&ep.metadata).chain(slices.iter().map(|s| &s.metadata)) {
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["mirror.linkerd.io/headless-mirror-svc-name"],
+            "web-east"
+        );
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["mirror.linkerd.io/remote-svc-fq-name"],
+            "web-0.web.shop.svc.cluster.local"
+        );
+    }
+
+    // The root names each pod at its mirror's ClusterIP, on the pods' own ports.
+    let pods = vec![("web-0".to_owned(), IpAddr::V4(Ipv4Addr::new(10, 96, 0, 7)))];
+    let ports = vec![(Some("http".to_owned()), Some(8080), Some("TCP".to_owned()))];
+    let (ep, slices) = headless_endpoints(&t, &remote, &root, &pods, &ports, true);
+    let subset = &ep.subsets.as_ref().unwrap()[0];
+    let a = &subset.addresses.as_ref().unwrap()[0];
+    assert_eq!(
+        (a.hostname.as_deref(), a.ip.as_str()),
+        (Some("web-0"), "10.96.0.7")
+    );
+    assert_eq!(subset.ports.as_ref().unwrap()[0].port, 8080);
+    assert_eq!(slices.len(), 1);
+    let e = &slices[0].endpoints.as_ref().unwrap()[0];
+    assert_eq!(e.hostname.as_deref(), Some("web-0"));
+    assert_eq!(
+        slices[0].metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
+        "web-east"
+    );
+
+    // A dead gateway: the pods are published, not ready.
+    let (ep, slices) = headless_endpoints(&t, &remote, &root, &pods, &ports, false);
+    let subset = &ep.subsets.as_ref().unwrap()[0];
+    assert!(subset.addresses.is_none());
+    assert_eq!(subset.not_ready_addresses.as_ref().unwrap().len(), 1);
+    let c = slices[0].endpoints.as_ref().unwrap()[0]
+        .conditions
+        .as_ref()
+        .unwrap();
+    assert_eq!(c.ready, Some(false));
+
+    // No ready pod: no subsets (clients fail fast).
+    let (ep, _) = headless_endpoints(&t, &remote, &root, &[], &ports, true);
+    assert!(ep.subsets.as_ref().unwrap().is_empty());
+}
