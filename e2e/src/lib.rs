@@ -14,7 +14,9 @@
 //! ```
 
 mod binaries;
+pub mod checks;
 mod cluster;
+pub mod dns;
 pub mod meshlink;
 pub mod netns;
 mod objects;
@@ -27,7 +29,7 @@ use std::path::PathBuf;
 pub use self::binaries::Binaries;
 pub use self::cluster::{Cluster, ClusterOptions, Component, SERVICE_ACCOUNT_ISSUER};
 pub use self::objects::{
-    apply_yaml, create_namespace, create_ready_pod, install_link_crd, wait_for,
+    apply_yaml, create_namespace, create_ready_pod, create_ready_pod_in, install_link_crd, wait_for,
 };
 
 /// What can go wrong starting or using a test cluster.

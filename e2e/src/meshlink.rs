@@ -368,3 +368,18 @@ pub async fn link_condition(
         .find(|c| c.type_ == type_)
         .map(|c| (format!("{:?}", c.status), c.reason))
 }
+
+/// Object `ns/name` of kind `K`, if it exists (and the API answers).
+pub async fn get<K>(client: &kube::Client, ns: &str, name: &str) -> Option<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    kube::Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}

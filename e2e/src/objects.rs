@@ -72,8 +72,34 @@ pub async fn create_ready_pod(
     ip: IpAddr,
     node: &str,
 ) -> Result<Pod, Error> {
+    create_pod(client, namespace, name, labels, ip, node, None).await
+}
+
+/// Like [`create_ready_pod`], for a pod of headless Service `subdomain` (as a StatefulSet's
+/// pods are): its hostname is its name, so its endpoint is named `<name>.<subdomain>`.
+pub async fn create_ready_pod_in(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    ip: IpAddr,
+    node: &str,
+    subdomain: &str,
+) -> Result<Pod, Error> {
+    create_pod(client, namespace, name, labels, ip, node, Some(subdomain)).await
+}
+
+async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    ip: IpAddr,
+    node: &str,
+    subdomain: Option<&str>,
+) -> Result<Pod, Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
+    let mut pod = serde_json::json!({
         "metadata": { "name": name, "labels": labels },
         "spec": {
             "nodeName": node,
@@ -81,8 +107,12 @@ pub async fn create_ready_pod(
             // Never pulled or run: no kubelet. The image must only be well-formed.
             "containers": [{ "name": "app", "image": "meshlink.invalid/test:none" }],
         },
-    }))
-    .map_err(|e| Error::Invalid(e.to_string()))?;
+    });
+    if let Some(sub) = subdomain {
+        pod["spec"]["hostname"] = name.into();
+        pod["spec"]["subdomain"] = sub.into();
+    }
+    let pod: Pod = serde_json::from_value(pod).map_err(|e| Error::Invalid(e.to_string()))?;
     pods.create(&PostParams::default(), &pod).await?;
     let now = jiff_now();
     let status = serde_json::json!({

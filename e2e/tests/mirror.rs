@@ -5,9 +5,7 @@
 //! after another because the last ones restart API servers and count writes.
 
 use std::{
-    future::Future,
     net::{IpAddr, Ipv4Addr},
-    pin::Pin,
     process::ExitCode,
     sync::Arc,
     time::Duration,
@@ -15,8 +13,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
-    Cluster, Component, apply_yaml, create_namespace, create_ready_pod,
-    meshlink::{Program, endpoint_ips, labels, put_credentials, remote_access_kubeconfig},
+    Cluster, Component, apply_yaml,
+    checks::Check,
+    create_namespace, create_ready_pod,
+    meshlink::{Program, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig},
     wait_for,
 };
 use k8s_openapi::api::{
@@ -27,7 +27,6 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use libtest_mimic::{Arguments, Failed, Trial};
 use link_crd::Link;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -49,18 +48,8 @@ struct Env {
     controller: Mutex<Program>,
 }
 
-type Check = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-
 fn main() -> ExitCode {
-    let mut args = Arguments::from_args();
-    // The checks share one controller and the last ones restart API servers.
-    args.test_threads = Some(1);
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let env = runtime
-        .block_on(setup())
-        .map(Arc::new)
-        .map_err(|e| format!("{e:#}"));
-    let checks: &[(&str, Check)] = &[
+    let checks: &[(&str, Check<Env>)] = &[
         ("exported_service_is_mirrored_with_gateway_endpoints", |e| {
             Box::pin(exported_service_is_mirrored(e))
         }),
@@ -88,27 +77,15 @@ fn main() -> ExitCode {
             |e| Box::pin(remote_restart_and_idle(e)),
         ),
     ];
-    let trials = checks
-        .iter()
-        .map(|&(name, check)| {
-            let env = env.clone();
-            let handle = runtime.handle().clone();
-            Trial::test(name, move || {
-                let env = env.map_err(|e| {
-                    Failed::from(format!(
-                        "setting up the clusters and the controller failed: {e}"
-                    ))
-                })?;
-                handle.block_on(check(env.clone())).map_err(|e| {
-                    let log = handle.block_on(env.controller.lock()).log_tail();
-                    Failed::from(format!("{e:#}\n--- controller log:\n{log}"))
-                })
-            })
+    // The checks share one controller and the last ones restart API servers.
+    e2e::checks::run(setup, checks, |env| {
+        Box::pin(async move {
+            format!(
+                "--- controller log:\n{}",
+                env.controller.lock().await.log_tail()
+            )
         })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(runtime);
-    conclusion.exit_code()
+    })
 }
 
 async fn setup() -> Result<Env> {
@@ -202,20 +179,6 @@ async fn export(env: &Env, ns: &str, name: &str, value: &str, ip: Ipv4Addr) -> R
     )
     .await?;
     Ok(())
-}
-
-async fn get<K>(client: &Client, ns: &str, name: &str) -> Option<K>
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    Api::<K>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// The Link's RemoteReachable condition: status and reason.

@@ -127,6 +127,7 @@ impl Federation {
 
     /// `cluster`'s members, as a (re)listing found them.
     pub(crate) fn listed(&self, cluster: &str, services: HashMap<Key, Arc<Service>>) {
+        tracing::debug!(%cluster, members = services.len(), "federated members listed");
         let keys: HashSet<Key> = {
             let mut clusters = self.clusters();
             let Some(c) = clusters.get_mut(cluster) else {
@@ -292,8 +293,17 @@ impl Task {
             federated,
             namespaces,
         };
-        if self.links.wait_until_ready().await.is_err() {
-            return;
+        // Until the Links are listed, a Link not reported yet cannot be told from one that does
+        // not exist. The store's readiness wakes only one waiter (a oneshot channel underneath,
+        // and the Controller waits on it too), so it is polled rather than awaited.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), self.links.wait_until_ready())
+                .await
+            {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
 
         let mut pending: BTreeSet<Key> = BTreeSet::new();
@@ -320,6 +330,7 @@ impl Task {
                 }
             }
             if !LOCAL_WATCHES.iter().all(|w| synced.contains(w)) {
+                tracing::debug!(?synced, "federation waits for its local watches");
                 continue;
             }
             let keys: Vec<Key> = std::mem::take(&mut pending).into_iter().collect();
@@ -433,6 +444,7 @@ impl Task {
 
     async fn reconcile(&self, stores: &Stores, key: &Key) -> Result<(), Error> {
         let (ns, name) = key;
+        tracing::debug!(namespace = %ns, service = %name, "reconciling federated Service");
         // The Links being served, by cluster: a Link not reported yet is pending.
         let served: Vec<(String, Option<Time>)> = self
             .links

@@ -1,0 +1,56 @@
+//! Runs a test file's checks one after another against one shared environment (clusters and
+//! programs: starting them is the slow part), each reported as a test by libtest-mimic.
+
+use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// What a check or a failure's context returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One check of the environment `E`.
+pub type Check<E> = fn(Arc<E>) -> BoxFuture<anyhow::Result<()>>;
+
+/// Sets up the environment, then runs `checks` in order (one thread: later checks may restart
+/// what earlier ones rely on). A failure is reported with `context` (a program's log, say).
+pub fn run<E, S>(
+    setup: impl FnOnce() -> S,
+    checks: &[(&str, Check<E>)],
+    context: fn(Arc<E>) -> BoxFuture<String>,
+) -> ExitCode
+where
+    E: Send + Sync + 'static,
+    S: Future<Output = anyhow::Result<E>>,
+{
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(%e, "no tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env = runtime
+        .block_on(setup())
+        .map(Arc::new)
+        .map_err(|e| format!("{e:#}"));
+    let trials = checks
+        .iter()
+        .map(|&(name, check)| {
+            let env = env.clone();
+            let handle = runtime.handle().clone();
+            Trial::test(name, move || {
+                let env = env
+                    .map_err(|e| Failed::from(format!("setting up the environment failed: {e}")))?;
+                handle.block_on(check(env.clone())).map_err(|e| {
+                    let context = handle.block_on(context(env));
+                    Failed::from(format!("{e:#}\n{context}"))
+                })
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(runtime);
+    conclusion.exit_code()
+}

@@ -1,0 +1,674 @@
+//! The service-mirror controller serving two Links at once: `west` links to `east` and to
+//! `north`, three real clusters. Federated Services across both Links and `west`'s own Services,
+//! a gateway given as a DNS name whose answer changes, and headless Services mirrored per pod.
+//!
+//! One controller serves every check; each check uses its own namespaces.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Result, anyhow, ensure};
+use e2e::{
+    Cluster, apply_yaml,
+    checks::Check,
+    create_namespace, create_ready_pod, create_ready_pod_in,
+    dns::DnsServer,
+    meshlink::{Program, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig},
+    wait_for,
+};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use link_crd::Link;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+const NS: &str = "linkerd-multicluster";
+const EAST_GATEWAY: &str = "192.0.2.10";
+/// `north`'s gateway is a name, answered by the test's DNS server.
+const NORTH_GATEWAY: &str = "gateway.north.test";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Env {
+    east: Client,
+    east_node: String,
+    north: Client,
+    west: Client,
+    west_kubeconfig: std::path::PathBuf,
+    dns: DnsServer,
+    controller: Mutex<Program>,
+    _clusters: Vec<Cluster>,
+}
+
+fn main() -> ExitCode {
+    let checks: &[(&str, Check<Env>)] = &[
+        ("federated_service_is_recomputed_from_every_member", |e| {
+            Box::pin(federated(e))
+        }),
+        ("gateway_given_as_a_dns_name_follows_its_answer", |e| {
+            Box::pin(dns_gateway(e))
+        }),
+        ("headless_service_is_mirrored_per_pod", |e| {
+            Box::pin(headless(e))
+        }),
+        (
+            "restart_keeps_federated_services_and_link_deletion_removes_members",
+            |e| Box::pin(restart_and_link_deletion(e)),
+        ),
+    ];
+    e2e::checks::run(setup, checks, |env| {
+        Box::pin(async move {
+            format!(
+                "--- controller log:\n{}",
+                env.controller.lock().await.log_tail()
+            )
+        })
+    })
+}
+
+async fn setup() -> Result<Env> {
+    let clusters = Cluster::start_many(&["east", "north", "west"]).await?;
+    let [east, north, west] = &clusters[..] else {
+        return Err(anyhow!("three clusters expected"));
+    };
+    let w = west.client();
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/crds/link.yaml"
+    ))?;
+    apply_yaml(&w, &crd).await?;
+    create_namespace(&w, NS).await?;
+    let dns = DnsServer::start().await?;
+    dns.set(NORTH_GATEWAY, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])?;
+    // `east`'s Link is created first: it is the older member of federated Services.
+    for (target, gateway) in [(east, EAST_GATEWAY), (north, NORTH_GATEWAY)] {
+        let name = target.name();
+        let kubeconfig = remote_access_kubeconfig(target, NS).await?;
+        put_credentials(west, NS, name, &kubeconfig).await?;
+        let link = json!({
+            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+            "metadata": { "name": name, "namespace": NS },
+            "spec": {
+                "targetClusterName": name,
+                "targetClusterDomain": "cluster.local",
+                "clusterCredentialsSecret": format!("cluster-credentials-{name}"),
+                "gatewayAddress": gateway,
+                "gatewayPort": "4143",
+                "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
+                // No probe path: the gateway addresses are from the documentation range and
+                // must never be dialled.
+                "probeSpec": {},
+                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
+                "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
+                "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
+            },
+        });
+        apply_yaml(&w, &serde_norway::to_string(&link)?).await?;
+        // Distinct creation times (they have a resolution of one second).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let controller = start_controller(west.kubeconfig_path(), dns.addr()).await?;
+    Ok(Env {
+        west_kubeconfig: west.kubeconfig_path().to_owned(),
+        east: east.client(),
+        east_node: east.node_name(),
+        north: north.client(),
+        west: w,
+        dns,
+        controller: Mutex::new(controller),
+        _clusters: clusters,
+    })
+}
+
+async fn start_controller(
+    kubeconfig: &std::path::Path,
+    dns: std::net::SocketAddr,
+) -> Result<Program> {
+    Ok(Program::start(
+        "meshlink-mirror",
+        &[
+            format!("--namespace={NS}"),
+            "--log=info,mirror_controller=debug".to_owned(),
+            format!("--dns-server={dns}"),
+        ],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    )
+    .await?)
+}
+
+/// Creates (or replaces the labels and ports of) Service `ns/name` in the cluster of `client`.
+async fn put_service(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    labels: serde_json::Value,
+    ports: &[(&str, u16)],
+) -> Result<()> {
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|(n, p)| json!({ "name": n, "port": p }))
+        .collect();
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": ns, "labels": labels },
+        "spec": { "ports": ports },
+    });
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&svc),
+        )
+        .await?;
+    Ok(())
+}
+
+fn ports_of(s: &Service) -> BTreeSet<i32> {
+    s.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.port)
+        .collect()
+}
+
+/// The federated-membership entry of `ns/name` in Link `link`'s status: status and reason.
+async fn federated_status(
+    w: &Client,
+    link: &str,
+    ns: &str,
+    name: &str,
+) -> Option<(String, String, String)> {
+    let link = Api::<Link>::namespaced(w.clone(), NS)
+        .get(link)
+        .await
+        .ok()?;
+    let entry = link
+        .status?
+        .federated_services
+        .into_iter()
+        .find(|e| e.remote_ref.namespace == ns && e.remote_ref.name == name)?;
+    let c = entry.conditions.into_iter().next()?;
+    Some((format!("{:?}", c.status), c.reason, c.message))
+}
+
+/// Waits until `ns/name-federated` in `west` satisfies `ok`.
+async fn federated_until(env: &Env, what: &str, ok: impl Fn(&Service) -> bool) -> Result<Service> {
+    Ok(wait_for(what, WAIT, || async {
+        get::<Service>(&env.west, "fed", "api-federated")
+            .await
+            .filter(|s| ok(s))
+    })
+    .await?)
+}
+
+fn annotation<'a>(s: &'a Service, key: &str) -> Option<&'a str> {
+    s.annotations().get(key).map(String::as_str)
+}
+
+async fn federated(env: Arc<Env>) -> Result<()> {
+    const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
+    const LOCAL: &str = "multicluster.linkerd.io/local-discovery";
+    let member = |from: &str| json!({ "mirror.linkerd.io/federated": "member", "from": from });
+    for c in [&env.east, &env.north, &env.west] {
+        create_namespace(c, "fed").await?;
+    }
+    put_service(
+        &env.north,
+        "fed",
+        "api",
+        member("north"),
+        &[("http", 80), ("grpc", 9090)],
+    )
+    .await?;
+    put_service(&env.east, "fed", "api", member("east"), &[("http", 80)]).await?;
+
+    // Both members, in Link order (east's is older); metadata from east; ports of both.
+    let s = federated_until(&env, "api-federated with both remote members", |s| {
+        annotation(s, REMOTE) == Some("api@east,api@north")
+    })
+    .await?;
+    ensure!(
+        s.labels().get("from").map(String::as_str) == Some("east"),
+        "{s:?}"
+    );
+    ensure!(
+        s.labels()
+            .get("mirror.linkerd.io/mirrored-service")
+            .map(String::as_str)
+            == Some("true")
+            && !s.labels().contains_key("mirror.linkerd.io/cluster-name")
+            && !s.labels().contains_key("mirror.linkerd.io/federated"),
+        "labels: {:?}",
+        s.labels()
+    );
+    ensure!(
+        ports_of(&s) == BTreeSet::from([80, 9090]),
+        "ports: {:?}",
+        ports_of(&s)
+    );
+    ensure!(s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_none());
+    for link in ["east", "north"] {
+        wait_for("federated status entries", WAIT, || async {
+            let (st, reason, _) = federated_status(&env.west, link, "fed", "api").await?;
+            (st == "True" && reason == "Mirrored").then_some(())
+        })
+        .await?;
+    }
+
+    // This cluster's own member comes first.
+    put_service(&env.west, "fed", "api", member("west"), &[("admin", 8080)]).await?;
+    let s = federated_until(&env, "the local member", |s| {
+        annotation(s, LOCAL) == Some("api")
+    })
+    .await?;
+    ensure!(s.labels().get("from").map(String::as_str) == Some("west"));
+    ensure!(annotation(&s, REMOTE) == Some("api@east,api@north"));
+    ensure!(
+        ports_of(&s) == BTreeSet::from([80, 8080, 9090]),
+        "{:?}",
+        ports_of(&s)
+    );
+
+    // A member changes a port: the change is reflected (Linkerd loses it, #13680).
+    put_service(
+        &env.north,
+        "fed",
+        "api",
+        member("north"),
+        &[("http", 80), ("grpc", 9091)],
+    )
+    .await?;
+    federated_until(&env, "north's new port", |s| {
+        ports_of(s) == BTreeSet::from([80, 8080, 9091])
+    })
+    .await?;
+
+    // A member leaves: its entry and its ports go.
+    put_service(
+        &env.north,
+        "fed",
+        "api",
+        json!({ "from": "north" }),
+        &[("http", 80), ("grpc", 9091)],
+    )
+    .await?;
+    federated_until(&env, "north to leave", |s| {
+        annotation(s, REMOTE) == Some("api@east") && ports_of(s) == BTreeSet::from([80, 8080])
+    })
+    .await?;
+    wait_for("north's status entry to go", WAIT, || async {
+        federated_status(&env.west, "north", "fed", "api")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+
+    // A headless member is refused, with a status that says why.
+    let headless = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "db", "namespace": "fed", "labels": member("east") },
+        "spec": { "clusterIP": "None", "ports": [{ "port": 5432 }] },
+    });
+    Api::<Service>::namespaced(env.east.clone(), "fed")
+        .patch("db", &PatchParams::apply("e2e"), &Patch::Apply(&headless))
+        .await?;
+    let (_, reason, message) = wait_for("db refused", WAIT, || async {
+        federated_status(&env.west, "east", "fed", "db")
+            .await
+            .filter(|s| s.0 == "False")
+    })
+    .await?;
+    ensure!(
+        reason == "InvalidService" && message.contains("headless"),
+        "{reason}: {message}"
+    );
+    ensure!(
+        get::<Service>(&env.west, "fed", "db-federated")
+            .await
+            .is_none()
+    );
+
+    // Every member gone: the federated Service goes.
+    Api::<Service>::namespaced(env.west.clone(), "fed")
+        .delete("api", &DeleteParams::default())
+        .await?;
+    Api::<Service>::namespaced(env.east.clone(), "fed")
+        .delete("api", &DeleteParams::default())
+        .await?;
+    wait_for("api-federated to be deleted", WAIT, || async {
+        get::<Service>(&env.west, "fed", "api-federated")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+async fn dns_gateway(env: Arc<Env>) -> Result<()> {
+    create_namespace(&env.north, "dns").await?;
+    create_namespace(&env.west, "dns").await?;
+    put_service(
+        &env.north,
+        "dns",
+        "web",
+        json!({ "mirror.linkerd.io/exported": "true", "app": "web" }),
+        &[("http", 80)],
+    )
+    .await?;
+    // A selector, so that a ready pod gives the remote Service a ready endpoint.
+    Api::<Service>::namespaced(env.north.clone(), "dns")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "selector": { "app": "web" } } })),
+        )
+        .await?;
+    let node = wait_for("north's node", WAIT, || async {
+        Api::<k8s_openapi::api::core::v1::Node>::all(env.north.clone())
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()
+            .map(|n| n.name_any())
+    })
+    .await?;
+    create_ready_pod(
+        &env.north,
+        "dns",
+        "web-0",
+        &labels(&[("app", "web")]),
+        IpAddr::V4(Ipv4Addr::new(10, 2, 0, 5)),
+        &node,
+    )
+    .await?;
+    let ips = |want: &'static [&'static str]| {
+        let west = env.west.clone();
+        move || {
+            let west = west.clone();
+            async move {
+                get::<Endpoints>(&west, "dns", "web-north")
+                    .await
+                    .filter(|e| endpoint_ips(e).0 == want)
+            }
+        }
+    };
+    wait_for(
+        "web-north at the name's first answer",
+        WAIT,
+        ips(&["192.0.2.20"]),
+    )
+    .await?;
+
+    // The name's answer changes (a load balancer's addresses do): the mirror follows within
+    // the record's TTL, with no restart and no Link change.
+    env.dns.set(
+        NORTH_GATEWAY,
+        &[
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 21)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 22)),
+        ],
+    )?;
+    wait_for(
+        "web-north at the name's new answer",
+        WAIT,
+        ips(&["192.0.2.21", "192.0.2.22"]),
+    )
+    .await?;
+    wait_for("the slice to follow", WAIT, || async {
+        get::<EndpointSlice>(&env.west, "dns", "web-north-ipv4")
+            .await
+            .filter(|s| {
+                let mut a: Vec<String> = s
+                    .endpoints
+                    .iter()
+                    .flatten()
+                    .flat_map(|e| e.addresses.clone())
+                    .collect();
+                a.sort();
+                a == ["192.0.2.21", "192.0.2.22"]
+            })
+    })
+    .await?;
+    // east's mirrors are not touched by north's gateway.
+    ensure!(
+        get::<Endpoints>(&env.west, "dns", "web-east")
+            .await
+            .is_none()
+    );
+    Ok(())
+}
+
+async fn headless(env: Arc<Env>) -> Result<()> {
+    let (e, w) = (&env.east, &env.west);
+    for ns in ["hl"] {
+        create_namespace(e, ns).await?;
+        create_namespace(w, ns).await?;
+    }
+    create_namespace(w, "hl-other").await?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": { "name": "db", "labels": { "mirror.linkerd.io/exported": "true" } },
+        "spec": { "clusterIP": "None", "selector": { "app": "db" }, "ports": [{ "name": "pg", "port": 5432 }] },
+    }))?;
+    Api::<Service>::namespaced(e.clone(), "hl")
+        .create(&PostParams::default(), &svc)
+        .await?;
+    for (i, pod) in ["db-0", "db-1"].into_iter().enumerate() {
+        let ip = Ipv4Addr::new(10, 3, 0, 10 + u8::try_from(i)?);
+        create_ready_pod_in(
+            e,
+            "hl",
+            pod,
+            &labels(&[("app", "db")]),
+            IpAddr::V4(ip),
+            &env.east_node,
+            "db",
+        )
+        .await?;
+    }
+    // Looks like one of this mirror's pod mirrors, but in another namespace: never touched.
+    let decoy = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "db-0-east", "namespace": "hl-other", "labels": {
+            "mirror.linkerd.io/mirrored-service": "true",
+            "mirror.linkerd.io/cluster-name": "east",
+            "mirror.linkerd.io/headless-mirror-svc-name": "db-east",
+        } },
+        "spec": { "ports": [{ "port": 5432 }] },
+    });
+    Api::<Service>::namespaced(w.clone(), "hl-other")
+        .patch(
+            "db-0-east",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(&decoy),
+        )
+        .await?;
+
+    let root: Service = wait_for("headless root mirror db-east", WAIT, || {
+        get(w, "hl", "db-east")
+    })
+    .await?;
+    ensure!(
+        root.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
+        "root mirror is not headless: {root:?}"
+    );
+    // One ClusterIP mirror per pod, whose endpoints are the gateway.
+    let mut pod_ips = Vec::new();
+    for pod in ["db-0", "db-1"] {
+        let name = format!("{pod}-east");
+        let s: Service =
+            wait_for(&format!("pod mirror {name}"), WAIT, || get(w, "hl", &name)).await?;
+        ensure!(
+            s.labels()
+                .get("mirror.linkerd.io/headless-mirror-svc-name")
+                .map(String::as_str)
+                == Some("db-east")
+        );
+        ensure!(
+            annotation(&s, "mirror.linkerd.io/remote-svc-fq-name")
+                == Some(format!("{pod}.db.hl.svc.cluster.local").as_str())
+        );
+        ensure!(s.owner_references().iter().any(|o| o.name == "db-east"));
+        let ip = s
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.clone())
+            .filter(|ip| ip != "None")
+            .ok_or_else(|| anyhow!("{name} has no ClusterIP"))?;
+        pod_ips.push((pod.to_owned(), ip));
+        wait_for(
+            &format!("{name}'s endpoints at the gateway"),
+            WAIT,
+            || async {
+                get::<Endpoints>(w, "hl", &name)
+                    .await
+                    .filter(|e| endpoint_ips(e).0 == [EAST_GATEWAY])
+            },
+        )
+        .await?;
+    }
+    // The root's endpoints name each pod, at its mirror's address, on the pod's port.
+    let named = |ep: &Endpoints| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = ep
+            .subsets
+            .iter()
+            .flatten()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .map(|a| (a.hostname.clone().unwrap_or_default(), a.ip.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    let ep: Endpoints = wait_for("the root's named endpoints", WAIT, || async {
+        get::<Endpoints>(w, "hl", "db-east")
+            .await
+            .filter(|ep| named(ep) == pod_ips)
+    })
+    .await?;
+    let port = ep
+        .subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.ports.iter().flatten())
+        .next()
+        .map(|p| p.port);
+    ensure!(port == Some(5432), "the root's port is the pods': {ep:?}");
+
+    // A pod stops being ready: its mirror goes, and its name leaves the root's endpoints.
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "False" }] } });
+    Api::<Pod>::namespaced(e.clone(), "hl")
+        .patch_status(
+            "db-1",
+            &PatchParams::default(),
+            &Patch::Strategic(&not_ready),
+        )
+        .await?;
+    wait_for("db-1-east to be deleted", WAIT, || async {
+        get::<Service>(w, "hl", "db-1-east")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    wait_for("the root to name db-0 only", WAIT, || async {
+        get::<Endpoints>(w, "hl", "db-east")
+            .await
+            .filter(|ep| named(ep) == pod_ips[..1])
+    })
+    .await?;
+
+    // Unexport: the root and every pod mirror go, in this namespace only.
+    Api::<Service>::namespaced(e.clone(), "hl")
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "labels": { "mirror.linkerd.io/exported": null } } }),
+            ),
+        )
+        .await?;
+    wait_for("db-east and db-0-east to be deleted", WAIT, || async {
+        (get::<Service>(w, "hl", "db-east").await.is_none()
+            && get::<Service>(w, "hl", "db-0-east").await.is_none())
+        .then_some(())
+    })
+    .await?;
+    ensure!(
+        get::<Service>(w, "hl-other", "db-0-east").await.is_some(),
+        "a Service in another namespace was deleted"
+    );
+    Ok(())
+}
+
+async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
+    const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
+    let member = json!({ "mirror.linkerd.io/federated": "member" });
+    for c in [&env.east, &env.north, &env.west] {
+        create_namespace(c, "fed2").await?;
+    }
+    put_service(&env.east, "fed2", "cart", member.clone(), &[("http", 80)]).await?;
+    put_service(
+        &env.north,
+        "fed2",
+        "cart",
+        member,
+        &[("http", 80), ("admin", 9000)],
+    )
+    .await?;
+    let get_fed = || get::<Service>(&env.west, "fed2", "cart-federated");
+    let before: Service = wait_for("cart-federated with both members", WAIT, || async {
+        get_fed()
+            .await
+            .filter(|s| annotation(s, REMOTE) == Some("cart@east,cart@north"))
+    })
+    .await?;
+
+    // A restarted controller neither deletes nor rewrites it.
+    {
+        let mut controller = env.controller.lock().await;
+        controller.kill();
+        *controller = start_controller(&env.west_kubeconfig, env.dns.addr()).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = get_fed()
+        .await
+        .ok_or_else(|| anyhow!("cart-federated is gone after a restart"))?;
+    ensure!(
+        after.uid() == before.uid() && after.resource_version() == before.resource_version(),
+        "the restart replaced or rewrote cart-federated"
+    );
+
+    // Deleting north's Link takes north out of every federated Service, and its mirrors away.
+    Api::<Link>::namespaced(env.west.clone(), NS)
+        .delete("north", &DeleteParams::default())
+        .await?;
+    let s = wait_for("north to leave cart-federated", WAIT, || async {
+        get_fed()
+            .await
+            .filter(|s| annotation(s, REMOTE) == Some("cart@east"))
+    })
+    .await?;
+    ensure!(ports_of(&s) == BTreeSet::from([80]), "{:?}", ports_of(&s));
+    ensure!(s.uid() == before.uid(), "cart-federated was replaced");
+    wait_for("north's mirrors to go", WAIT, || async {
+        get::<Service>(&env.west, "dns", "web-north")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
