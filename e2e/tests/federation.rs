@@ -47,7 +47,10 @@ struct Env {
     west_kubeconfig: std::path::PathBuf,
     dns: DnsServer,
     controller: Mutex<Program>,
-    _clusters: Vec<Cluster>,
+    /// The remote-access kubeconfig of `north`.
+    north_kubeconfig: String,
+    /// east, north, west.
+    clusters: Vec<Cluster>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,12 @@ fn main() -> ExitCode {
         }),
         ("headless_service_is_mirrored_per_pod", |e| {
             Box::pin(headless(e))
+        }),
+        ("a_spec_change_restarts_only_that_links_work", |e| {
+            Box::pin(spec_change(e))
+        }),
+        ("one_named_link_served_with_namespace_creation", |e| {
+            Box::pin(one_named_link(e))
         }),
         (
             "restart_keeps_federated_services_and_link_deletion_removes_members",
@@ -91,10 +100,12 @@ async fn setup() -> Result<Env> {
     let dns = DnsServer::start().await?;
     dns.set(NORTH_GATEWAY, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])?;
     // `east`'s Link is created first: it is the older member of federated Services.
+    let mut north_kubeconfig = String::new();
     for (target, gateway) in [(east, EAST_GATEWAY), (north, NORTH_GATEWAY)] {
         let name = target.name();
         let kubeconfig = remote_access_kubeconfig(target, NS).await?;
         put_credentials(west, NS, name, &kubeconfig).await?;
+        north_kubeconfig = kubeconfig;
         let link = json!({
             "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
             "metadata": { "name": name, "namespace": NS },
@@ -126,7 +137,8 @@ async fn setup() -> Result<Env> {
         west: w,
         dns,
         controller: Mutex::new(controller),
-        _clusters: clusters,
+        north_kubeconfig,
+        clusters,
     })
 }
 
@@ -134,13 +146,22 @@ async fn start_controller(
     kubeconfig: &std::path::Path,
     dns: std::net::SocketAddr,
 ) -> Result<Program> {
+    start_controller_with(kubeconfig, dns, &[format!("--namespace={NS}")]).await
+}
+
+async fn start_controller_with(
+    kubeconfig: &std::path::Path,
+    dns: std::net::SocketAddr,
+    args: &[String],
+) -> Result<Program> {
+    let mut args = args.to_vec();
+    args.extend([
+        "--log=info,mirror_controller=debug".to_owned(),
+        format!("--dns-server={dns}"),
+    ]);
     Ok(Program::start(
         "meshlink-mirror",
-        &[
-            format!("--namespace={NS}"),
-            "--log=info,mirror_controller=debug".to_owned(),
-            format!("--dns-server={dns}"),
-        ],
+        &args,
         &[("KUBECONFIG", kubeconfig.display().to_string())],
     )
     .await?)
@@ -671,4 +692,160 @@ async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// How many times the controller started the work of the Link of `cluster`.
+async fn starts(env: &Env, cluster: &str) -> Result<f64> {
+    Ok(env
+        .controller
+        .lock()
+        .await
+        .metric(
+            "service_mirror_link_worker_starts_total",
+            &format!("target_cluster_name=\"{cluster}\""),
+        )
+        .await?)
+}
+
+async fn spec_change(env: Arc<Env>) -> Result<()> {
+    create_namespace(&env.east, "spec").await?;
+    create_namespace(&env.west, "spec").await?;
+    put_service(
+        &env.east,
+        "spec",
+        "echo",
+        json!({ "mirror.linkerd.io/exported": "true", "tier": "x" }),
+        &[("http", 80)],
+    )
+    .await?;
+    wait_for("echo-east with its tier label", WAIT, || async {
+        get::<Service>(&env.west, "spec", "echo-east")
+            .await
+            .filter(|s| s.labels().contains_key("tier"))
+    })
+    .await?;
+    let (east, north) = (starts(&env, "east").await?, starts(&env, "north").await?);
+    ensure!(
+        east >= 1.0 && north >= 1.0,
+        "starts: east {east}, north {north}"
+    );
+
+    // A spec change of east's Link: east's work restarts and applies it; north's does not.
+    Api::<Link>::namespaced(env.west.clone(), NS)
+        .patch(
+            "east",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "excludedLabels": ["tier"] } })),
+        )
+        .await?;
+    wait_for("echo-east without the now excluded label", WAIT, || async {
+        get::<Service>(&env.west, "spec", "echo-east")
+            .await
+            .filter(|s| !s.labels().contains_key("tier"))
+    })
+    .await?;
+    ensure!(
+        starts(&env, "east").await? == east + 1.0,
+        "east's work did not restart once"
+    );
+    ensure!(
+        starts(&env, "north").await? == north,
+        "north's work restarted"
+    );
+
+    // A status-only change restarts nothing.
+    Api::<Link>::namespaced(env.west.clone(), NS)
+        .patch_status(
+            "north",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "gateway": { "latencyMilliseconds": 12345 } } })),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        starts(&env, "north").await? == north,
+        "a status change restarted north's work"
+    );
+    ensure!(starts(&env, "east").await? == east + 1.0);
+    Ok(())
+}
+
+async fn one_named_link(env: Arc<Env>) -> Result<()> {
+    const NS2: &str = "mc2";
+    let west = &env.clusters[2];
+    create_namespace(&env.west, NS2).await?;
+    put_credentials(west, NS2, "north", &env.north_kubeconfig).await?;
+    for name in ["north2", "ignored"] {
+        let link = json!({
+            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+            "metadata": { "name": name, "namespace": NS2 },
+            "spec": {
+                "targetClusterName": name,
+                "targetClusterDomain": "cluster.local",
+                "clusterCredentialsSecret": "cluster-credentials-north",
+                "gatewayAddress": "192.0.2.30",
+                "gatewayPort": "4143",
+                "probeSpec": {},
+                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
+            },
+        });
+        apply_yaml(&env.west, &serde_norway::to_string(&link)?).await?;
+    }
+    // A second controller, as Linkerd's per-Link deployments: one Link, and it may create
+    // the namespaces of what it mirrors.
+    let second = start_controller_with(
+        west.kubeconfig_path(),
+        env.dns.addr(),
+        &[
+            format!("--namespace={NS2}"),
+            "--link=north2".to_owned(),
+            "--enable-namespace-creation".to_owned(),
+        ],
+    )
+    .await?;
+    // `autons` exists in north only.
+    create_namespace(&env.north, "autons").await?;
+    put_service(
+        &env.north,
+        "autons",
+        "cache",
+        json!({ "mirror.linkerd.io/exported": "true" }),
+        &[("redis", 6379)],
+    )
+    .await?;
+    let result = async {
+        wait_for(
+            "cache-north2 in a namespace the controller created",
+            WAIT,
+            || get::<Service>(&env.west, "autons", "cache-north2"),
+        )
+        .await?;
+        let ns = Api::<k8s_openapi::api::core::v1::Namespace>::all(env.west.clone())
+            .get("autons")
+            .await?;
+        ensure!(
+            ns.labels()
+                .get("mirror.linkerd.io/cluster-name")
+                .map(String::as_str)
+                == Some("north2"),
+            "created namespace labels: {:?}",
+            ns.labels()
+        );
+        // The Link it was not asked to serve is not touched.
+        let ignored = Api::<Link>::namespaced(env.west.clone(), NS2)
+            .get("ignored")
+            .await?;
+        ensure!(
+            ignored.status.is_none() && ignored.finalizers().is_empty(),
+            "the other Link was served: {ignored:?}"
+        );
+        ensure!(
+            get::<Service>(&env.west, "autons", "cache-ignored")
+                .await
+                .is_none()
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    result.map_err(|e| anyhow!("{e:#}\n--- second controller log:\n{}", second.log_tail()))
 }

@@ -117,9 +117,15 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
     create_gateway_service(east, &gw_ip, "1").await?;
     wait_remote_access_token(east).await?;
 
-    // `meshlink link` against east; its output applied unchanged to west.
+    // `meshlink link` against east; its output (with the controller) applied unchanged to west.
     let out = tokio::process::Command::new(workspace_binary("meshlink")?)
-        .args(["link", "--cluster-name", "east", "--kubeconfig"])
+        .args([
+            "link",
+            "--cluster-name",
+            "east",
+            "--with-controller",
+            "--kubeconfig",
+        ])
         .arg(east.kubeconfig_path())
         .output()
         .await?;
@@ -130,10 +136,16 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
     );
     let link_yaml = String::from_utf8(out.stdout)?;
     apply_yaml(&wc, &manifest("crds/link.yaml")?).await?;
-    apply_yaml(&wc, &manifest("mirror/controller.yaml")?).await?;
     apply_yaml(&wc, &link_yaml)
         .await
         .context("applying `meshlink link` output")?;
+    ensure!(
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(wc.clone(), NS)
+            .get_opt("meshlink-service-mirror")
+            .await?
+            .is_some(),
+        "`meshlink link --with-controller` printed no controller Deployment"
+    );
 
     // The controller runs as its own ServiceAccount.
     let token = service_account_token(west, NS, "meshlink-service-mirror").await?;

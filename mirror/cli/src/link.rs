@@ -184,11 +184,15 @@ pub async fn run(
         &facts.token,
         args.api_server_address.as_deref(),
     )?;
-    let mut docs = render(args, &facts, &kubeconfig)?;
-    if args.with_controller {
-        docs.extend(controller_docs(&args.namespace));
+    let docs = render(args, &facts, &kubeconfig)?;
+    if !args.with_controller {
+        return Ok(docs);
     }
-    Ok(docs)
+    // The controller's manifests first: they create the namespace the Link and its Secret go in,
+    // and `kubectl apply` takes documents in order.
+    let mut all = controller_docs(&args.namespace);
+    all.extend(docs);
+    Ok(all)
 }
 
 fn check_args(args: &LinkArgs) -> Result<(), LinkError> {

@@ -34,7 +34,7 @@ use crate::{
     Options,
     federation::Federation,
     gateway::{self, Entry},
-    metrics::{Metrics, WriteLabels},
+    metrics::{LinkLabels, Metrics, WriteLabels},
     probe, remote,
     status::StatusHandle,
     worker::LinkWorker,
@@ -186,6 +186,12 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     );
     drop(running);
 
+    ctx.metrics
+        .worker_starts
+        .get_or_create(&LinkLabels {
+            target_cluster_name: link.spec.target_cluster_name.clone(),
+        })
+        .inc();
     let status = StatusHandle::new(link.status.as_ref());
     if let Some(f) = &ctx.federation {
         f.join(link, status.clone());

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub(crate) probe: std::sync::Arc<crate::probe::ProbeMetrics>,
     pub(crate) leader: Gauge,
     pub(crate) endpoint_repairs: Family<LinkLabels, Counter>,
+    pub(crate) worker_starts: Family<LinkLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +71,7 @@ impl Default for Metrics {
             probe: std::sync::Arc::default(),
             leader: Gauge::default(),
             endpoint_repairs: Family::default(),
+            worker_starts: Family::default(),
         }
     }
 }
@@ -107,6 +109,11 @@ impl Metrics {
             "service_mirror_endpoint_repairs",
             "Times every mirror's endpoints were recomputed because the gateway changed",
             self.endpoint_repairs.clone(),
+        );
+        registry.register(
+            "service_mirror_link_worker_starts",
+            "Times a Link's work started: once, then on each change of its spec or credentials",
+            self.worker_starts.clone(),
         );
         registry.register(
             "service_mirror_leader",

@@ -260,6 +260,11 @@ fn renders_a_link_linkerd_would_write() {
 #[test]
 fn controller_manifests_follow_the_namespace() {
     let docs = controller_docs("mc");
+    // Printed before the Link: the namespace must exist when `kubectl apply` reaches it.
+    assert_eq!(
+        (&docs[0]["kind"], &docs[0]["metadata"]["name"]),
+        (&json!("Namespace"), &json!("mc"))
+    );
     assert!(
         docs.iter()
             .any(|d| d["kind"] == "Deployment" && d["metadata"]["namespace"] == "mc")
