@@ -94,6 +94,29 @@ fn owns_dropped_keys(desired: &Value, live: &Value, manager: &str) -> bool {
     false
 }
 
+/// Keeps, of a local object's `managedFields`, only what [`needs_apply`] reads:
+/// this controller's entries, and of those only the label and annotation keys. The rest (every
+/// other manager, and the field sets of ports, subsets and endpoints) is most of the object's
+/// size, and kept for every mirror.
+pub(crate) fn keep_own_fields<K: Resource>(obj: &mut K) {
+    if let Some(fields) = obj.meta_mut().managed_fields.as_mut() {
+        fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
+        for f in fields.iter_mut() {
+            if let Some(v1) = f.fields_v1.as_mut() {
+                let metadata = v1.0.get("f:metadata");
+                let keep = |map: &str| metadata.and_then(|m| m.get(map)).cloned();
+                let mut pruned = serde_json::Map::new();
+                for map in ["f:labels", "f:annotations"] {
+                    if let Some(keys) = keep(map) {
+                        pruned.insert(map.to_owned(), keys);
+                    }
+                }
+                v1.0 = serde_json::json!({ "f:metadata": pruned });
+            }
+        }
+    }
+}
+
 /// Per object (kind, namespace, name): the body last applied and the resourceVersion it got.
 type InFlight = HashMap<(&'static str, String, String), (u64, Option<String>)>;
 
@@ -422,5 +445,36 @@ mod tests {
         assert!(!needs_apply(&d, &l, ME));
         let l = json!({ "subsets": [{ "addresses": [{ "ip": "192.0.2.1" }] }] });
         assert!(needs_apply(&d, &l, ME), "subsets must be emptied");
+    }
+
+    #[test]
+    fn pruned_managed_fields_still_tell_which_keys_are_ours() {
+        let mut svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {
+                "name": "web-east",
+                "labels": { "a": "1", "b": "2" },
+                "managedFields": [
+                    { "manager": FIELD_MANAGER, "operation": "Apply", "fieldsType": "FieldsV1",
+                      "fieldsV1": { "f:metadata": { "f:labels": { "f:a": {} }, "f:name": {} },
+                                    "f:spec": { "f:ports": { "k:{\"port\":80}": {} } } } },
+                    { "manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                      "fieldsV1": { "f:metadata": { "f:labels": { "f:b": {} } } } },
+                ],
+            },
+        }))
+        .unwrap();
+        keep_own_fields(&mut svc);
+        let fields = svc.metadata.managed_fields.clone().unwrap();
+        assert_eq!(fields.len(), 1, "other managers' entries are dropped");
+        assert_eq!(
+            fields[0].fields_v1.as_ref().unwrap().0,
+            json!({ "f:metadata": { "f:labels": { "f:a": {} } } })
+        );
+        let live = serde_json::to_value(&svc).unwrap();
+        // Label `a` is ours: dropping it needs an apply; `b` is kubectl's: not ours to drop.
+        let without_a = json!({ "metadata": { "labels": { "b": "2" } } });
+        assert!(needs_apply(&without_a, &live, FIELD_MANAGER));
+        let with_a = json!({ "metadata": { "labels": { "a": "1" } } });
+        assert!(!needs_apply(&with_a, &live, FIELD_MANAGER));
     }
 }

@@ -41,9 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Options,
-    apply::{Error, Writer},
+    apply::{Error, Writer, keep_own_fields},
     desired::{
-        self, FIELD_MANAGER,
+        self,
         federated::{Federated, Member},
     },
     metrics::{ErrorLabels, Metrics},
@@ -391,9 +391,7 @@ impl Task {
         )
         .default_backoff()
         .modify(|s: &mut Service| {
-            if let Some(f) = s.metadata.managed_fields.as_mut() {
-                f.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
-            }
+            keep_own_fields(s);
             if let Some(a) = s.metadata.annotations.as_mut() {
                 a.remove("kubectl.kubernetes.io/last-applied-configuration");
             }

@@ -42,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Options,
-    apply::{Error, Writer},
-    desired::{self, EndpointPortSpec, FIELD_MANAGER, Gateway, Mode, SLICE_MANAGED_BY, Target},
+    apply::{Error, Writer, keep_own_fields},
+    desired::{self, EndpointPortSpec, Gateway, Mode, SLICE_MANAGED_BY, Target},
     federation::{self, Federation},
     metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels},
     status::{Key, Outcome, StatusHandle},
@@ -330,14 +330,6 @@ fn strip_remote(s: &mut Service) {
     s.metadata.managed_fields = None;
     if let Some(a) = s.metadata.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// Keeps, of a local object's `managedFields`, only this controller's entries: the only ones
-/// [`needs_apply`] reads, and most of the object's size.
-fn keep_own_fields<K: Resource>(obj: &mut K) {
-    if let Some(fields) = obj.meta_mut().managed_fields.as_mut() {
-        fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
     }
 }
 
