@@ -453,26 +453,57 @@ fn summarize(s: &EndpointSlice) -> Option<(SliceKey, SliceSummary)> {
     ))
 }
 
-/// Per remote Service, what its slices say together.
-fn by_service(slices: &HashMap<SliceKey, SliceSummary>) -> HashMap<Key, RemoteEndpoints> {
-    let mut m: HashMap<Key, RemoteEndpoints> = HashMap::new();
-    for ((ns, _), s) in slices {
-        let e = m.entry((ns.clone(), s.service.clone())).or_default();
-        e.ready |= s.has_ready;
-        if let Some((hostnames, named, ports)) = &s.headless {
-            e.hostnames.extend(hostnames.iter().cloned());
-            e.named |= named;
-            for p in ports {
-                if !e.ports.contains(p) {
-                    e.ports.push(p.clone());
-                }
+/// The remote EndpointSlices' summaries, grouped by Service, so that a change to one slice
+/// recomputes only its Service.
+#[derive(Default)]
+struct RemoteSlices {
+    by_service: HashMap<Key, HashMap<String, SliceSummary>>,
+}
+
+impl RemoteSlices {
+    /// Records a slice; returns its Service.
+    fn insert(&mut self, (ns, name): SliceKey, summary: SliceSummary) -> Key {
+        let key = (ns, summary.service.clone());
+        self.by_service
+            .entry(key.clone())
+            .or_default()
+            .insert(name, summary);
+        key
+    }
+
+    /// Forgets a slice of `service`.
+    fn remove(&mut self, key: &Key, name: &str) {
+        if let Some(slices) = self.by_service.get_mut(key) {
+            slices.remove(name);
+            if slices.is_empty() {
+                self.by_service.remove(key);
             }
         }
     }
-    for e in m.values_mut() {
+
+    /// What the slices of `key` say together.
+    fn aggregate(&self, key: &Key) -> RemoteEndpoints {
+        let mut e = RemoteEndpoints::default();
+        for s in self
+            .by_service
+            .get(key)
+            .into_iter()
+            .flat_map(HashMap::values)
+        {
+            e.ready |= s.has_ready;
+            if let Some((hostnames, named, ports)) = &s.headless {
+                e.hostnames.extend(hostnames.iter().cloned());
+                e.named |= named;
+                for p in ports {
+                    if !e.ports.contains(p) {
+                        e.ports.push(p.clone());
+                    }
+                }
+            }
+        }
         e.ports.sort();
+        e
     }
-    m
 }
 
 /// Watches every EndpointSlice of the target cluster and keeps, per Service, what mirroring
@@ -484,27 +515,25 @@ async fn watch_remote_readiness(
 ) {
     let api: Api<EndpointSlice> = Api::all(remote);
     let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-    let mut slices: HashMap<SliceKey, SliceSummary> = HashMap::new();
-    let mut relist: Option<HashMap<SliceKey, SliceSummary>> = None;
+    let mut slices = RemoteSlices::default();
+    let mut relist: Option<RemoteSlices> = None;
     let mut listed = false;
     while let Some(event) = stream.next().await {
-        let mut changed: Vec<Key> = Vec::new();
+        let mut changed: HashSet<Key> = HashSet::new();
         match event {
             Ok(watcher::Event::Apply(s)) => {
                 if let Some((k, v)) = summarize(&s) {
-                    let key = (k.0.clone(), v.service.clone());
-                    if slices.insert(k, v.clone()) != Some(v) {
-                        changed.push(key);
-                    }
+                    changed.insert(slices.insert(k, v));
                 }
             }
             Ok(watcher::Event::Delete(s)) => {
-                if let Some((k, v)) = summarize(&s) {
-                    slices.remove(&k);
-                    changed.push((k.0, v.service));
+                if let Some(((ns, name), v)) = summarize(&s) {
+                    let key = (ns, v.service);
+                    slices.remove(&key, &name);
+                    changed.insert(key);
                 }
             }
-            Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+            Ok(watcher::Event::Init) => relist = Some(RemoteSlices::default()),
             Ok(watcher::Event::InitApply(s)) => {
                 if let (Some(buf), Some((k, v))) = (relist.as_mut(), summarize(&s)) {
                     buf.insert(k, v);
@@ -516,12 +545,8 @@ async fn watch_remote_readiness(
                     let _ = tx.send(Trigger::Synced(Source::RemoteSlices));
                 }
                 let new = relist.take().unwrap_or_default();
-                changed.extend(
-                    slices
-                        .iter()
-                        .chain(new.iter())
-                        .map(|((ns, _), v)| (ns.clone(), v.service.clone())),
-                );
+                changed.extend(slices.by_service.keys().cloned());
+                changed.extend(new.by_service.keys().cloned());
                 slices = new;
             }
             Err(e) => {
@@ -529,19 +554,22 @@ async fn watch_remote_readiness(
                 continue;
             }
         }
-        if changed.is_empty() {
-            continue;
-        }
-        let now = by_service(&slices);
-        let mut guard = ready.lock().unwrap_or_else(|e| e.into_inner());
         let mut flips = Vec::new();
-        for key in changed {
-            if guard.get(&key) != now.get(&key) && !flips.contains(&key) {
-                flips.push(key);
+        {
+            let mut guard = ready.lock().unwrap_or_else(|e| e.into_inner());
+            for key in changed {
+                let now = slices.aggregate(&key);
+                let before = guard.get(&key);
+                if before.unwrap_or(&RemoteEndpoints::default()) != &now {
+                    if now == RemoteEndpoints::default() {
+                        guard.remove(&key);
+                    } else {
+                        guard.insert(key.clone(), now);
+                    }
+                    flips.push(key);
+                }
             }
         }
-        *guard = now;
-        drop(guard);
         if !flips.is_empty() {
             tracing::debug!(services = ?flips, "remote endpoints changed");
         }
