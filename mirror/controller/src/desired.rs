@@ -135,19 +135,49 @@ pub fn is_excluded(key: &str, rules: &[String]) -> bool {
     })
 }
 
-/// The labels a mirror Service and its Endpoints carry: the remote Service's labels without the
-/// `mirror.linkerd.io` keys and the excluded ones, plus the mirror's own.
-pub fn mirror_labels(target: &Target, remote: &Service) -> BTreeMap<String, String> {
-    let mut labels: BTreeMap<String, String> = remote
-        .metadata
+/// The labels of `s` a mirror or federated Service copies: all but the `mirror.linkerd.io` keys
+/// and the `excluded` ones.
+fn copied_labels(s: &Service, excluded: &[String]) -> BTreeMap<String, String> {
+    s.metadata
         .labels
         .iter()
         .flatten()
+        .filter(|(k, _)| !k.starts_with(keys::SERVICE_MIRROR_PREFIX) && !is_excluded(k, excluded))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The annotations of `s` a mirror or federated Service copies: all but the dropped and the
+/// `excluded` ones; opaque ports decide how the source proxy treats traffic, so they are always
+/// kept.
+fn copied_annotations(s: &Service, excluded: &[String]) -> BTreeMap<String, String> {
+    s.metadata
+        .annotations
+        .iter()
+        .flatten()
         .filter(|(k, _)| {
-            !k.starts_with(keys::SERVICE_MIRROR_PREFIX) && !is_excluded(k, &target.excluded_labels)
+            !DROPPED_ANNOTATIONS.contains(&k.as_str())
+                && (k.as_str() == keys::OPAQUE_PORTS_ANNOTATION || !is_excluded(k, excluded))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+        .collect()
+}
+
+/// A remote port as a mirror or federated Service has it: nodePort and appProtocol dropped.
+fn copied_port(p: &ServicePort) -> ServicePort {
+    ServicePort {
+        name: p.name.clone(),
+        protocol: p.protocol.clone(),
+        port: p.port,
+        target_port: p.target_port.clone(),
+        ..ServicePort::default()
+    }
+}
+
+/// The labels a mirror Service and its Endpoints carry: the remote Service's labels without the
+/// `mirror.linkerd.io` keys and the excluded ones, plus the mirror's own.
+pub fn mirror_labels(target: &Target, remote: &Service) -> BTreeMap<String, String> {
+    let mut labels = copied_labels(remote, &target.excluded_labels);
     labels.insert(keys::MIRRORED_RESOURCE_LABEL.into(), "true".into());
     labels.insert(keys::CLUSTER_NAME_LABEL.into(), target.cluster.clone());
     labels
@@ -167,13 +197,7 @@ pub fn mirror_service(
         .spec
         .iter()
         .flat_map(|s| s.ports.iter().flatten())
-        .map(|p| ServicePort {
-            name: p.name.clone(),
-            protocol: p.protocol.clone(),
-            port: p.port,
-            target_port: p.target_port.clone(),
-            ..ServicePort::default()
-        })
+        .map(copied_port)
         .collect();
     if ports.is_empty() {
         return Err(InvalidService::NoPorts);
@@ -185,22 +209,7 @@ pub fn mirror_service(
         labels.insert(keys::REMOTE_SERVICE_LABEL.into(), remote_name.to_owned());
     }
 
-    let remote_annotations = remote.metadata.annotations.iter().flatten();
-    let mut annotations: BTreeMap<String, String> = remote_annotations
-        .clone()
-        .filter(|(k, _)| {
-            !DROPPED_ANNOTATIONS.contains(&k.as_str())
-                && !is_excluded(k, &target.excluded_annotations)
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    // Opaque ports decide how the source proxy treats traffic: always kept.
-    if let Some((k, v)) = remote_annotations
-        .clone()
-        .find(|(k, _)| *k == keys::OPAQUE_PORTS_ANNOTATION)
-    {
-        annotations.insert(k.clone(), v.clone());
-    }
+    let mut annotations = copied_annotations(remote, &target.excluded_annotations);
     annotations.insert(keys::REMOTE_SVC_FQ_NAME_ANNOTATION.into(), fqdn);
     if let Some(rv) = &remote.metadata.resource_version {
         annotations.insert(keys::REMOTE_RESOURCE_VERSION_ANNOTATION.into(), rv.clone());
@@ -257,12 +266,132 @@ fn gateway_ports(
         .map(move |p| (p.name.clone(), p.protocol.clone(), i32::from(port)))
 }
 
-/// The core Endpoints of a gateway-mode mirror (Linkerd's consumers read these).
-///
-/// One subset: the gateway's addresses with every remote port mapped to the gateway port; the
-/// addresses are `notReadyAddresses` while the gateway is dead; no subsets at all while the
-/// remote Service has no ready endpoints (so clients fail fast instead of crossing clusters for
-/// nothing).
+/// What a mirror's Endpoints and its EndpointSlices both say.
+struct Published<'a> {
+    /// Each address, with its pod's hostname for a headless mirror.
+    addresses: Vec<(IpAddr, Option<&'a str>)>,
+    /// Each port: name, protocol, port.
+    ports: Vec<(Option<String>, Option<String>, i32)>,
+    /// Whether the addresses are ready (the gateway is alive).
+    ready: bool,
+}
+
+impl Published<'_> {
+    /// The core Endpoints (Linkerd's consumers read these): one subset, its addresses
+    /// `notReadyAddresses` when not ready; no subsets at all without addresses, as an empty list
+    /// rather than an absent one, so that server-side apply removes subsets written before.
+    fn endpoints(&self, mut metadata: ObjectMeta) -> Endpoints {
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(SKIP_MIRROR_LABEL.into(), "true".into());
+        let subsets = if self.addresses.is_empty() {
+            Vec::new()
+        } else {
+            let addresses: Vec<EndpointAddress> = self
+                .addresses
+                .iter()
+                .map(|(ip, hostname)| EndpointAddress {
+                    ip: ip.to_string(),
+                    hostname: hostname.map(str::to_owned),
+                    ..EndpointAddress::default()
+                })
+                .collect();
+            let (ready, not_ready) = if self.ready {
+                (Some(addresses), None)
+            } else {
+                (None, Some(addresses))
+            };
+            let ports = self
+                .ports
+                .iter()
+                .map(|(name, protocol, port)| EndpointPort {
+                    name: name.clone(),
+                    protocol: protocol.clone(),
+                    port: *port,
+                    ..EndpointPort::default()
+                });
+            vec![EndpointSubset {
+                addresses: ready,
+                not_ready_addresses: not_ready,
+                ports: Some(ports.collect()),
+            }]
+        };
+        Endpoints {
+            metadata,
+            subsets: Some(subsets),
+        }
+    }
+
+    /// The EndpointSlices `<mirror>-ipv4` and `<mirror>-ipv6`, for the families `(v4, v6)` says;
+    /// a family's slice is empty when it has no address.
+    fn slices(&self, base: ObjectMeta, (v4, v6): (bool, bool)) -> Vec<EndpointSlice> {
+        let mirror = base.name.clone().unwrap_or_default();
+        let ports: Vec<discovery::EndpointPort> = self
+            .ports
+            .iter()
+            .map(|(name, protocol, port)| discovery::EndpointPort {
+                name: name.clone(),
+                protocol: protocol.clone(),
+                port: Some(*port),
+                ..discovery::EndpointPort::default()
+            })
+            .collect();
+        [("IPv4", "ipv4", v4, true), ("IPv6", "ipv6", v6, false)]
+            .into_iter()
+            .filter(|family| family.2)
+            .map(|(family, suffix, _, is_v4)| {
+                let endpoints = self
+                    .addresses
+                    .iter()
+                    .filter(|(ip, _)| ip.is_ipv4() == is_v4)
+                    .map(|(ip, hostname)| discovery::Endpoint {
+                        addresses: vec![ip.to_string()],
+                        hostname: hostname.map(str::to_owned),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(self.ready),
+                            serving: Some(self.ready),
+                            terminating: Some(false),
+                        }),
+                        ..discovery::Endpoint::default()
+                    })
+                    .collect();
+                let mut metadata = base.clone();
+                metadata.name = Some(format!("{mirror}-{suffix}"));
+                let labels = metadata.labels.get_or_insert_default();
+                labels.insert(SERVICE_NAME_LABEL.into(), mirror.clone());
+                labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGED_BY.into());
+                EndpointSlice {
+                    metadata,
+                    address_type: family.to_owned(),
+                    endpoints: Some(endpoints),
+                    ports: Some(ports.clone()),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A gateway-mode mirror's addresses: the gateway's, with every remote port mapped to the gateway
+/// port, not ready while the gateway is dead, none while the remote Service has no ready
+/// endpoints (so clients fail fast instead of crossing clusters for nothing).
+fn gateway_published<'a>(
+    remote: &Service,
+    remote_ready: bool,
+    gateway: &'a Gateway,
+) -> Published<'a> {
+    Published {
+        addresses: if remote_ready {
+            gateway.addresses.iter().map(|ip| (*ip, None)).collect()
+        } else {
+            Vec::new()
+        },
+        ports: gateway_ports(remote, gateway.port).collect(),
+        ready: gateway.alive,
+    }
+}
+
+/// The core Endpoints of a gateway-mode mirror (see [`gateway_published`]).
 pub fn gateway_endpoints(
     target: &Target,
     remote: &Service,
@@ -270,47 +399,8 @@ pub fn gateway_endpoints(
     remote_ready: bool,
     gateway: &Gateway,
 ) -> Endpoints {
-    let mut metadata = endpoint_metadata(target, remote, mirror);
-    metadata
-        .labels
-        .get_or_insert_default()
-        .insert(SKIP_MIRROR_LABEL.into(), "true".into());
-    // An empty list, not an absent one: server-side apply then removes subsets written before.
-    let subsets = if !remote_ready || gateway.addresses.is_empty() {
-        Vec::new()
-    } else {
-        let addresses: Vec<EndpointAddress> = gateway
-            .addresses
-            .iter()
-            .map(|ip| EndpointAddress {
-                ip: ip.to_string(),
-                ..EndpointAddress::default()
-            })
-            .collect();
-        let (ready, not_ready) = if gateway.alive {
-            (Some(addresses), None)
-        } else {
-            (None, Some(addresses))
-        };
-        vec![EndpointSubset {
-            addresses: ready,
-            not_ready_addresses: not_ready,
-            ports: Some(
-                gateway_ports(remote, gateway.port)
-                    .map(|(name, protocol, port)| EndpointPort {
-                        name,
-                        protocol,
-                        port,
-                        ..EndpointPort::default()
-                    })
-                    .collect(),
-            ),
-        }]
-    };
-    Endpoints {
-        metadata,
-        subsets: Some(subsets),
-    }
+    gateway_published(remote, remote_ready, gateway)
+        .endpoints(endpoint_metadata(target, remote, mirror))
 }
 
 /// The EndpointSlices of a gateway-mode mirror: the same addresses, readiness and annotations as
@@ -323,55 +413,11 @@ pub fn gateway_slices(
     remote_ready: bool,
     gateway: &Gateway,
 ) -> Vec<EndpointSlice> {
-    let mirror_name = mirror.metadata.name.clone().unwrap_or_default();
-    let base = endpoint_metadata(target, remote, mirror);
-    let ports: Vec<discovery::EndpointPort> = gateway_ports(remote, gateway.port)
-        .map(|(name, protocol, port)| discovery::EndpointPort {
-            name,
-            protocol,
-            port: Some(port),
-            ..discovery::EndpointPort::default()
-        })
-        .collect();
-    [("IPv4", "ipv4"), ("IPv6", "ipv6")]
-        .into_iter()
-        .filter_map(|(family, suffix)| {
-            let ips: Vec<&IpAddr> = gateway
-                .addresses
-                .iter()
-                .filter(|ip| ip.is_ipv4() == (family == "IPv4"))
-                .collect();
-            if ips.is_empty() {
-                return None;
-            }
-            let endpoints = if remote_ready {
-                ips.iter()
-                    .map(|ip| discovery::Endpoint {
-                        addresses: vec![ip.to_string()],
-                        conditions: Some(EndpointConditions {
-                            ready: Some(gateway.alive),
-                            serving: Some(gateway.alive),
-                            terminating: Some(false),
-                        }),
-                        ..discovery::Endpoint::default()
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let mut metadata = base.clone();
-            metadata.name = Some(format!("{mirror_name}-{suffix}"));
-            let labels = metadata.labels.get_or_insert_default();
-            labels.insert(SERVICE_NAME_LABEL.into(), mirror_name.clone());
-            labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGED_BY.into());
-            Some(EndpointSlice {
-                metadata,
-                address_type: family.to_owned(),
-                endpoints: Some(endpoints),
-                ports: Some(ports.clone()),
-            })
-        })
-        .collect()
+    let has = |v4: bool| gateway.addresses.iter().any(|ip| ip.is_ipv4() == v4);
+    gateway_published(remote, remote_ready, gateway).slices(
+        endpoint_metadata(target, remote, mirror),
+        (has(true), has(false)),
+    )
 }
 
 /// Whether a Service is headless (`clusterIP: None`).
@@ -474,7 +520,7 @@ pub fn endpoint_mirror_endpoints(
 /// The Endpoints and EndpointSlices of a headless root mirror: one address per ready remote pod,
 /// named by its hostname, at the ClusterIP of that pod's endpoint mirror, on the pods' own ports.
 /// Like every mirror's, they are not ready while the gateway is dead (Linkerd applies that on
-/// update but not on create [quirk]).
+/// update but not on create [quirk]). The IPv4 slice is always there, empty without pods.
 pub fn headless_endpoints(
     target: &Target,
     remote: &Service,
@@ -483,97 +529,20 @@ pub fn headless_endpoints(
     ports: &[EndpointPortSpec],
     alive: bool,
 ) -> (Endpoints, Vec<EndpointSlice>) {
-    let mirror_name = mirror.metadata.name.clone().unwrap_or_default();
-    let mut metadata = endpoint_metadata(target, remote, mirror);
-    let mut endpoints_meta = metadata.clone();
-    endpoints_meta
-        .labels
-        .get_or_insert_default()
-        .insert(SKIP_MIRROR_LABEL.into(), "true".into());
-    let addresses: Vec<EndpointAddress> = pods
-        .iter()
-        .map(|(hostname, ip)| EndpointAddress {
-            hostname: Some(hostname.clone()),
-            ip: ip.to_string(),
-            ..EndpointAddress::default()
-        })
-        .collect();
-    let subsets = if addresses.is_empty() {
-        Vec::new()
-    } else {
-        let (ready, not_ready) = if alive {
-            (Some(addresses), None)
-        } else {
-            (None, Some(addresses))
-        };
-        vec![EndpointSubset {
-            addresses: ready,
-            not_ready_addresses: not_ready,
-            ports: Some(
-                ports
-                    .iter()
-                    .filter_map(|(name, port, protocol)| {
-                        Some(EndpointPort {
-                            name: name.clone(),
-                            port: (*port)?,
-                            protocol: protocol.clone(),
-                            ..EndpointPort::default()
-                        })
-                    })
-                    .collect(),
-            ),
-        }]
-    };
-    let endpoints = Endpoints {
-        metadata: endpoints_meta,
-        subsets: Some(subsets),
-    };
-    let labels = metadata.labels.get_or_insert_default();
-    labels.insert(SERVICE_NAME_LABEL.into(), mirror_name.clone());
-    labels.insert(MANAGED_BY_LABEL.into(), SLICE_MANAGED_BY.into());
-    let mut slices = Vec::new();
-    for (family, suffix) in [("IPv4", "ipv4"), ("IPv6", "ipv6")] {
-        let family_pods: Vec<&(String, IpAddr)> = pods
+    let published = Published {
+        addresses: pods.iter().map(|(h, ip)| (*ip, Some(h.as_str()))).collect(),
+        ports: ports
             .iter()
-            .filter(|(_, ip)| ip.is_ipv4() == (family == "IPv4"))
-            .collect();
-        if family_pods.is_empty() && family == "IPv6" {
-            continue;
-        }
-        let mut meta = metadata.clone();
-        meta.name = Some(format!("{mirror_name}-{suffix}"));
-        slices.push(EndpointSlice {
-            metadata: meta,
-            address_type: family.to_owned(),
-            endpoints: Some(
-                family_pods
-                    .iter()
-                    .map(|(hostname, ip)| discovery::Endpoint {
-                        addresses: vec![ip.to_string()],
-                        hostname: Some(hostname.clone()),
-                        conditions: Some(EndpointConditions {
-                            ready: Some(alive),
-                            serving: Some(alive),
-                            terminating: Some(false),
-                        }),
-                        ..discovery::Endpoint::default()
-                    })
-                    .collect(),
-            ),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(name, port, protocol)| discovery::EndpointPort {
-                        name: name.clone(),
-                        port: *port,
-                        protocol: protocol.clone(),
-                        ..discovery::EndpointPort::default()
-                    })
-                    .collect(),
-            ),
-        });
-    }
-    (endpoints, slices)
+            .filter_map(|(name, port, protocol)| Some((name.clone(), protocol.clone(), (*port)?)))
+            .collect(),
+        ready: alive,
+    };
+    let metadata = endpoint_metadata(target, remote, mirror);
+    let v6 = pods.iter().any(|(_, ip)| ip.is_ipv6());
+    (
+        published.endpoints(metadata.clone()),
+        published.slices(metadata, (true, v6)),
+    )
 }
 
 #[cfg(test)]

@@ -18,8 +18,6 @@
 //! federated Service already had one, and contributes nothing else until it is listed. A
 //! federated Service whose only members are pending is left as it is, never deleted.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::{
     api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
@@ -27,7 +25,7 @@ use k8s_openapi::{
 use kube::ResourceExt;
 use link_crd::{keys, naming};
 
-use super::{DROPPED_ANNOTATIONS, InvalidService, is_excluded, is_headless};
+use super::{InvalidService, copied_annotations, copied_labels, copied_port, is_headless};
 
 /// One member of a federated Service.
 #[derive(Clone, Debug)]
@@ -108,32 +106,13 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
     let name = first_service.metadata.name.clone().unwrap_or_default();
     let namespace = first_service.metadata.namespace.clone();
 
-    let mut labels: BTreeMap<String, String> = first_service
-        .metadata
-        .labels
-        .iter()
-        .flatten()
-        .filter(|(k, _)| {
-            !k.starts_with(keys::SERVICE_MIRROR_PREFIX) && !is_excluded(k, first.excluded_labels)
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut labels = copied_labels(first_service, first.excluded_labels);
     labels.insert(keys::MIRRORED_RESOURCE_LABEL.to_owned(), "true".to_owned());
 
-    let mut annotations: BTreeMap<String, String> = first_service
-        .metadata
-        .annotations
-        .iter()
-        .flatten()
-        .filter(|(k, _)| {
-            !DROPPED_ANNOTATIONS.contains(&k.as_str())
-                && (k.as_str() == keys::OPAQUE_PORTS_ANNOTATION
-                    || !is_excluded(k, first.excluded_annotations))
-                && k.as_str() != keys::REMOTE_DISCOVERY_KEY
-                && k.as_str() != keys::LOCAL_DISCOVERY_ANNOTATION
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    // The discovery annotations are this Service's own, written below.
+    let mut annotations = copied_annotations(first_service, first.excluded_annotations);
+    annotations.remove(keys::REMOTE_DISCOVERY_KEY);
+    annotations.remove(keys::LOCAL_DISCOVERY_ANNOTATION);
     let remote: Vec<String> = joining
         .iter()
         .filter_map(|m| m.cluster.map(|c| format!("{name}@{c}")))
@@ -154,13 +133,7 @@ pub fn federated_service(members: &[Member<'_>]) -> Result<Federated, InvalidSer
                 .iter()
                 .any(|q| q.port == p.port && q.protocol.as_deref().unwrap_or("TCP") == protocol);
             if !seen {
-                ports.push(ServicePort {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
-                    port: p.port,
-                    target_port: p.target_port.clone(),
-                    ..ServicePort::default()
-                });
+                ports.push(copied_port(p));
             }
         }
     }
