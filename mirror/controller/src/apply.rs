@@ -101,7 +101,7 @@ pub(crate) fn keep_own_fields<K: Resource>(obj: &mut K) {
             f.api_version = None;
             f.fields_type = None;
             if let Some(v1) = f.fields_v1.as_mut() {
-                v1.0 = Value::Array(owned_keys(&v1.0).map(Value::String).collect());
+                v1.0 = Value::Array(owned_keys(&v1.0).into_iter().map(Value::String).collect());
             }
         }
     }
@@ -109,18 +109,25 @@ pub(crate) fn keep_own_fields<K: Resource>(obj: &mut K) {
 
 /// The label and annotation keys a `fieldsV1` tree (or its compact form) owns, as
 /// `labels/<key>` and `annotations/<key>`.
-fn owned_keys(fields: &Value) -> Box<dyn Iterator<Item = String> + '_> {
+fn owned_keys(fields: &Value) -> Vec<String> {
     if let Value::Array(compact) = fields {
-        return Box::new(compact.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+        return compact
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
     }
-    Box::new(["labels", "annotations"].into_iter().flat_map(move |map| {
-        fields
+    let mut owned = Vec::new();
+    for map in ["labels", "annotations"] {
+        let keys = fields
             .pointer(&format!("/f:metadata/f:{map}"))
-            .and_then(Value::as_object)
-            .into_iter()
-            .flat_map(|keys| keys.keys())
-            .filter_map(move |k| Some(format!("{map}/{}", k.strip_prefix("f:")?)))
-    }))
+            .and_then(Value::as_object);
+        owned.extend(
+            keys.into_iter()
+                .flat_map(|k| k.keys())
+                .filter_map(|k| Some(format!("{map}/{}", k.strip_prefix("f:")?))),
+        );
+    }
+    owned
 }
 
 /// Per object (kind, namespace, name): the body last applied and the resourceVersion it got.

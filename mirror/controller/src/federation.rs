@@ -48,6 +48,7 @@ use crate::{
     },
     metrics::{ErrorLabels, Metrics},
     status::{Key, Outcome, StatusHandle},
+    worker::retry_delay,
 };
 
 /// What a worker reports of its Link.
@@ -244,6 +245,8 @@ struct Stores {
 const CONCURRENCY: usize = 8;
 
 impl Task {
+    /// Runs until cancelled (the task holds a sender, so `rx` never ends); dropping it drops
+    /// `tasks`, which stops the watches.
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let tx = self.federation.tx.clone();
         let mut tasks = tokio::task::JoinSet::new();
@@ -359,9 +362,7 @@ impl Task {
                             .inc();
                         let n = attempts.entry(key.clone()).or_default();
                         *n += 1;
-                        let delay = Duration::from_millis(200)
-                            .saturating_mul(1 << (*n).min(16))
-                            .min(Duration::from_secs(60));
+                        let delay = retry_delay(*n);
                         tracing::warn!(namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "federated Service not written");
                         let tx = tx.clone();
                         tokio::spawn(async move {
@@ -372,7 +373,6 @@ impl Task {
                 }
             }
         }
-        tasks.shutdown().await;
     }
 
     /// Watches local Services that `labels` select, each change keyed by `key`.

@@ -227,11 +227,16 @@ impl StatusHandle {
         f(&mut guard)
     }
 
-    /// Records the outcome for `key`; returns whether it is a transition.
-    pub fn set(&self, key: &Key, outcome: Outcome) -> bool {
+    /// Records `outcome` for `key` in a list; returns whether it is a transition.
+    fn set_in(
+        &self,
+        list: fn(&mut State) -> &mut BTreeMap<Key, Cond>,
+        key: &Key,
+        outcome: Outcome,
+    ) -> bool {
         let changed = self.with(|s| {
             upsert(
-                &mut s.services,
+                list(s),
                 key.clone(),
                 outcome.status,
                 outcome.reason,
@@ -245,35 +250,30 @@ impl StatusHandle {
         changed
     }
 
-    /// Forgets `key` (unexported or deleted).
-    pub fn remove(&self, key: &Key) {
-        if self.with(|s| s.services.remove(key).is_some()) {
+    fn remove_in(&self, list: fn(&mut State) -> &mut BTreeMap<Key, Cond>, key: &Key) {
+        if self.with(|s| list(s).remove(key).is_some()) {
             self.changed.notify_one();
         }
+    }
+
+    /// Records the outcome for mirrored Service `key`; returns whether it is a transition.
+    pub fn set(&self, key: &Key, outcome: Outcome) -> bool {
+        self.set_in(|s| &mut s.services, key, outcome)
+    }
+
+    /// Forgets `key` (unexported or deleted).
+    pub fn remove(&self, key: &Key) {
+        self.remove_in(|s| &mut s.services, key);
     }
 
     /// Records the outcome of this Link's member `key` of a federated Service.
     pub fn set_federated(&self, key: &Key, outcome: Outcome) {
-        let changed = self.with(|s| {
-            upsert(
-                &mut s.federated,
-                key.clone(),
-                outcome.status,
-                outcome.reason,
-                &outcome.message,
-                outcome.local,
-            )
-        });
-        if changed {
-            self.changed.notify_one();
-        }
+        self.set_in(|s| &mut s.federated, key, outcome);
     }
 
     /// Forgets the federated member `key` (it left its federated Service).
     pub fn remove_federated(&self, key: &Key) {
-        if self.with(|s| s.federated.remove(key).is_some()) {
-            self.changed.notify_one();
-        }
+        self.remove_in(|s| &mut s.federated, key);
     }
 
     /// The keys that have an entry.

@@ -54,6 +54,13 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 /// ...up to this.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// How long a key that failed `attempts` times in a row waits before its next try.
+pub(crate) fn retry_delay(attempts: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1 << attempts.min(16))
+        .min(RETRY_MAX)
+}
+
 /// What one Link's worker needs.
 pub(crate) struct LinkWorker {
     pub link_name: String,
@@ -807,7 +814,7 @@ impl Loop<'_> {
                         .inc();
                     let n = self.attempts.entry(key.clone()).or_default();
                     *n += 1;
-                    let delay = RETRY_MIN.saturating_mul(1 << (*n).min(16)).min(RETRY_MAX);
+                    let delay = retry_delay(*n);
                     tracing::warn!(link = %self.worker.link_name, namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "reconcile failed");
                     self.worker
                         .status
