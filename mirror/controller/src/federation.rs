@@ -529,61 +529,54 @@ impl Task {
             }
         }
 
-        let statuses: HashMap<&str, &StatusHandle> = clusters
-            .iter()
-            .map(|c| (c.cluster.as_str(), &c.status))
-            .collect();
-        let member_clusters: HashSet<&str> = clusters
-            .iter()
-            .filter(|c| matches!(c.member, Some(Some(_))))
-            .map(|c| c.cluster.as_str())
-            .collect();
         // A listed cluster without this member has no entry for it.
         for c in clusters.iter().filter(|c| matches!(c.member, Some(None))) {
             c.status.remove_federated(key);
         }
-        let report = |outcome: &dyn Fn(&str) -> Outcome| {
-            for c in &member_clusters {
-                if let Some(s) = statuses.get(c) {
-                    s.set_federated(key, outcome(c));
-                }
-            }
-        };
-
-        let result = match desired::federated::federated_service(&members) {
-            Ok(r) => r,
-            Err(e) => {
-                let msg = e.to_string();
-                report(&|_| Outcome::failed("InvalidService", msg.clone()));
-                return Ok(());
-            }
-        };
+        let members_here: Vec<&Said> = clusters
+            .iter()
+            .filter(|c| matches!(c.member, Some(Some(_))))
+            .collect();
         let Federated {
             service,
             keep,
             rejected,
-        } = result;
-        let reject = |c: &str| {
-            rejected
-                .iter()
-                .find(|r| r.cluster.as_deref() == Some(c))
-                .map(|r| r.reason.clone())
+        } = match desired::federated::federated_service(&members) {
+            Ok(r) => r,
+            Err(e) => {
+                for c in &members_here {
+                    c.status
+                        .set_federated(key, Outcome::failed("InvalidService", e.to_string()));
+                }
+                return Ok(());
+            }
+        };
+        // Each member's entry: why it was refused, or how the federated Service fared.
+        let report = |outcome: &dyn Fn() -> Outcome| {
+            for c in &members_here {
+                let refused = rejected
+                    .iter()
+                    .find(|r| r.cluster.as_deref() == Some(c.cluster.as_str()));
+                c.status.set_federated(
+                    key,
+                    match refused {
+                        Some(r) => Outcome::failed("InvalidService", r.reason.clone()),
+                        None => outcome(),
+                    },
+                );
+            }
         };
         for r in rejected.iter().filter(|r| r.cluster.is_none()) {
             tracing::warn!(namespace = %ns, service = %name, reason = %r.reason, "local Service does not join its federated Service");
         }
         let Some(desired) = service else {
-            if !keep {
-                for c in &member_clusters {
-                    if let (Some(s), Some(reason)) = (statuses.get(c), reject(c)) {
-                        s.set_federated(key, Outcome::failed("InvalidService", reason));
-                    }
-                }
-                if let Some(live) = live
-                    && is_ours(&live)
-                {
-                    self.writer.delete(&*live, "Service").await?;
-                }
+            // Every listed member here was refused (any other would make a Service).
+            report(&|| Outcome::failed("InvalidService", "no member can join"));
+            if !keep
+                && let Some(live) = live
+                && is_ours(&live)
+            {
+                self.writer.delete(&*live, "Service").await?;
             }
             return Ok(());
         };
@@ -594,14 +587,13 @@ impl Task {
                 self.writer.create_namespace(ns, None).await?;
             } else {
                 tracing::warn!(namespace = %ns, service = %name, "namespace missing; the federated Service is written when it appears");
-                report(&|c| match reject(c) {
-                    Some(reason) => Outcome::failed("InvalidService", reason),
-                    None => Outcome::failed(
+                report(&|| {
+                    Outcome::failed(
                         "MissingNamespace",
                         format!(
                             "Namespace {ns} does not exist in this cluster: create it and {federated_name} is written at once"
                         ),
-                    ),
+                    )
                 });
                 return Ok(());
             }
@@ -612,15 +604,12 @@ impl Task {
             .await
         {
             Ok(_) => {
-                report(&|c| match reject(c) {
-                    Some(reason) => Outcome::failed("InvalidService", reason),
-                    None => Outcome::mirrored(ns, &federated_name),
-                });
+                report(&|| Outcome::mirrored(ns, &federated_name));
                 Ok(())
             }
             Err(e) => {
                 let msg = format!("Failed to write federated service: {e}");
-                report(&|_| Outcome::failed("Error", msg.clone()));
+                report(&|| Outcome::failed("Error", msg.clone()));
                 Err(e)
             }
         }
