@@ -22,8 +22,10 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use e2e::{
-    Cluster, apply_yaml, create_namespace, create_ready_pod,
-    meshlink::{Program, labels, put_credentials, remote_access_kubeconfig},
+    Cluster, create_namespace, create_ready_pod, install_link_crd,
+    meshlink::{
+        Program, apply_link, labels, put_credentials, remote_access_kubeconfig, start_mirror,
+    },
 };
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
@@ -93,34 +95,14 @@ async fn main() -> Result<()> {
     let (east, west) = (&clusters[0], &clusters[1]);
     let (ec, wc) = (east.client(), west.client());
 
-    apply_yaml(
-        &wc,
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../manifests/crds/link.yaml"
-        ))?,
-    )
-    .await?;
+    install_link_crd(&wc).await?;
     create_namespace(&wc, NS).await?;
     create_namespace(&wc, BENCH_NS).await?;
     create_namespace(&ec, BENCH_NS).await?;
     let kubeconfig = remote_access_kubeconfig(east, NS).await?;
     put_credentials(west, NS, "east", &kubeconfig).await?;
-    apply_yaml(
-        &wc,
-        &serde_norway::to_string(&json!({
-            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
-            "metadata": { "name": "east", "namespace": NS },
-            "spec": {
-                "targetClusterName": "east", "targetClusterDomain": "cluster.local",
-                "clusterCredentialsSecret": "cluster-credentials-east",
-                // Data only: no probe path, so nothing is dialled.
-                "gatewayAddress": "192.0.2.10", "gatewayPort": "4143", "probeSpec": {},
-                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
-            },
-        }))?,
-    )
-    .await?;
+    // Data only: no probe path, so nothing is dialled.
+    apply_link(&wc, NS, "east", "192.0.2.10", json!({})).await?;
 
     // One Ready Pod that every exported Service selects: each gets real Endpoints.
     create_ready_pod(
@@ -171,7 +153,6 @@ async fn main() -> Result<()> {
     )
     .await?;
 
-    let bin = [("KUBECONFIG", west.kubeconfig_path().display().to_string())];
     // One identity for both runs below, as a restarted replica keeps its Lease.
     let flags = [
         format!("--namespace={NS}"),
@@ -179,7 +160,7 @@ async fn main() -> Result<()> {
         "--identity=bench".to_owned(),
     ];
     let start = Instant::now();
-    let controller = Program::start("meshlink-mirror", &flags, &bin)
+    let controller = start_mirror(west.kubeconfig_path(), &flags)
         .await
         .context("the release controller (cargo build --release --bins)")?;
     let mut last_report = Instant::now();
@@ -267,7 +248,7 @@ async fn main() -> Result<()> {
     // A full resync with nothing changed: a new controller lists and reconciles all N.
     drop(controller);
     let resync_start = Instant::now();
-    let second = Program::start("meshlink-mirror", &flags, &bin).await?;
+    let second = start_mirror(west.kubeconfig_path(), &flags).await?;
     e2e::wait_for(
         "the new controller to reconcile every Service",
         Duration::from_secs(600),

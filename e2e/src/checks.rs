@@ -4,19 +4,20 @@
 use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::sync::Mutex;
 
-/// What a check or a failure's context returns.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::meshlink::Program;
 
 /// One check of the environment `E`.
-pub type Check<E> = fn(Arc<E>) -> BoxFuture<anyhow::Result<()>>;
+pub type Check<E> = fn(Arc<E>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Sets up the environment, then runs `checks` in order (one thread: later checks may restart
-/// what earlier ones rely on). A failure is reported with `context` (a program's log, say).
+/// what earlier ones rely on). A failure is reported with the log of the environment's
+/// `controller`.
 pub fn run<E, S>(
     setup: impl FnOnce() -> S,
     checks: &[(&str, Check<E>)],
-    context: fn(Arc<E>) -> BoxFuture<String>,
+    controller: fn(&E) -> &Mutex<Program>,
 ) -> ExitCode
 where
     E: Send + Sync + 'static,
@@ -44,8 +45,8 @@ where
                 let env = env
                     .map_err(|e| Failed::from(format!("setting up the environment failed: {e}")))?;
                 handle.block_on(check(env.clone())).map_err(|e| {
-                    let context = handle.block_on(context(env));
-                    Failed::from(format!("{e:#}\n{context}"))
+                    let log = handle.block_on(controller(&env).lock()).log_tail();
+                    Failed::from(format!("{e:#}\n--- controller log:\n{log}"))
                 })
             })
         })

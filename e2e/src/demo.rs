@@ -23,8 +23,8 @@ use serde_json::json;
 use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
     meshlink::{
-        Program, create_gateway_service, labels, service_account_token, wait_remote_access_token,
-        workspace_binary,
+        create_gateway_service, labels, service_account_token, start_mirror,
+        wait_remote_access_token, workspace_binary,
     },
     netns::Host,
     wait_for,
@@ -129,12 +129,7 @@ pub async fn run(
         &kubeconfig,
         west.kubeconfig_for_token("meshlink-service-mirror", &token),
     )?;
-    let controller = Program::start(
-        "meshlink-mirror",
-        &[format!("--namespace={NS}")],
-        &[("KUBECONFIG", kubeconfig.display().to_string())],
-    )
-    .await?;
+    let controller = start_mirror(&kubeconfig, &[format!("--namespace={NS}")]).await?;
     let result = async {
         wait_for(
             "the mirror web-east with endpoints at the gateway",

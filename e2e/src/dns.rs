@@ -66,25 +66,23 @@ impl DnsServer {
         self.addr
     }
 
-    /// From now on `name` resolves to `ips` (none: NXDOMAIN).
+    /// From now on `name` resolves to `ips` (none: an empty answer); unknown names get NXDOMAIN.
     pub fn set(&self, name: &str, ips: &[IpAddr]) -> Result<(), Error> {
         let name = Name::from_ascii(name)
-            .map_err(|e| Error::Invalid(format!("DNS name {name:?}: {e}")))?
-            .to_lowercase();
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        records.insert(name.clone(), ips.to_vec());
-        // Names are matched fully qualified or not.
-        if name.is_fqdn() {
-            let mut relative = name;
-            relative.set_fqdn(false);
-            records.insert(relative, ips.to_vec());
-        } else {
-            let mut fqdn = name;
-            fqdn.set_fqdn(true);
-            records.insert(fqdn, ips.to_vec());
-        }
+            .map_err(|e| Error::Invalid(format!("DNS name {name:?}: {e}")))?;
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key(&name), ips.to_vec());
         Ok(())
     }
+}
+
+/// Names are matched case-insensitively, fully qualified or not.
+fn key(name: &Name) -> Name {
+    let mut key = name.to_lowercase();
+    key.set_fqdn(true);
+    key
 }
 
 impl Drop for DnsServer {
@@ -103,8 +101,7 @@ fn answer(query: &[u8], records: &Mutex<HashMap<Name, Vec<IpAddr>>>) -> Option<V
     let mut known = true;
     for q in &request.queries {
         reply.add_query(q.clone());
-        let name = q.name().to_lowercase();
-        let Some(ips) = records.get(&name) else {
+        let Some(ips) = records.get(&key(q.name())) else {
             known = false;
             continue;
         };

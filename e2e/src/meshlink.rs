@@ -383,3 +383,71 @@ where
         .ok()
         .flatten()
 }
+
+/// Starts the service-mirror controller with `args` against the cluster `kubeconfig` names.
+pub async fn start_mirror(kubeconfig: &std::path::Path, args: &[String]) -> Result<Program, Error> {
+    Program::start(
+        "meshlink-mirror",
+        args,
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    )
+    .await
+}
+
+/// Applies Link `namespace/name` to the cluster of `client`: target cluster `name`, credentials
+/// in `cluster-credentials-<name>`, gateway `gateway`:4143 with no probe path (so a gateway
+/// address that is only data is never dialled), gateway mode for
+/// `mirror.linkerd.io/exported=true`. The fields of `spec` replace or add to those.
+pub async fn apply_link(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    gateway: &str,
+    spec: serde_json::Value,
+) -> Result<(), Error> {
+    let mut link = serde_json::json!({
+        "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "targetClusterName": name,
+            "targetClusterDomain": "cluster.local",
+            "clusterCredentialsSecret": format!("cluster-credentials-{name}"),
+            "gatewayAddress": gateway,
+            "gatewayPort": "4143",
+            "probeSpec": {},
+            "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
+        },
+    });
+    for (k, v) in spec.as_object().into_iter().flatten() {
+        link["spec"][k] = v.clone();
+    }
+    crate::apply_yaml(client, &serde_norway::to_string(&link)?).await?;
+    Ok(())
+}
+
+/// The `Mirrored` condition of the entry for Service `ns/name` in Link `link_namespace/link`'s
+/// status: in `federatedServices` if `federated`, in `mirrorServices` otherwise.
+pub async fn service_condition(
+    client: &kube::Client,
+    link_namespace: &str,
+    link: &str,
+    federated: bool,
+    ns: &str,
+    name: &str,
+) -> Option<link_crd::LinkCondition> {
+    let status = Api::<link_crd::Link>::namespaced(client.clone(), link_namespace)
+        .get(link)
+        .await
+        .ok()?
+        .status?;
+    let list = if federated {
+        status.federated_services
+    } else {
+        status.mirror_services
+    };
+    list.into_iter()
+        .find(|e| e.remote_ref.namespace == ns && e.remote_ref.name == name)?
+        .conditions
+        .into_iter()
+        .next()
+}

@@ -14,11 +14,15 @@ use std::{
 
 use anyhow::{Result, anyhow, ensure};
 use e2e::{
-    Cluster, apply_yaml,
+    Cluster,
     checks::Check,
     create_namespace, create_ready_pod, create_ready_pod_in,
     dns::DnsServer,
-    meshlink::{Program, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig},
+    install_link_crd,
+    meshlink::{
+        Program, apply_link, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig,
+        service_condition, start_mirror,
+    },
     wait_for,
 };
 use k8s_openapi::api::{
@@ -44,7 +48,6 @@ struct Env {
     east_node: String,
     north: Client,
     west: Client,
-    west_kubeconfig: std::path::PathBuf,
     dns: DnsServer,
     controller: Mutex<Program>,
     /// The remote-access kubeconfig of `north`.
@@ -75,14 +78,7 @@ fn main() -> ExitCode {
             |e| Box::pin(restart_and_link_deletion(e)),
         ),
     ];
-    e2e::checks::run(setup, checks, |env| {
-        Box::pin(async move {
-            format!(
-                "--- controller log:\n{}",
-                env.controller.lock().await.log_tail()
-            )
-        })
-    })
+    e2e::checks::run(setup, checks, |env| &env.controller)
 }
 
 async fn setup() -> Result<Env> {
@@ -91,11 +87,7 @@ async fn setup() -> Result<Env> {
         return Err(anyhow!("three clusters expected"));
     };
     let w = west.client();
-    let crd = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/crds/link.yaml"
-    ))?;
-    apply_yaml(&w, &crd).await?;
+    install_link_crd(&w).await?;
     create_namespace(&w, NS).await?;
     let dns = DnsServer::start().await?;
     dns.set(NORTH_GATEWAY, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])?;
@@ -106,31 +98,23 @@ async fn setup() -> Result<Env> {
         let kubeconfig = remote_access_kubeconfig(target, NS).await?;
         put_credentials(west, NS, name, &kubeconfig).await?;
         north_kubeconfig = kubeconfig;
-        let link = json!({
-            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
-            "metadata": { "name": name, "namespace": NS },
-            "spec": {
-                "targetClusterName": name,
-                "targetClusterDomain": "cluster.local",
-                "clusterCredentialsSecret": format!("cluster-credentials-{name}"),
-                "gatewayAddress": gateway,
-                "gatewayPort": "4143",
+        apply_link(
+            &w,
+            NS,
+            name,
+            gateway,
+            json!({
                 "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
-                // No probe path: the gateway addresses are from the documentation range and
-                // must never be dialled.
-                "probeSpec": {},
-                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
                 "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
                 "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
-            },
-        });
-        apply_yaml(&w, &serde_norway::to_string(&link)?).await?;
+            }),
+        )
+        .await?;
         // Distinct creation times (they have a resolution of one second).
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    let controller = start_controller(west.kubeconfig_path(), dns.addr()).await?;
+    let controller = start_controller(west, &dns, &[format!("--namespace={NS}")]).await?;
     Ok(Env {
-        west_kubeconfig: west.kubeconfig_path().to_owned(),
         east: east.client(),
         east_node: east.node_name(),
         north: north.client(),
@@ -142,29 +126,14 @@ async fn setup() -> Result<Env> {
     })
 }
 
-async fn start_controller(
-    kubeconfig: &std::path::Path,
-    dns: std::net::SocketAddr,
-) -> Result<Program> {
-    start_controller_with(kubeconfig, dns, &[format!("--namespace={NS}")]).await
-}
-
-async fn start_controller_with(
-    kubeconfig: &std::path::Path,
-    dns: std::net::SocketAddr,
-    args: &[String],
-) -> Result<Program> {
+/// A controller of `west`'s Links that resolves gateway names with the test's DNS server.
+async fn start_controller(west: &Cluster, dns: &DnsServer, args: &[String]) -> Result<Program> {
     let mut args = args.to_vec();
     args.extend([
         "--log=info,mirror_controller=debug".to_owned(),
-        format!("--dns-server={dns}"),
+        format!("--dns-server={}", dns.addr()),
     ]);
-    Ok(Program::start(
-        "meshlink-mirror",
-        &args,
-        &[("KUBECONFIG", kubeconfig.display().to_string())],
-    )
-    .await?)
+    Ok(start_mirror(west.kubeconfig_path(), &args).await?)
 }
 
 /// Creates (or replaces the labels and ports of) Service `ns/name` in the cluster of `client`.
@@ -209,16 +178,7 @@ async fn federated_status(
     ns: &str,
     name: &str,
 ) -> Option<(String, String, String)> {
-    let link = Api::<Link>::namespaced(w.clone(), NS)
-        .get(link)
-        .await
-        .ok()?;
-    let entry = link
-        .status?
-        .federated_services
-        .into_iter()
-        .find(|e| e.remote_ref.namespace == ns && e.remote_ref.name == name)?;
-    let c = entry.conditions.into_iter().next()?;
+    let c = service_condition(w, NS, link, true, ns, name).await?;
     Some((format!("{:?}", c.status), c.reason, c.message))
 }
 
@@ -661,7 +621,8 @@ async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
     {
         let mut controller = env.controller.lock().await;
         controller.kill();
-        *controller = start_controller(&env.west_kubeconfig, env.dns.addr()).await?;
+        *controller =
+            start_controller(&env.clusters[2], &env.dns, &[format!("--namespace={NS}")]).await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = get_fed()
@@ -776,26 +737,14 @@ async fn one_named_link(env: Arc<Env>) -> Result<()> {
     create_namespace(&env.west, NS2).await?;
     put_credentials(west, NS2, "north", &env.north_kubeconfig).await?;
     for name in ["north2", "ignored"] {
-        let link = json!({
-            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
-            "metadata": { "name": name, "namespace": NS2 },
-            "spec": {
-                "targetClusterName": name,
-                "targetClusterDomain": "cluster.local",
-                "clusterCredentialsSecret": "cluster-credentials-north",
-                "gatewayAddress": "192.0.2.30",
-                "gatewayPort": "4143",
-                "probeSpec": {},
-                "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
-            },
-        });
-        apply_yaml(&env.west, &serde_norway::to_string(&link)?).await?;
+        let credentials = json!({ "clusterCredentialsSecret": "cluster-credentials-north" });
+        apply_link(&env.west, NS2, name, "192.0.2.30", credentials).await?;
     }
     // A second controller, as Linkerd's per-Link deployments: one Link, and it may create
     // the namespaces of what it mirrors.
-    let second = start_controller_with(
-        west.kubeconfig_path(),
-        env.dns.addr(),
+    let second = start_controller(
+        west,
+        &env.dns,
         &[
             format!("--namespace={NS2}"),
             "--link=north2".to_owned(),

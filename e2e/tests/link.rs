@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
     Cluster, apply_yaml, create_ready_pod,
     meshlink::{
-        Program, create_gateway_service, endpoint_ips, labels, service_account_token,
+        create_gateway_service, endpoint_ips, labels, service_account_token, start_mirror,
         wait_remote_access_token, workspace_binary,
     },
     netns::Host,
@@ -175,12 +175,7 @@ async fn link_output_and_manifests_mirror_and_probe_a_gateway() -> Result<()> {
         );
     }
     let probe = ProbeServer::start(&gateway_host).await?;
-    let controller = Program::start(
-        "meshlink-mirror",
-        &[format!("--namespace={NS}")],
-        &[("KUBECONFIG", kubeconfig.path().display().to_string())],
-    )
-    .await?;
+    let controller = start_mirror(kubeconfig.path(), &[format!("--namespace={NS}")]).await?;
 
     // Export a Service in east: west mirrors it, pointing at the gateway.
     e2e::create_namespace(&ec, "shop").await?;

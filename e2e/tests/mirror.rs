@@ -13,10 +13,13 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
-    Cluster, Component, apply_yaml,
+    Cluster, Component,
     checks::Check,
-    create_namespace, create_ready_pod,
-    meshlink::{Program, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig},
+    create_namespace, create_ready_pod, install_link_crd,
+    meshlink::{
+        Program, apply_link, endpoint_ips, get, labels, put_credentials, remote_access_kubeconfig,
+        service_condition, start_mirror,
+    },
     wait_for,
 };
 use k8s_openapi::api::{
@@ -78,14 +81,7 @@ fn main() -> ExitCode {
         ),
     ];
     // The checks share one controller and the last ones restart API servers.
-    e2e::checks::run(setup, checks, |env| {
-        Box::pin(async move {
-            format!(
-                "--- controller log:\n{}",
-                env.controller.lock().await.log_tail()
-            )
-        })
-    })
+    e2e::checks::run(setup, checks, |env| &env.controller)
 }
 
 async fn setup() -> Result<Env> {
@@ -94,34 +90,23 @@ async fn setup() -> Result<Env> {
     let east = clusters.pop().ok_or_else(|| anyhow!("no east"))?;
     let wc = west.client();
 
-    let crd = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/crds/link.yaml"
-    ))?;
-    apply_yaml(&wc, &crd).await?;
+    install_link_crd(&wc).await?;
     create_namespace(&wc, NS).await?;
     let kubeconfig = remote_access_kubeconfig(&east, NS).await?;
     put_credentials(&west, NS, "east", &kubeconfig).await?;
-    let link = json!({
-        "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
-        "metadata": { "name": "east", "namespace": NS },
-        "spec": {
-            "targetClusterName": "east",
-            "targetClusterDomain": "cluster.local",
+    apply_link(
+        &wc,
+        NS,
+        "east",
+        GATEWAY_IP,
+        json!({
             "targetClusterLinkerdNamespace": "linkerd",
-            "clusterCredentialsSecret": "cluster-credentials-east",
-            "gatewayAddress": GATEWAY_IP,
-            "gatewayPort": "4143",
             "gatewayIdentity": IDENTITY,
-            // No probe path: the gateway address is from the documentation range and must never be
-            // dialled (tests reach only loopback and their own network namespaces).
-            "probeSpec": {},
-            "selector": { "matchLabels": { "mirror.linkerd.io/exported": "true" } },
             "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
             "excludedLabels": ["team.example.com/*"],
-        },
-    });
-    apply_yaml(&wc, &serde_norway::to_string(&link)?).await?;
+        }),
+    )
+    .await?;
 
     let controller = start_controller(&west).await?;
     Ok(Env {
@@ -140,8 +125,8 @@ async fn start_controller(west: &Cluster) -> Result<Program> {
 
 /// A controller replica; short Lease times so that hand-overs take seconds.
 async fn start_replica(west: &Cluster, identity: &str) -> Result<Program> {
-    Ok(Program::start(
-        "meshlink-mirror",
+    Ok(start_mirror(
+        west.kubeconfig_path(),
         &[
             format!("--namespace={NS}"),
             "--log=info,mirror_controller=debug".to_owned(),
@@ -149,7 +134,6 @@ async fn start_replica(west: &Cluster, identity: &str) -> Result<Program> {
             "--lease-duration=3s".to_owned(),
             "--lease-renew=500ms".to_owned(),
         ],
-        &[("KUBECONFIG", west.kubeconfig_path().display().to_string())],
     )
     .await?)
 }
@@ -187,16 +171,7 @@ async fn remote_reachable(w: &Client) -> Option<(String, String)> {
 }
 
 async fn mirror_status(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
-    let link = Api::<Link>::namespaced(client.clone(), NS)
-        .get("east")
-        .await
-        .ok()?;
-    let entry = link
-        .status?
-        .mirror_services
-        .into_iter()
-        .find(|e| e.remote_ref.namespace == ns && e.remote_ref.name == name)?;
-    let c = entry.conditions.into_iter().next()?;
+    let c = service_condition(client, NS, "east", false, ns, name).await?;
     Some((format!("{:?}", c.status), c.reason))
 }
 
