@@ -138,12 +138,8 @@ impl LinkWorker {
         let mut expected = HashSet::new();
         let mut remote_store = |selector: Option<&link_crd::LabelSelector>, source, name| {
             let sel = selector.and_then(|s| s.to_selector_string())?;
-            let api: Api<Service> = Api::all(self.remote.clone());
             let (store, writer) = reflector::store();
-            let stream = watcher(api, watcher::Config::default().labels(&sel))
-                .default_backoff()
-                .modify(strip_remote)
-                .reflect(writer);
+            let stream = remote_services(&self.remote, &sel).reflect(writer);
             expected.insert(source);
             tasks.spawn(forward(stream, tx.clone(), source, name, |s: &Service| {
                 Some((s.namespace()?, s.name_any()))
@@ -168,14 +164,8 @@ impl LinkWorker {
                 .and_then(|s| s.to_selector_string())
             {
                 Some(sel) => {
-                    let stream = watcher(
-                        Api::<Service>::all(self.remote.clone()),
-                        watcher::Config::default().labels(&sel),
-                    )
-                    .default_backoff()
-                    .modify(strip_remote);
                     tasks.spawn(federation::forward_members(
-                        stream,
+                        remote_services(&self.remote, &sel),
                         federation.clone(),
                         cluster.clone(),
                     ));
@@ -332,12 +322,23 @@ where
     store
 }
 
-/// Kept in memory for every exported Service: only what mirroring reads.
-fn strip_remote(s: &mut Service) {
-    s.metadata.managed_fields = None;
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
+/// A watch of the target's Services that `selector` selects, each trimmed to what mirroring
+/// reads (they are kept in memory for every exported Service).
+fn remote_services(
+    remote: &Client,
+    selector: &str,
+) -> impl Stream<Item = Result<watcher::Event<Service>, watcher::Error>> + Send + 'static {
+    watcher(
+        Api::<Service>::all(remote.clone()),
+        watcher::Config::default().labels(selector),
+    )
+    .default_backoff()
+    .modify(|s: &mut Service| {
+        s.metadata.managed_fields = None;
+        if let Some(a) = s.metadata.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    })
 }
 
 /// Drives a reflected watch, turning its events into triggers.
