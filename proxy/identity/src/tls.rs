@@ -1,0 +1,313 @@
+//! TLS 1.3 configurations for meshlink's identities, with Linkerd's parameters
+//! (`linkerd/rustls/src/crypto.rs`): TLS 1.3 only, AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305 in
+//! that order, ECDSA P-256 own keys, no client-side session resumption. Servers and clients verify
+//! peers against the trust anchors and match identities against SANs, so SPIFFE URIs work.
+
+use std::sync::Arc;
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+    client::{
+        Resumption,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring},
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use crate::{Credentials, Id, id::peer_id};
+
+/// The one crypto provider meshlink uses: ring, restricted to Linkerd's TLS 1.3 suites and
+/// key-exchange groups (less the post-quantum hybrid, which ring lacks).
+pub fn provider() -> Arc<CryptoProvider> {
+    let base = ring::default_provider();
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        kx_groups: vec![
+            ring::kx_group::X25519,
+            ring::kx_group::SECP256R1,
+            ring::kx_group::SECP384R1,
+        ],
+        ..base
+    })
+}
+
+/// Installs [`provider`] as the process default; call it first in every `main`.
+pub fn install_default_provider() {
+    // Err means one was installed already (tests call this many times).
+    let _ = Arc::unwrap_or_clone(provider()).install_default();
+}
+
+/// The roots a workload trusts: one or more anchors, so an anchor can be rotated by shipping a
+/// bundle with old and new before the issuers change.
+#[derive(Clone, Debug)]
+pub struct TrustAnchors {
+    roots: Arc<RootCertStore>,
+}
+
+/// Why a trust-anchor bundle was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the trust anchors hold no usable certificate ({skipped} skipped): give PEM CERTIFICATE blocks of the shared root CA")]
+pub struct NoAnchors {
+    skipped: usize,
+}
+
+impl TrustAnchors {
+    /// Reads PEM certificates; invalid ones are skipped with a warning (as Linkerd does), and at
+    /// least one must be usable.
+    pub fn from_pem(pem: &str) -> Result<Self, NoAnchors> {
+        let mut roots = RootCertStore::empty();
+        let mut skipped = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            match cert.map_err(|e| e.to_string()).and_then(|c| {
+                roots.add(c).map_err(|e| e.to_string())
+            }) {
+                Ok(()) => {}
+                Err(error) => {
+                    skipped += 1;
+                    tracing::warn!(%error, "skipping an invalid trust anchor");
+                }
+            }
+        }
+        if roots.is_empty() {
+            return Err(NoAnchors { skipped });
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// How many anchors the bundle holds.
+    pub fn len(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Whether the bundle is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    pub(crate) fn roots(&self) -> &Arc<RootCertStore> {
+        &self.roots
+    }
+
+    /// Checks that `leaf` (with `intermediates`) chains to an anchor and is in date now.
+    pub fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        let parsed = ParsedCertificate::try_from(leaf)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            UnixTime::now(),
+            algorithms().all,
+        )
+    }
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    ring::default_provider().signature_verification_algorithms
+}
+
+/// A TLS 1.3 server config presenting `creds`' current certificate. Client certificates are
+/// verified against the anchors but optional at the TLS layer, so that the caller can tell "no
+/// client certificate" apart from other failures and refuse it with that reason.
+pub fn server_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(creds.anchors().roots().clone(), provider())
+            .allow_unauthenticated()
+            .build()
+            .expect("a non-empty root store always builds a verifier");
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the provider supports TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(creds.clone());
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Session tickets would let a resumed client skip presenting its certificate to a config
+    // whose anchors have since changed; every connection does a full handshake, as in Linkerd.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
+/// A TLS 1.3 client config that presents `creds`' certificate (when it has one) and verifies
+/// the server's chain against the anchors; [`connect`] then checks the server's identity.
+pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the provider supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnchorVerifier {
+            roots: creds.anchors().roots().clone(),
+        }))
+        .with_client_cert_resolver(creds.clone());
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = Resumption::disabled();
+    Arc::new(config)
+}
+
+/// A client config with no certificate of its own (the first Certify call).
+pub fn anonymous_client_config(anchors: &TrustAnchors, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the provider supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnchorVerifier {
+            roots: anchors.roots().clone(),
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = Resumption::disabled();
+    Arc::new(config)
+}
+
+/// Verifies a server's chain against the anchors without rustls's DNS-name check: the identity
+/// (DNS or URI SAN) is checked by [`connect`] after the handshake, as Linkerd does.
+#[derive(Debug)]
+struct AnchorVerifier {
+    roots: Arc<RootCertStore>,
+}
+
+impl ServerCertVerifier for AnchorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            algorithms().all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configs are TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Why a TLS connection to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("TLS handshake with {expected}: {source}")]
+    Handshake {
+        expected: Id,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server presented {found:?}, not the expected identity {expected}")]
+    WrongIdentity { expected: Id, found: Vec<Id> },
+    #[error("no SNI can be made for identity {0}")]
+    ServerName(Id),
+}
+
+/// The SNI a client sends to reach `id`: the DNS identity itself, or a SPIFFE id's trust domain.
+pub fn server_name(id: &Id) -> Option<ServerName<'static>> {
+    let name = match id {
+        Id::Dns(n) => n.as_str(),
+        Id::Uri(u) => u
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())?,
+    };
+    ServerName::try_from(name.to_owned()).ok()
+}
+
+/// Opens TLS over `io` to the peer `expected` and checks that the certificate it presented
+/// names that identity among its SANs.
+pub async fn connect<IO>(
+    config: Arc<ClientConfig>,
+    io: IO,
+    expected: &Id,
+) -> Result<TlsStream<IO>, ConnectError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let sni = server_name(expected).ok_or_else(|| ConnectError::ServerName(expected.clone()))?;
+    let tls = TlsConnector::from(config)
+        .connect(sni, io)
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            expected: expected.clone(),
+            source,
+        })?;
+    let found = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| crate::id::cert_ids(leaf))
+        .unwrap_or_default();
+    if !found.contains(expected) {
+        return Err(ConnectError::WrongIdentity {
+            expected: expected.clone(),
+            found,
+        });
+    }
+    Ok(tls)
+}
+
+/// The client identity of an accepted TLS connection (first SAN of the leaf), if it presented a
+/// certificate (which the verifier chained to the anchors).
+pub fn client_id(conn: &rustls::ServerConnection) -> Option<Id> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| peer_id(leaf))
+}
+
+/// What went wrong with a peer's certificate, as a short stable reason (for metric labels).
+pub fn certificate_reason(error: &rustls::Error) -> Option<&'static str> {
+    match error {
+        rustls::Error::InvalidCertificate(e) => Some(match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired_cert",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "cert_not_yet_valid"
+            }
+            CertificateError::UnknownIssuer
+            | CertificateError::BadSignature => "foreign_anchor",
+            _ => "bad_cert",
+        }),
+        rustls::Error::NoCertificatesPresented => Some("no_client_cert"),
+        _ => None,
+    }
+}
