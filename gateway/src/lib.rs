@@ -1,2 +1,163 @@
-//! The multicluster gateway: accepts cross-cluster mTLS on port 4143 and forwards to local
-//! services. Built from the `proxy/` library crates; filled in by the gateway issue.
+//! The multicluster gateway: Linkerd's "direct" inbound stack in gateway mode, as plain tokio
+//! and hyper over the `proxy/` libraries.
+//!
+//! A connection on 4143 must, in order: speak TLS with SNI = the gateway's identity and ALPN
+//! `transport.l5d.io/v1`; present a client certificate chaining to the trust anchors; be
+//! authorized; send a transport header naming `<svc>.<ns>.<suffix>:<port>` within the header
+//! timeout. It is then forwarded to a ready endpoint of that Service, as opaque TCP or, when the
+//! header names a session protocol, as HTTP/1 or HTTP/2 (with `Forwarded` and loop refusal).
+//! Anything else closes the connection with a [`Refusal`], logged with fields and counted.
+
+mod discover;
+mod forward;
+mod metrics;
+mod server;
+
+use std::{net::SocketAddr, time::Duration};
+
+use proxy_identity::Id;
+
+pub use self::discover::{Discovery, Endpoints, Unresolved, split_target};
+pub use self::metrics::Metrics;
+pub use self::server::{BindError, Gateway};
+
+/// Why a connection was closed before it was forwarded. The label is the metric's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The first bytes were not a TLS ClientHello.
+    NotTls,
+    /// The TLS handshake did not finish in time.
+    HandshakeTimeout,
+    /// The ClientHello named no server.
+    NoSni,
+    /// The ClientHello named another server than the gateway.
+    WrongSni,
+    /// The client did not offer ALPN `transport.l5d.io/v1`.
+    NoAlpn,
+    /// The client presented no certificate.
+    NoClientCert,
+    /// The client's certificate does not chain to the trust anchors.
+    ForeignAnchor,
+    /// The client's certificate has expired.
+    ExpiredCert,
+    /// The client's certificate is otherwise unacceptable (not yet valid, no identity, ...).
+    BadCert,
+    /// The TLS handshake failed for another reason.
+    TlsError,
+    /// The client's identity is not allowed by the authorization policy.
+    Unauthorized,
+    /// The transport header was malformed, too long, or cut short.
+    BadHeader,
+    /// The transport header did not arrive in time.
+    HeaderTimeout,
+    /// The header named no target, or a Service that does not exist or lacks that port.
+    UnknownTarget,
+    /// The target is outside the gateway's suffixes.
+    OutsideSuffix,
+    /// The target has no ready endpoints, or none accepted a connection.
+    NoEndpoints,
+    /// The gateway was at its connection limit.
+    Overloaded,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotTls => "not_tls",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::NoSni => "no_sni",
+            Self::WrongSni => "wrong_sni",
+            Self::NoAlpn => "no_alpn",
+            Self::NoClientCert => "no_client_cert",
+            Self::ForeignAnchor => "foreign_anchor",
+            Self::ExpiredCert => "expired_cert",
+            Self::BadCert => "bad_cert",
+            Self::TlsError => "tls_error",
+            Self::Unauthorized => "unauthorized",
+            Self::BadHeader => "bad_header",
+            Self::HeaderTimeout => "header_timeout",
+            Self::UnknownTarget => "unknown_target",
+            Self::OutsideSuffix => "outside_suffix",
+            Self::NoEndpoints => "no_endpoints",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Which client identities may use the gateway. Empty lists mean any identity that the shared
+/// trust anchors vouch for (Linkerd's default for a gateway).
+#[derive(Clone, Debug, Default)]
+pub struct Authorization {
+    /// Exactly these identities.
+    pub identities: Vec<Id>,
+    /// Any identity in these trust domains (DNS suffix or SPIFFE trust domain).
+    pub trust_domains: Vec<String>,
+}
+
+impl Authorization {
+    pub fn allows(&self, id: &Id) -> bool {
+        (self.identities.is_empty() && self.trust_domains.is_empty())
+            || self.identities.contains(id)
+            || self.trust_domains.iter().any(|d| id.is_under(d))
+    }
+}
+
+/// The gateway's settings.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Options {
+    /// Where cross-cluster connections arrive.
+    #[arg(long, env = "MESHLINK_GATEWAY_ADDR", default_value = "0.0.0.0:4143")]
+    pub addr: SocketAddr,
+    /// The DNS suffixes targets must be under (Linkerd's gateway suffixes).
+    #[arg(
+        long = "suffix",
+        env = "LINKERD2_PROXY_INBOUND_GATEWAY_SUFFIXES",
+        value_delimiter = ',',
+        default_value = "svc.cluster.local."
+    )]
+    pub suffixes: Vec<String>,
+    /// Allow only these client identities (comma-separated). Default: any from the anchors.
+    #[arg(long, env = "MESHLINK_GATEWAY_ALLOW_IDENTITIES", value_delimiter = ',')]
+    pub allow_identities: Vec<Id>,
+    /// Allow only identities in these trust domains (comma-separated).
+    #[arg(
+        long,
+        env = "MESHLINK_GATEWAY_ALLOW_TRUST_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub allow_trust_domains: Vec<String>,
+    /// Time for the TLS handshake.
+    #[arg(long, env = "MESHLINK_GATEWAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Time for the transport header after the handshake (Linkerd's inbound detect timeout).
+    #[arg(long, env = "LINKERD2_PROXY_INBOUND_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// A forwarded connection with no bytes either way for this long is closed.
+    #[arg(long, env = "MESHLINK_GATEWAY_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Time to connect to an endpoint.
+    #[arg(long, env = "LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Forwarded connections at once; more are refused as overloaded.
+    #[arg(
+        long,
+        env = "MESHLINK_GATEWAY_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
+    /// Connections still in their TLS handshake at once; when full, the oldest is dropped.
+    #[arg(long, env = "MESHLINK_GATEWAY_MAX_HANDSHAKES", default_value_t = 1024)]
+    pub max_handshakes: usize,
+}
+
+impl Options {
+    pub fn authorization(&self) -> Authorization {
+        Authorization {
+            identities: self.allow_identities.clone(),
+            trust_domains: self.allow_trust_domains.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

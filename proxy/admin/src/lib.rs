@@ -1,6 +1,11 @@
 //! The admin server every meshlink process runs: `/live`, `/ready` and `/metrics` over plain
 //! HTTP/1 (kubelet probes and Prometheus scrape it).
 //!
+//! `/metrics` can be limited ([`MetricsAccess`]): the gateway's admin port is reachable from
+//! other clusters (the probe), and its metrics name clients and targets, so there only loopback,
+//! configured networks, and clients with a certificate from the trust anchors (TLS on the same
+//! port, told apart by its first byte) may read them.
+//!
 //! It is bounded like every listener: a connection must send its request head within
 //! [`HEADER_TIMEOUT`], at most [`MAX_CONNECTIONS`] are served at once (others wait in the
 //! kernel's backlog), requests have no body to read, and nothing else is routed.
@@ -14,7 +19,7 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
 };
 use tokio_util::sync::CancellationToken;
@@ -36,11 +41,54 @@ pub struct BindError {
     source: std::io::Error,
 }
 
+/// Who may read `/metrics`.
+#[derive(Clone, Default)]
+pub struct MetricsAccess {
+    restricted: bool,
+    networks: Vec<ipnet::IpNet>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for MetricsAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsAccess")
+            .field("restricted", &self.restricted)
+            .field("networks", &self.networks)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl MetricsAccess {
+    /// Only loopback clients, clients in `networks`, and (when `tls` is given) TLS clients that
+    /// present a certificate the config's verifier accepts.
+    pub fn restricted(
+        networks: Vec<ipnet::IpNet>,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> Self {
+        Self {
+            restricted: true,
+            networks,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        }
+    }
+
+    fn allows_plain(&self, peer: std::net::IpAddr) -> bool {
+        !self.restricted
+            || peer.to_canonical().is_loopback()
+            || self
+                .networks
+                .iter()
+                .any(|n| n.contains(&peer.to_canonical()))
+    }
+}
+
 /// What the admin server serves.
 #[derive(Clone, Debug)]
 pub struct Admin {
     registry: Arc<Registry>,
     ready: watch::Receiver<bool>,
+    access: MetricsAccess,
 }
 
 impl Admin {
@@ -49,7 +97,14 @@ impl Admin {
         Self {
             registry: Arc::new(registry),
             ready,
+            access: MetricsAccess::default(),
         }
+    }
+
+    /// Limits who may read `/metrics` (everyone may by default).
+    pub fn metrics_access(mut self, access: MetricsAccess) -> Self {
+        self.access = access;
+        self
     }
 
     /// Binds `addr`; the returned future serves until `cancel` fires.
@@ -91,29 +146,62 @@ impl Admin {
             let cancel = cancel.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let service = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(&req)) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    res = conn.as_mut() => {
-                        if let Err(error) = res {
-                            tracing::debug!(%peer, %error, "admin connection ended");
-                        }
-                    }
-                    () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
-                }
+                this.connection(stream, peer, cancel).await;
             });
         }
     }
 
-    fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn connection(self, stream: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+        let Some(acceptor) = self.access.tls.clone() else {
+            let metrics = self.access.allows_plain(peer.ip());
+            return self.http(stream, peer, metrics, cancel).await;
+        };
+        // A TLS record starts with 0x16 (handshake); HTTP starts with a method's letter.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 0x16 => {
+                match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let authenticated = tls.get_ref().1.peer_certificates().is_some();
+                        self.http(tls, peer, authenticated, cancel).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "admin TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                }
+            }
+            Ok(Ok(_)) => {
+                let metrics = self.access.allows_plain(peer.ip());
+                self.http(stream, peer, metrics, cancel).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn http<IO>(self, io: IO, peer: SocketAddr, metrics: bool, cancel: CancellationToken)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.route(&req, metrics)) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(error) = res {
+                    tracing::debug!(%peer, %error, "admin connection ended");
+                }
+            }
+            () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+        }
+    }
+
+    fn route(&self, req: &Request<Incoming>, metrics_allowed: bool) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
         }
@@ -121,6 +209,10 @@ impl Admin {
             "/live" => text(StatusCode::OK, "live\n"),
             "/ready" if *self.ready.borrow() => text(StatusCode::OK, "ready\n"),
             "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/metrics" if !metrics_allowed => text(
+                StatusCode::FORBIDDEN,
+                "metrics are served to loopback, the configured networks and mTLS clients only\n",
+            ),
             "/metrics" => {
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
@@ -192,6 +284,18 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn metrics_access_by_network() {
+        let open = MetricsAccess::default();
+        assert!(open.allows_plain("10.0.0.5".parse().unwrap()));
+        let closed = MetricsAccess::restricted(vec!["10.1.0.0/16".parse().unwrap()], None);
+        assert!(!closed.allows_plain("10.0.0.5".parse().unwrap()));
+        assert!(closed.allows_plain("10.1.2.3".parse().unwrap()));
+        assert!(closed.allows_plain("127.0.0.1".parse().unwrap()));
+        assert!(closed.allows_plain("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!closed.allows_plain("::ffff:10.0.0.5".parse().unwrap()));
     }
 
     #[tokio::test(start_paused = true)]

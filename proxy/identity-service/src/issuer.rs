@@ -88,18 +88,34 @@ impl IssuerStore {
     }
 }
 
-/// Watches Secret `namespace/name` and loads every version of it, until `cancel`. Also re-issues
-/// the serving certificate at half its lifetime.
-pub async fn watch_secret(
-    client: kube::Client,
-    namespace: String,
-    name: String,
-    store: IssuerStore,
-    creds: Arc<Credentials>,
-    own: Id,
-    metrics: Metrics,
-    cancel: CancellationToken,
-) {
+/// What [`watch_secret`] keeps loaded.
+#[allow(missing_debug_implementations, reason = "kube::Client has no Debug")]
+pub struct IssuerWatch {
+    pub client: kube::Client,
+    /// Where the Secret is.
+    pub namespace: String,
+    /// The Secret's name.
+    pub name: String,
+    pub store: IssuerStore,
+    /// The service's own serving credentials, re-issued with every issuer.
+    pub creds: Arc<Credentials>,
+    /// The service's own identity.
+    pub own: Id,
+    pub metrics: Metrics,
+}
+
+/// Watches the issuer Secret and loads every version of it, until `cancel`. Also re-issues the
+/// serving certificate at half its lifetime.
+pub async fn watch_secret(watch: IssuerWatch, cancel: CancellationToken) {
+    let IssuerWatch {
+        client,
+        namespace,
+        name,
+        store,
+        creds,
+        own,
+        metrics,
+    } = watch;
     let api = kube::Api::<Secret>::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());

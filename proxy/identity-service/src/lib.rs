@@ -24,7 +24,7 @@ use prometheus_client::{
 use proxy_identity::{Id, ca::CsrError};
 use tonic::{Request, Response, Status};
 
-pub use self::issuer::{IssuerStore, watch_secret};
+pub use self::issuer::{IssuerStore, IssuerWatch, watch_secret};
 pub use self::server::{ServeError, serve};
 
 /// Who a token belongs to.
@@ -45,10 +45,7 @@ pub struct ReviewError(#[source] kube::Error);
 
 /// Reviews tokens. The real one asks the API server; unit tests use a table.
 pub trait Authenticator: Send + Sync + 'static {
-    fn review(
-        &self,
-        token: String,
-    ) -> impl Future<Output = Result<Reviewed, ReviewError>> + Send;
+    fn review(&self, token: String) -> impl Future<Output = Result<Reviewed, ReviewError>> + Send;
 }
 
 /// Asks the API server with a TokenReview.
@@ -216,7 +213,10 @@ impl<A: Authenticator> Identity<A> {
         identity_server::IdentityServer::new(self).max_decoding_message_size(64 * 1024)
     }
 
-    async fn certify_inner(&self, req: CertifyRequest) -> Result<CertifyResponse, (Outcome, Status)> {
+    async fn certify_inner(
+        &self,
+        req: CertifyRequest,
+    ) -> Result<CertifyResponse, (Outcome, Status)> {
         let requested = Id::parse(&req.identity).map_err(|e| {
             (
                 Outcome::InvalidIdentity,
@@ -334,7 +334,10 @@ impl<A: Authenticator> identity_server::Identity for Identity<A> {
 }
 
 /// The identity service's own name, as clients check it.
-pub fn service_id(service_account: &str, settings: &Settings) -> Result<Id, proxy_identity::InvalidId> {
+pub fn service_id(
+    service_account: &str,
+    settings: &Settings,
+) -> Result<Id, proxy_identity::InvalidId> {
     Id::service_account(
         service_account,
         &settings.control_plane_namespace,

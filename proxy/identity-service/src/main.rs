@@ -9,25 +9,44 @@ use proxy_identity_service::{Identity, IssuerStore, Metrics, Settings, TokenRevi
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(about = "Signs workload certificates for authenticated ServiceAccounts (Linkerd's Certify API)", version)]
+#[command(
+    about = "Signs workload certificates for authenticated ServiceAccounts (Linkerd's Certify API)",
+    version
+)]
 struct Args {
     /// The trust domain of identities (`<sa>.<ns>.serviceaccount.identity.<cp-ns>.<domain>`).
     #[arg(long, env = "MESHLINK_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
     /// The control-plane namespace: part of every identity, and where the issuer Secret is.
-    #[arg(long, env = "MESHLINK_CONTROL_PLANE_NAMESPACE", default_value = "linkerd")]
+    #[arg(
+        long,
+        env = "MESHLINK_CONTROL_PLANE_NAMESPACE",
+        default_value = "linkerd"
+    )]
     control_plane_namespace: String,
     /// This service's own ServiceAccount: its serving identity is derived from it.
-    #[arg(long, env = "MESHLINK_SERVICE_ACCOUNT", default_value = "linkerd-identity")]
+    #[arg(
+        long,
+        env = "MESHLINK_SERVICE_ACCOUNT",
+        default_value = "linkerd-identity"
+    )]
     service_account: String,
     /// The `kubernetes.io/tls` Secret holding the issuer (tls.crt, tls.key).
-    #[arg(long, env = "MESHLINK_ISSUER_SECRET", default_value = "linkerd-identity-issuer")]
+    #[arg(
+        long,
+        env = "MESHLINK_ISSUER_SECRET",
+        default_value = "linkerd-identity-issuer"
+    )]
     issuer_secret: String,
     /// PEM file of the trust anchors (one or more certificates).
     #[arg(long, env = "MESHLINK_TRUST_ANCHORS_FILE")]
     trust_anchors: PathBuf,
     /// The audience tokens must be issued for; "" accepts the API server's default audience.
-    #[arg(long, env = "MESHLINK_TOKEN_AUDIENCE", default_value = "identity.l5d.io")]
+    #[arg(
+        long,
+        env = "MESHLINK_TOKEN_AUDIENCE",
+        default_value = "identity.l5d.io"
+    )]
     token_audience: String,
     /// Lifetime of the certificates issued (e.g. 24h, 30m, 90s).
     #[arg(long, env = "MESHLINK_LEAF_LIFETIME", default_value = "24h", value_parser = parse_duration)]
@@ -47,7 +66,9 @@ struct Args {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected <number><ms|s|m|h|d>"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected <number><ms|s|m|h|d>"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -99,17 +120,24 @@ async fn main() -> Result<()> {
         .await?;
     let admin = tokio::spawn(admin);
     let watch = tokio::spawn(proxy_identity_service::watch_secret(
-        client.clone(),
-        settings.control_plane_namespace.clone(),
-        args.issuer_secret,
-        issuer.clone(),
-        creds.clone(),
-        own.clone(),
-        metrics.clone(),
+        proxy_identity_service::IssuerWatch {
+            client: client.clone(),
+            namespace: settings.control_plane_namespace.clone(),
+            name: args.issuer_secret,
+            store: issuer.clone(),
+            creds: creds.clone(),
+            own: own.clone(),
+            metrics: metrics.clone(),
+        },
         cancel.clone(),
     ));
     let audience = Some(args.token_audience).filter(|a| !a.is_empty());
-    let service = Identity::new(settings, issuer, TokenReviews::new(client, audience), metrics);
+    let service = Identity::new(
+        settings,
+        issuer,
+        TokenReviews::new(client, audience),
+        metrics,
+    );
     let (addr, serve) =
         proxy_identity_service::serve(args.addr, service.into_service(), creds, cancel.clone())
             .await?;

@@ -74,7 +74,12 @@ const WEB: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
 async fn certifies_and_refuses_with_reasons() {
     let f = fixture();
     let metrics = Metrics::default();
-    let svc = Identity::new(f.settings.clone(), f.issuer.clone(), table(), metrics.clone());
+    let svc = Identity::new(
+        f.settings.clone(),
+        f.issuer.clone(),
+        table(),
+        metrics.clone(),
+    );
     let id = Id::parse(WEB).unwrap();
     let (csr, key) = ca::new_csr(&id).unwrap();
     let call = |identity: &str, token: &str, csr: Vec<u8>| {
@@ -85,9 +90,16 @@ async fn certifies_and_refuses_with_reasons() {
         })
     };
 
-    let rsp = svc.certify(call(WEB, "web-token", csr.clone())).await.unwrap().into_inner();
+    let rsp = svc
+        .certify(call(WEB, "web-token", csr.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     // The answer installs: it chains to the anchor and names the identity.
-    let client = Credentials::new(id.clone(), TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap());
+    let client = Credentials::new(
+        id.clone(),
+        TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap(),
+    );
     let expiry = client
         .install(rsp.leaf_certificate, rsp.intermediate_certificates, &key)
         .unwrap();
@@ -96,9 +108,27 @@ async fn certifies_and_refuses_with_reasons() {
     assert!(rsp.valid_until.is_some());
 
     let cases: [(&str, &str, Vec<u8>, tonic::Code, &str); 6] = [
-        (WEB, "", csr.clone(), tonic::Code::InvalidArgument, "no ServiceAccount token"),
-        (WEB, "stolen", csr.clone(), tonic::Code::Unauthenticated, "bad token"),
-        (WEB, "user-token", csr.clone(), tonic::Code::PermissionDenied, "not to a ServiceAccount"),
+        (
+            WEB,
+            "",
+            csr.clone(),
+            tonic::Code::InvalidArgument,
+            "no ServiceAccount token",
+        ),
+        (
+            WEB,
+            "stolen",
+            csr.clone(),
+            tonic::Code::Unauthenticated,
+            "bad token",
+        ),
+        (
+            WEB,
+            "user-token",
+            csr.clone(),
+            tonic::Code::PermissionDenied,
+            "not to a ServiceAccount",
+        ),
         (
             "db.shop.serviceaccount.identity.linkerd.cluster.local",
             "web-token",
@@ -106,8 +136,20 @@ async fn certifies_and_refuses_with_reasons() {
             tonic::Code::PermissionDenied,
             "identity mismatch",
         ),
-        ("not an id", "web-token", csr.clone(), tonic::Code::InvalidArgument, "identity"),
-        (WEB, "web-token", b"garbage".to_vec(), tonic::Code::InvalidArgument, "malformed CSR"),
+        (
+            "not an id",
+            "web-token",
+            csr.clone(),
+            tonic::Code::InvalidArgument,
+            "identity",
+        ),
+        (
+            WEB,
+            "web-token",
+            b"garbage".to_vec(),
+            tonic::Code::InvalidArgument,
+            "malformed CSR",
+        ),
     ];
     for (identity, token, csr, code, message) in cases {
         let status = svc.certify(call(identity, token, csr)).await.unwrap_err();
@@ -118,9 +160,19 @@ async fn certifies_and_refuses_with_reasons() {
     metrics.register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    for reason in ["ok", "no_token", "bad_token", "not_service_account", "identity_mismatch", "invalid_identity", "malformed_csr"] {
+    for reason in [
+        "ok",
+        "no_token",
+        "bad_token",
+        "not_service_account",
+        "identity_mismatch",
+        "invalid_identity",
+        "malformed_csr",
+    ] {
         assert!(
-            text.contains(&format!("identity_certify_requests_total{{result=\"{reason}\"}} 1")),
+            text.contains(&format!(
+                "identity_certify_requests_total{{result=\"{reason}\"}} 1"
+            )),
             "{reason}: {text}"
         );
     }
@@ -134,7 +186,12 @@ async fn a_foreign_issuer_is_refused_and_the_old_one_kept() {
     let before = f.issuer.current().unwrap();
     assert!(
         f.issuer
-            .load(&foreign_issuer.cert_pem, &foreign_issuer.key_pem, &f.creds, &f.own)
+            .load(
+                &foreign_issuer.cert_pem,
+                &foreign_issuer.key_pem,
+                &f.creds,
+                &f.own
+            )
             .is_err()
     );
     assert!(Arc::ptr_eq(&before, &f.issuer.current().unwrap()));
@@ -145,7 +202,12 @@ async fn a_foreign_issuer_is_refused_and_the_old_one_kept() {
 #[tokio::test]
 async fn client_and_server_over_tls() {
     let f = fixture();
-    let svc = Identity::new(f.settings.clone(), f.issuer.clone(), table(), Metrics::default());
+    let svc = Identity::new(
+        f.settings.clone(),
+        f.issuer.clone(),
+        table(),
+        Metrics::default(),
+    );
     let cancel = CancellationToken::new();
     let (addr, serve) = serve(
         "127.0.0.1:0".parse().unwrap(),
@@ -170,7 +232,12 @@ async fn client_and_server_over_tls() {
         min_refresh: Duration::from_millis(200),
         max_refresh: Duration::from_secs(1),
     };
-    tokio::spawn(certify::run(config, client.clone(), certify::Metrics::default(), cancel.clone()));
+    tokio::spawn(certify::run(
+        config,
+        client.clone(),
+        certify::Metrics::default(),
+        cancel.clone(),
+    ));
     tokio::time::timeout(Duration::from_secs(10), watch.wait_for(Option::is_some))
         .await
         .expect("certified within 10 s")

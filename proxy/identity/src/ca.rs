@@ -47,7 +47,10 @@ pub enum CsrError {
     #[error("the CSR's key must be ECDSA P-256")]
     KeyAlgorithm,
     #[error("the CSR names {named:?}, but the identity requested is {requested}")]
-    NameMismatch { named: Vec<String>, requested: String },
+    NameMismatch {
+        named: Vec<String>,
+        requested: String,
+    },
     #[error("signing: {0}")]
     Sign(rcgen::Error),
 }
@@ -145,10 +148,9 @@ impl Signer {
     /// request asked; a request that names anything else is refused rather than trimmed, so a
     /// confused client learns of it.
     pub fn sign_csr(&self, csr: &[u8], id: &Id, lifetime: Duration) -> Result<Leaf, CsrError> {
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr,
-        ))
-        .map_err(CsrError::Malformed)?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+                .map_err(CsrError::Malformed)?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CsrError::KeyAlgorithm);
         }
@@ -246,8 +248,8 @@ mod tests {
             .unwrap();
         assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(590));
 
-        let other = Id::parse("admin.kube-system.serviceaccount.identity.linkerd.cluster.local")
-            .unwrap();
+        let other =
+            Id::parse("admin.kube-system.serviceaccount.identity.linkerd.cluster.local").unwrap();
         assert!(matches!(
             signer.sign_csr(&csr, &other, Duration::from_secs(600)),
             Err(CsrError::NameMismatch { .. })
@@ -259,6 +261,10 @@ mod tests {
         let mut tampered = csr.clone();
         let last = tampered.len() - 3;
         tampered[last] ^= 0xff;
-        assert!(signer.sign_csr(&tampered, &id, Duration::from_secs(600)).is_err());
+        assert!(
+            signer
+                .sign_csr(&tampered, &id, Duration::from_secs(600))
+                .is_err()
+        );
     }
 }

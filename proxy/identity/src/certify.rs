@@ -222,8 +222,10 @@ async fn certify(
 /// When to renew a certificate that expires at `expiry`: 70 % of what is left, clamped.
 fn refresh_in(expiry: SystemTime, now: SystemTime, config: &Config) -> Duration {
     let left = expiry.duration_since(now).unwrap_or_default();
-    left.mul_f64(0.7)
-        .clamp(config.min_refresh.min(config.max_refresh), config.max_refresh)
+    left.mul_f64(0.7).clamp(
+        config.min_refresh.min(config.max_refresh),
+        config.max_refresh,
+    )
 }
 
 /// When to retry after `failures` failed calls: exponential from 1 s with full jitter, capped
@@ -271,12 +273,18 @@ mod tests {
             refresh_in(now + Duration::from_secs(24 * 3600), now, &c),
             Duration::from_secs(24 * 3600).mul_f64(0.7)
         );
-        assert_eq!(refresh_in(now + Duration::from_secs(5), now, &c), MIN_REFRESH);
+        assert_eq!(
+            refresh_in(now + Duration::from_secs(5), now, &c),
+            MIN_REFRESH
+        );
         assert_eq!(
             refresh_in(now + Duration::from_secs(100 * 24 * 3600), now, &c),
             MAX_REFRESH
         );
-        assert_eq!(refresh_in(now, now + Duration::from_secs(1), &c), MIN_REFRESH);
+        assert_eq!(
+            refresh_in(now, now + Duration::from_secs(1), &c),
+            MIN_REFRESH
+        );
     }
 
     #[test]
@@ -285,7 +293,10 @@ mod tests {
         let c = config();
         for failures in 1..20 {
             let w = retry_in(failures, None, now, &c);
-            assert!(w >= Duration::from_millis(500) && w <= Duration::from_secs(10), "{w:?}");
+            assert!(
+                w >= Duration::from_millis(500) && w <= Duration::from_secs(10),
+                "{w:?}"
+            );
         }
         // A certificate about to expire is retried soon, whatever the backoff says.
         let w = retry_in(10, Some(now + Duration::from_secs(2)), now, &c);

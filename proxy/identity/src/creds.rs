@@ -66,8 +66,10 @@ impl Credentials {
         key_pkcs8: &[u8],
     ) -> Result<SystemTime, InstallError> {
         let leaf = CertificateDer::from(leaf);
-        let intermediates: Vec<CertificateDer<'static>> =
-            intermediates.into_iter().map(CertificateDer::from).collect();
+        let intermediates: Vec<CertificateDer<'static>> = intermediates
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
         self.anchors
             .verify(&leaf, &intermediates)
             .map_err(InstallError::Untrusted)?;

@@ -20,7 +20,9 @@ pub enum Id {
 pub enum InvalidId {
     #[error("an identity cannot be empty")]
     Empty,
-    #[error("identity {0:?} is not a DNS name: labels of letters, digits and '-', separated by '.', no trailing dot")]
+    #[error(
+        "identity {0:?} is not a DNS name: labels of letters, digits and '-', separated by '.', no trailing dot"
+    )]
     NotDns(String),
     #[error("identity {0:?} is not a spiffe:// URI with a trust domain and a path")]
     NotSpiffe(String),
@@ -103,7 +105,9 @@ fn is_dns_name(s: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 

@@ -12,3 +12,5 @@ pub mod tls;
 pub use self::creds::{Credentials, InstallError};
 pub use self::id::{Id, InvalidId, cert_ids, not_after, peer_id};
 pub use self::tls::TrustAnchors;
+mod options;
+pub use self::options::{IdentityError, IdentityOptions};

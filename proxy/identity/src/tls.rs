@@ -56,7 +56,9 @@ pub struct TrustAnchors {
 
 /// Why a trust-anchor bundle was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("the trust anchors hold no usable certificate ({skipped} skipped): give PEM CERTIFICATE blocks of the shared root CA")]
+#[error(
+    "the trust anchors hold no usable certificate ({skipped} skipped): give PEM CERTIFICATE blocks of the shared root CA"
+)]
 pub struct NoAnchors {
     skipped: usize,
 }
@@ -68,9 +70,10 @@ impl TrustAnchors {
         let mut roots = RootCertStore::empty();
         let mut skipped = 0;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            match cert.map_err(|e| e.to_string()).and_then(|c| {
-                roots.add(c).map_err(|e| e.to_string())
-            }) {
+            match cert
+                .map_err(|e| e.to_string())
+                .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
+            {
                 Ok(()) => {}
                 Err(error) => {
                     skipped += 1;
@@ -303,8 +306,7 @@ pub fn certificate_reason(error: &rustls::Error) -> Option<&'static str> {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "cert_not_yet_valid"
             }
-            CertificateError::UnknownIssuer
-            | CertificateError::BadSignature => "foreign_anchor",
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "foreign_anchor",
             _ => "bad_cert",
         }),
         rustls::Error::NoCertificatesPresented => Some("no_client_cert"),

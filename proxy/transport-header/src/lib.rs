@@ -340,11 +340,20 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(matches!(decode(&bytes[..cut]), Ok(None)), "prefix {cut}");
         }
-        assert!(matches!(decode(b"GET / HTTP/1.1\r\n"), Err(DecodeError::NoPreface)));
+        assert!(matches!(
+            decode(b"GET / HTTP/1.1\r\n"),
+            Err(DecodeError::NoPreface)
+        ));
         let mut long = PREFACE.to_vec();
         long.extend_from_slice(&(MAX_MESSAGE_LEN as u32 + 1).to_be_bytes());
         assert!(matches!(decode(&long), Err(DecodeError::TooLong(_))));
-        for (port, name) in [(0, ""), (70000, ""), (-1, ""), (80, "bad name"), (80, "a..b")] {
+        for (port, name) in [
+            (0, ""),
+            (70000, ""),
+            (-1, ""),
+            (80, "bad name"),
+            (80, "a..b"),
+        ] {
             let msg = proto::Header {
                 port,
                 name: name.into(),

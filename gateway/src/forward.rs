@@ -1,0 +1,552 @@
+//! Forwarding an accepted connection: opaque TCP as a bidirectional copy (half-close passed
+//! on), or HTTP/1 and HTTP/2 served and proxied request by request, balanced across endpoints.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use prometheus_client::metrics::counter::Counter;
+use proxy_transport_header::SessionProtocol;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Refusal,
+    metrics::{DirectionLabels, StatusLabels},
+    server::{Inner, Target},
+};
+
+/// Pooled HTTP clients to endpoints, one per HTTP version.
+#[derive(Clone, Debug)]
+pub(crate) struct Clients {
+    http1: Client<HttpConnector, Incoming>,
+    http2: Client<HttpConnector, Incoming>,
+}
+
+impl Clients {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let builder = |http2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            // Linkerd's `LINKERD2_PROXY_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT`: 3 s.
+            b.pool_idle_timeout(Duration::from_secs(3))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new());
+            b.http2_only(http2);
+            b.build(connector.clone())
+        };
+        Self {
+            http1: builder(false),
+            http2: builder(true),
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+pub(crate) async fn forward<IO>(
+    inner: &Arc<Inner>,
+    io: IO,
+    target: Target,
+    cancel: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let inbound = DirectionLabels {
+        direction: "inbound",
+    };
+    let client = Tracked {
+        io,
+        activity: activity.clone(),
+        read: inner.metrics.read_bytes.get_or_create(&inbound).clone(),
+        write: inner.metrics.write_bytes.get_or_create(&inbound).clone(),
+    };
+    match target.header.protocol {
+        None => opaque(inner, client, &target, activity).await,
+        Some(protocol) => http(inner, client, target, protocol, activity, cancel).await,
+    }
+}
+
+/// Connects to the first endpoint that accepts, trying each once in round-robin order.
+async fn connect(inner: &Inner, target: &Target) -> Option<(TcpStream, SocketAddr)> {
+    for addr in target.endpoints.ordered() {
+        match tokio::time::timeout(inner.options.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((stream, addr));
+            }
+            Ok(Err(error)) => {
+                tracing::info!(%addr, target = %target.name, %error, "endpoint refused")
+            }
+            Err(_) => tracing::info!(%addr, target = %target.name, "endpoint connect timed out"),
+        }
+    }
+    None
+}
+
+async fn opaque<IO>(
+    inner: &Inner,
+    mut client: Tracked<IO>,
+    target: &Target,
+    activity: Arc<Activity>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    // On shutdown an opaque stream cannot be asked to finish: it runs until it ends or the
+    // process's drain deadline.
+    let Some((stream, addr)) = connect(inner, target).await else {
+        inner.metrics.refuse(Refusal::NoEndpoints);
+        tracing::info!(target = %target.name, reason = Refusal::NoEndpoints.as_str(), "connection refused");
+        return;
+    };
+    let outbound = DirectionLabels {
+        direction: "outbound",
+    };
+    inner.metrics.open_total.get_or_create(&outbound).inc();
+    let mut server = Tracked {
+        io: stream,
+        activity: activity.clone(),
+        read: inner.metrics.read_bytes.get_or_create(&outbound).clone(),
+        write: inner.metrics.write_bytes.get_or_create(&outbound).clone(),
+    };
+    // copy_bidirectional shuts down each write side when the other side's read ends, so a
+    // half-close travels through and the other direction keeps flowing.
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    tokio::pin!(copy);
+    let idle = inner.options.idle_timeout;
+    loop {
+        tokio::select! {
+            res = &mut copy => {
+                match res {
+                    Ok((up, down)) => tracing::debug!(%addr, up, down, "opaque connection closed"),
+                    Err(error) => tracing::debug!(%addr, %error, "opaque connection failed"),
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(activity.deadline(idle)) => {
+                if activity.idle_for() >= idle {
+                    tracing::info!(%addr, ?idle, "idle connection closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn http<IO>(
+    inner: &Arc<Inner>,
+    client: Tracked<IO>,
+    target: Target,
+    protocol: SessionProtocol,
+    activity: Arc<Activity>,
+    cancel: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let target = Arc::new(target);
+    let service = {
+        let inner = inner.clone();
+        hyper::service::service_fn(move |req| {
+            let inner = inner.clone();
+            let target = target.clone();
+            async move { Ok::<_, Infallible>(proxy(&inner, &target, req).await) }
+        })
+    };
+    let io = TokioIo::new(client);
+    let idle = inner.options.idle_timeout;
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(error) = res {
+                            tracing::debug!(%error, "HTTP connection ended");
+                        }
+                        break;
+                    }
+                    () = cancel.cancelled(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = tokio::time::sleep_until(activity.deadline(idle)), if !draining => {
+                        if activity.idle_for() >= idle {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        }};
+    }
+    match protocol {
+        SessionProtocol::Http1 => drive!(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(inner.options.header_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(io, service)
+        ),
+        SessionProtocol::Http2 => drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(1000)
+                .max_header_list_size(64 * 1024)
+                .keep_alive_interval(Duration::from_secs(30))
+                .serve_connection(io, service)
+        ),
+    }
+}
+
+/// Headers that belong to one hop and are never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    // `te: trailers` is the one TE value that may cross hops, and gRPC needs it.
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove("proxy-connection");
+}
+
+/// Whether a `Forwarded` header already names this gateway as `by`: the request has been here.
+fn forwarded_by(headers: &HeaderMap, own: &str) -> bool {
+    headers
+        .get_all(http::header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .any(|(k, v)| k.trim().eq_ignore_ascii_case("by") && v.trim().trim_matches('"') == own)
+}
+
+async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Response<Body> {
+    let own = inner.creds.id().as_str();
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if target.client.as_str() == own || forwarded_by(req.headers(), own) {
+        tracing::info!(client = %target.client, target = %target.name, "gateway loop refused");
+        return error(
+            inner,
+            StatusCode::LOOP_DETECTED,
+            is_grpc,
+            10,
+            "gateway loop",
+            true,
+        );
+    }
+    let authority = format!("{}:{}", target.name, target.header.port);
+    let forwarded = format!(
+        "by={own};for={};host={authority};proto=https",
+        target.client
+    );
+    strip_hop_by_hop(req.headers_mut());
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
+        req.headers_mut().append(header::FORWARDED, v);
+    }
+    let http2 = req.version() == http::Version::HTTP_2;
+    if !http2 && let Ok(v) = HeaderValue::try_from(authority.as_str()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    // One endpoint per request, round-robin. A failed request is not replayed elsewhere: its
+    // body may already have been sent.
+    let Some(addr) = target.endpoints.ordered().next() else {
+        return error(
+            inner,
+            StatusCode::SERVICE_UNAVAILABLE,
+            is_grpc,
+            14,
+            "no endpoints",
+            false,
+        );
+    };
+    let Ok(uri) = http::Uri::try_from(format!("http://{addr}{path}")) else {
+        return error(
+            inner,
+            StatusCode::BAD_REQUEST,
+            is_grpc,
+            3,
+            "invalid request path",
+            false,
+        );
+    };
+    *req.uri_mut() = uri;
+    let client = if http2 {
+        &inner.clients.http2
+    } else {
+        &inner.clients.http1
+    };
+    match client.request(req).await {
+        Ok(rsp) => {
+            let (mut parts, body) = rsp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            inner
+                .metrics
+                .http_responses
+                .get_or_create(&StatusLabels {
+                    http_status: parts.status.as_u16(),
+                })
+                .inc();
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            tracing::info!(%addr, target = %target.name, error = %e, "endpoint request failed");
+            if timed_out(&e) {
+                error(
+                    inner,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    is_grpc,
+                    4,
+                    "endpoint connect timed out",
+                    false,
+                )
+            } else {
+                error(
+                    inner,
+                    StatusCode::BAD_GATEWAY,
+                    is_grpc,
+                    14,
+                    "endpoint connection error",
+                    false,
+                )
+            }
+        }
+    }
+}
+
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// An error response as Linkerd's proxy writes it: `l5d-proxy-error`, and for gRPC a
+/// `grpc-status` in a 200.
+fn error(
+    inner: &Inner,
+    status: StatusCode,
+    grpc: bool,
+    grpc_code: u8,
+    message: &'static str,
+    close: bool,
+) -> Response<Body> {
+    let mut rsp = Response::new(
+        Full::new(Bytes::from_static(message.as_bytes()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    if grpc {
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        rsp.headers_mut()
+            .insert("grpc-status", HeaderValue::from(u16::from(grpc_code)));
+        rsp.headers_mut()
+            .insert("grpc-message", HeaderValue::from_static(message));
+        *rsp.body_mut() = Full::new(Bytes::new())
+            .map_err(|never: Infallible| match never {})
+            .boxed();
+    } else {
+        *rsp.status_mut() = status;
+    }
+    rsp.headers_mut()
+        .insert("l5d-proxy-error", HeaderValue::from_static(message));
+    if close {
+        rsp.headers_mut()
+            .insert("l5d-proxy-connection", HeaderValue::from_static("close"));
+    }
+    inner
+        .metrics
+        .http_responses
+        .get_or_create(&StatusLabels {
+            http_status: rsp.status().as_u16(),
+        })
+        .inc();
+    rsp
+}
+
+/// When a connection last moved a byte, either way.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last().elapsed()
+    }
+
+    fn deadline(&self, idle: Duration) -> Instant {
+        self.last() + idle
+    }
+}
+
+/// A stream that records activity and counts bytes.
+struct Tracked<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    read: Counter,
+    write: Counter,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.activity.touch();
+            self.read.inc_by(n as u64);
+        }
+        res
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
+            self.activity.touch();
+            self.write.inc_by(n as u64);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_loop_detection() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::FORWARDED,
+            HeaderValue::from_static("for=a;by=gw.east"),
+        );
+        assert!(forwarded_by(&h, "gw.east"));
+        assert!(!forwarded_by(&h, "gw.west"));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::FORWARDED,
+            HeaderValue::from_static("by=\"other\", By=\"gw.east\";proto=https"),
+        );
+        assert!(forwarded_by(&h, "gw.east"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+        // gRPC's `te: trailers` is the exception.
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
+    }
+}

@@ -1,0 +1,114 @@
+//! `meshlink-gateway`: the multicluster gateway.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gateway::{Discovery, Gateway, Metrics, Options};
+use proxy_identity::IdentityOptions;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Accepts cross-cluster mTLS on 4143 and forwards to local Services",
+    version
+)]
+struct Args {
+    #[command(flatten)]
+    gateway: Options,
+    #[command(flatten)]
+    identity: IdentityOptions,
+    /// Address of the admin server (/live, /ready, /metrics); kubelet and remote probes use it.
+    #[arg(
+        long,
+        env = "LINKERD2_PROXY_ADMIN_LISTEN_ADDR",
+        default_value = "0.0.0.0:4191"
+    )]
+    admin_addr: std::net::SocketAddr,
+    /// Networks (CIDRs, comma-separated) that may read /metrics over plain HTTP, besides
+    /// loopback; clients with a certificate from the trust anchors may always, over TLS.
+    #[arg(long, env = "MESHLINK_METRICS_NETWORKS", value_delimiter = ',')]
+    metrics_networks: Vec<ipnet::IpNet>,
+    /// How long open connections may take to finish on shutdown.
+    #[arg(long, env = "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace_period: Duration,
+    /// Log filter, e.g. `info` or `gateway=debug,info`.
+    #[arg(long, env = "MESHLINK_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .init();
+    proxy_identity::tls::install_default_provider();
+    // Everything is parsed and read before a socket is bound.
+    let creds = args.identity.credentials().context("identity settings")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+
+    let cancel = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::default();
+    metrics.register(&mut registry);
+    let certify = args
+        .identity
+        .spawn_certify(creds.clone(), &mut registry, cancel.clone());
+    let discovery = Discovery::default();
+    let ready = ready(creds.watch(), discovery.synced());
+    let admin_tls = proxy_identity::tls::server_config(&creds, &[b"http/1.1"]);
+    let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready)
+        .metrics_access(proxy_admin::MetricsAccess::restricted(
+            args.metrics_networks,
+            Some(admin_tls),
+        ))
+        .bind(args.admin_addr, cancel.clone())
+        .await?;
+    let watch = tokio::spawn(discovery.clone().run(client, cancel.clone()));
+    let (addr, serve) = Gateway::new(args.gateway, creds.clone(), discovery, metrics)
+        .bind(cancel.clone())
+        .await?;
+    tracing::info!(%addr, %admin_addr, identity = %creds.id(), "gateway listening");
+    let admin = tokio::spawn(admin);
+    let serve = tokio::spawn(serve);
+
+    shutdown_signal().await;
+    tracing::info!(grace = ?args.shutdown_grace_period, "shutting down: draining connections");
+    cancel.cancel();
+    if tokio::time::timeout(args.shutdown_grace_period, serve)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the end of the grace period; closing them");
+    }
+    let _ = tokio::join!(admin, watch, certify);
+    Ok(())
+}
+
+/// Ready once a certificate is held and discovery has listed everything.
+fn ready(
+    mut cert: tokio::sync::watch::Receiver<Option<std::time::SystemTime>>,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = cert.wait_for(Option::is_some).await;
+        let _ = synced.wait_for(|s| *s).await;
+        tracing::info!("ready");
+        let _ = tx.send(true);
+        tx.closed().await;
+    });
+    rx
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,352 @@
+//! The accept loop and the checks every connection passes before it is forwarded.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use proxy_identity::{Credentials, Id, tls};
+use proxy_transport_header::{self as header, Header, Prefixed};
+use rustls::ServerConfig;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    Authorization, Discovery, Endpoints, Metrics, Options, Refusal, Unresolved,
+    discover::split_target,
+    forward,
+    metrics::{DirectionLabels, HeaderLabels},
+};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the gateway to {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// A gateway, ready to bind.
+#[derive(Debug)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub options: Options,
+    pub creds: Arc<Credentials>,
+    pub tls: Arc<ServerConfig>,
+    pub discovery: Discovery,
+    pub metrics: Metrics,
+    pub authz: Authorization,
+    pub clients: forward::Clients,
+}
+
+/// What a connection that passed every check is for.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub header: Header,
+    pub name: String,
+    pub endpoints: Endpoints,
+    pub client: Id,
+}
+
+impl Gateway {
+    pub fn new(
+        options: Options,
+        creds: Arc<Credentials>,
+        discovery: Discovery,
+        metrics: Metrics,
+    ) -> Self {
+        let tls = tls::server_config(&creds, &[header::PROTOCOL]);
+        let authz = options.authorization();
+        let clients = forward::Clients::new(options.connect_timeout);
+        Self {
+            inner: Arc::new(Inner {
+                options,
+                creds,
+                tls,
+                discovery,
+                metrics,
+                authz,
+                clients,
+            }),
+        }
+    }
+
+    /// Binds the gateway's address; the future accepts until `cancel` fires, then waits for
+    /// open connections (HTTP ones are asked to finish; the caller bounds the wait).
+    pub async fn bind(
+        self,
+        cancel: CancellationToken,
+    ) -> Result<(SocketAddr, impl Future<Output = ()>), BindError> {
+        let addr = self.inner.options.addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?;
+        Ok((local, self.serve(listener, cancel)))
+    }
+
+    async fn serve(self, listener: TcpListener, cancel: CancellationToken) {
+        let inner = self.inner;
+        let tracker = TaskTracker::new();
+        let pending = Arc::new(Pending::new(inner.options.max_handshakes));
+        let established = Arc::new(Semaphore::new(inner.options.max_connections));
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        // Out of file descriptors, most likely: back off rather than spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let conn = Connection {
+                inner: inner.clone(),
+                peer,
+                cancel: cancel.clone(),
+            };
+            tracker.spawn(conn.run(tcp, pending.clone(), established.clone()));
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+struct Connection {
+    inner: Arc<Inner>,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    #[tracing::instrument(name = "conn", skip_all, fields(peer = %self.peer))]
+    async fn run(self, tcp: TcpStream, pending: Arc<Pending>, established: Arc<Semaphore>) {
+        let inbound = DirectionLabels {
+            direction: "inbound",
+        };
+        let m = &self.inner.metrics;
+        m.open_total.get_or_create(&inbound).inc();
+        m.open_connections.get_or_create(&inbound).inc();
+        let result = self.accept(tcp, &pending, &established).await;
+        match result {
+            Ok((io, target, _permit)) => {
+                forward::forward(&self.inner, io, target, &self.cancel).await
+            }
+            Err(Some(refusal)) => {
+                tracing::info!(reason = refusal.as_str(), "connection refused");
+                m.refuse(refusal);
+            }
+            // Shutting down.
+            Err(None) => {}
+        }
+        m.open_connections.get_or_create(&inbound).dec();
+    }
+
+    async fn accept(
+        &self,
+        tcp: TcpStream,
+        pending: &Pending,
+        established: &Arc<Semaphore>,
+    ) -> Result<(Prefixed<TlsStream<TcpStream>>, Target, OwnedSemaphorePermit), Option<Refusal>>
+    {
+        let opts = &self.inner.options;
+        let slot = pending.enter();
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(opts.handshake_timeout, self.handshake(tcp)) => {
+                r.unwrap_or(Err(Refusal::HandshakeTimeout))
+            }
+            () = slot.evicted.cancelled() => Err(Refusal::Overloaded),
+            () = self.cancel.cancelled() => return Err(None),
+        };
+        drop(slot);
+        let (mut tls, client) = handshake?;
+        let permit = established
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Overloaded)?;
+        if !self.inner.authz.allows(&client) {
+            tracing::info!(client = %client, "identity not authorized");
+            return Err(Some(Refusal::Unauthorized));
+        }
+        let read = tokio::select! {
+            r = tokio::time::timeout(opts.header_timeout, header::read(&mut tls)) => r,
+            () = self.cancel.cancelled() => return Err(None),
+        };
+        let (header, rest) = match read {
+            Err(_) => return Err(Some(Refusal::HeaderTimeout)),
+            Ok(Err(error)) => {
+                tracing::info!(client = %client, %error, "bad transport header");
+                return Err(Some(Refusal::BadHeader));
+            }
+            Ok(Ok(h)) => h,
+        };
+        let target = self.target(header, client)?;
+        Ok((Prefixed::new(rest, tls), target, permit))
+    }
+
+    /// TLS with the checks Linkerd's direct stack makes, each with its own reason.
+    async fn handshake(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Id), Refusal> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .map_err(|_| Refusal::NotTls)?;
+        let hello = start.client_hello();
+        let own = self.inner.creds.id();
+        match hello.server_name() {
+            None => return Err(Refusal::NoSni),
+            Some(sni) if tls::server_name(own).is_none_or(|n| n.to_str() != sni) => {
+                tracing::info!(sni, "SNI is not this gateway's identity");
+                return Err(Refusal::WrongSni);
+            }
+            Some(_) => {}
+        }
+        if !hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == header::PROTOCOL))
+        {
+            return Err(Refusal::NoAlpn);
+        }
+        let stream = start
+            .into_stream(self.inner.tls.clone())
+            .await
+            .map_err(|e| {
+                let reason = e
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>())
+                    .and_then(tls::certificate_reason);
+                match reason {
+                    Some("expired_cert") => Refusal::ExpiredCert,
+                    Some("foreign_anchor") => Refusal::ForeignAnchor,
+                    Some("no_client_cert") => Refusal::NoClientCert,
+                    Some(_) => Refusal::BadCert,
+                    None => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        Refusal::TlsError
+                    }
+                }
+            })?;
+        let conn = stream.get_ref().1;
+        if conn.peer_certificates().is_none_or(<[_]>::is_empty) {
+            return Err(Refusal::NoClientCert);
+        }
+        let id = tls::client_id(conn).ok_or(Refusal::BadCert)?;
+        Ok((stream, id))
+    }
+
+    fn target(&self, header: Header, client: Id) -> Result<Target, Option<Refusal>> {
+        let Some(name) = header.name.clone() else {
+            tracing::info!(client = %client, port = header.port, "transport header names no target");
+            return Err(Some(Refusal::UnknownTarget));
+        };
+        let (svc, ns) = match split_target(&name, &self.inner.options.suffixes) {
+            None => {
+                tracing::info!(client = %client, target = %name, "target outside the gateway's suffixes");
+                return Err(Some(Refusal::OutsideSuffix));
+            }
+            Some(Err(())) => {
+                tracing::info!(client = %client, target = %name, "target is not <service>.<namespace>.<suffix>");
+                return Err(Some(Refusal::UnknownTarget));
+            }
+            Some(Ok(split)) => split,
+        };
+        let endpoints = self
+            .inner
+            .discovery
+            .resolve(ns, svc, header.port)
+            .map_err(|e| {
+                tracing::info!(client = %client, target = %name, port = header.port, error = %e, "target not found");
+                Some(match e {
+                    Unresolved::NoEndpoints { .. } => Refusal::NoEndpoints,
+                    _ => Refusal::UnknownTarget,
+                })
+            })?;
+        self.inner
+            .metrics
+            .header_connections
+            .get_or_create(&HeaderLabels {
+                session_protocol: header.protocol.map_or("", |p| p.as_str()),
+                target_port: header.port,
+                target_name: name.clone(),
+                client_id: client.to_string(),
+            })
+            .inc();
+        tracing::debug!(client = %client, target = %name, port = header.port, protocol = ?header.protocol, "forwarding");
+        Ok(Target {
+            header,
+            name,
+            endpoints,
+            client,
+        })
+    }
+}
+
+/// Connections in their TLS handshake. When full, the oldest is evicted: a legitimate client
+/// finishes its handshake in milliseconds, so the connections that linger are the idle or
+/// hostile ones, and a flood of them cannot lock others out.
+#[derive(Debug)]
+struct Pending {
+    cap: usize,
+    slots: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+struct Slot<'a> {
+    pending: &'a Pending,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Pending {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            slots: Mutex::default(),
+        }
+    }
+
+    fn enter(&self) -> Slot<'_> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slots.1.len() >= self.cap
+            && let Some((_, oldest)) = slots.1.pop_first()
+        {
+            oldest.cancel();
+        }
+        slots.0 += 1;
+        let id = slots.0;
+        let evicted = CancellationToken::new();
+        slots.1.insert(id, evicted.clone());
+        Slot {
+            pending: self,
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .remove(&self.id);
+    }
+}

@@ -1,0 +1,757 @@
+//! The gateway in-process, with rcgen certificates and real sockets on loopback: every forwarding
+//! mode and every refusal, each checked on the wire and in the metric.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec},
+    discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+};
+use kube::api::ObjectMeta;
+use prometheus_client::registry::Registry;
+use proxy_identity::{Credentials, Id, TrustAnchors, ca, tls};
+use proxy_transport_header::{Header, PROTOCOL, SessionProtocol};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Discovery, Gateway, Metrics, Options};
+
+const GW: &str =
+    "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local";
+const WEB: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+}
+
+struct Pki {
+    anchor: ca::CertKey,
+    issuer: ca::Signer,
+    issuer_pem: ca::CertKey,
+}
+
+fn pki() -> Pki {
+    tls::install_default_provider();
+    let anchor = ca::new_anchor("root", Duration::from_secs(3600)).unwrap();
+    let issuer_pem = ca::new_issuer(&anchor, "issuer", Duration::from_secs(3600)).unwrap();
+    let issuer = ca::Signer::from_pem(&issuer_pem.cert_pem, &issuer_pem.key_pem).unwrap();
+    Pki {
+        anchor,
+        issuer,
+        issuer_pem,
+    }
+}
+
+fn creds(pki: &Pki, id: &str) -> Arc<Credentials> {
+    let id = Id::parse(id).unwrap();
+    let creds = Credentials::new(
+        id.clone(),
+        TrustAnchors::from_pem(&pki.anchor.cert_pem).unwrap(),
+    );
+    let (leaf, key) = pki.issuer.issue(&id, Duration::from_secs(600)).unwrap();
+    creds
+        .install(leaf, vec![pki.issuer.cert_der().to_vec()], &key)
+        .unwrap();
+    creds
+}
+
+/// A client config presenting a certificate valid from `from` to `to` (an expired one cannot
+/// be made through the library, which refuses to install it).
+fn client_with_validity(pki: &Pki, from: SystemTime, to: SystemTime) -> Arc<rustls::ClientConfig> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![WEB.to_owned()]).unwrap();
+    params.not_before = from.into();
+    params.not_after = to.into();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &pki.issuer_pem.cert_pem,
+        rcgen::KeyPair::from_pem(&pki.issuer_pem.key_pem).unwrap(),
+    )
+    .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let chain = vec![cert.der().clone(), pki.issuer.cert_der().to_vec().into()];
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![PROTOCOL.to_vec()];
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TCP server that reads until the client half-closes, then answers with what it read
+/// reversed and closes: only a half-close passed through gets an answer.
+async fn reverse_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                buf.reverse();
+                s.write_all(&buf).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP server (HTTP/1 and HTTP/2) that answers with its name, the request's version and
+/// the headers the gateway sets.
+async fn http_server(name: &'static str, seen: Arc<Mutex<Vec<&'static str>>>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        seen.lock().unwrap().push(name);
+                        let h = |k| {
+                            req.headers()
+                                .get(k)
+                                .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default()
+                        };
+                        let body = format!(
+                            "server={name} version={:?} host={} forwarded={}",
+                            req.version(),
+                            h("host"),
+                            h("forwarded")
+                        );
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(body),
+                            )))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn service(name: &str, port: i32) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            ports: Some(vec![ServicePort {
+                port,
+                name: Some("main".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice(svc: &str, addrs: &[SocketAddr]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(format!("{svc}-abc")),
+            labels: Some([("kubernetes.io/service-name".to_owned(), svc.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        // Every backend of a test listens on its own port; the slice's port is the first one,
+        // so tests with several backends run them on one port each (see `two_backends`).
+        ports: Some(vec![EndpointPort {
+            name: Some("main".into()),
+            port: Some(i32::from(addrs[0].port())),
+            ..EndpointPort::default()
+        }]),
+        endpoints: Some(
+            addrs
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.ip().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    metrics: Metrics,
+    pki: Pki,
+    cancel: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(extra: &[&str], discovery: Discovery) -> Running {
+    let pki = pki();
+    let mut args = vec!["gw", "--addr", "127.0.0.1:0"];
+    for (flag, value) in [
+        ("--header-timeout", "300ms"),
+        ("--handshake-timeout", "300ms"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    let options = Cli::try_parse_from(args).unwrap().options;
+    let metrics = Metrics::default();
+    let cancel = CancellationToken::new();
+    let (addr, serve) = Gateway::new(options, creds(&pki, GW), discovery, metrics.clone())
+        .bind(cancel.clone())
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    Running {
+        addr,
+        metrics,
+        pki,
+        cancel,
+    }
+}
+
+impl Running {
+    fn client_config(&self, id: &str) -> Arc<rustls::ClientConfig> {
+        tls::client_config(&creds(&self.pki, id), &[PROTOCOL])
+    }
+
+    async fn tls(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        sni: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+            .await
+    }
+
+    /// A connection as a Linkerd proxy opens it: mTLS, checked gateway identity, header.
+    async fn dial(&self, header: &Header) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let mut tls = tls::connect(self.client_config(WEB), tcp, &Id::parse(GW).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(PROTOCOL));
+        tls.write_all(&header.encode()).await.unwrap();
+        tls
+    }
+
+    fn refused(&self, reason: &str) -> u64 {
+        let mut registry = Registry::default();
+        self.metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let needle = format!("gateway_refused_connections_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// Waits until the refusal `reason` has been counted `n` times.
+    async fn expect_refused(&self, reason: &str, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.refused(reason) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "refusal {reason} not counted (have {})",
+                self.refused(reason)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Whether the peer closed the stream (EOF or a reset) within 5 s; a TLS alert it may send
+/// first is read past.
+async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn header(name: &str, port: u16, protocol: Option<SessionProtocol>) -> Header {
+    Header {
+        port,
+        name: Some(name.into()),
+        protocol,
+    }
+}
+
+async fn with_backend(port_of: SocketAddr, name: &str) -> Discovery {
+    let d = Discovery::default();
+    d.apply_service(&service(name, 80));
+    d.apply_slice(&slice(name, &[port_of]));
+    d.mark_synced();
+    d
+}
+
+#[tokio::test]
+async fn opaque_tcp_with_half_close() {
+    let backend = reverse_server().await;
+    let gw = start(&[], with_backend(backend, "rev").await).await;
+    let mut s = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    s.write_all(b"hello gateway").await.unwrap();
+    // Half-close: the server answers only after it sees the end of our stream.
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"yawetag olleh");
+}
+
+async fn http_request(
+    s: tokio_rustls::client::TlsStream<TcpStream>,
+    version: SessionProtocol,
+    extra: Option<(&'static str, &'static str)>,
+) -> http::Response<Bytes> {
+    let io = TokioIo::new(s);
+    let mut req = http::Request::builder().uri("/hello");
+    if let Some((k, v)) = extra {
+        req = req.header(k, v);
+    }
+    let rsp = match version {
+        SessionProtocol::Http1 => {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            send.send_request(
+                req.header("host", "ignored")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+        SessionProtocol::Http2 => {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send.send_request(
+                req.uri("http://web.shop.svc.cluster.local/hello")
+                    .version(http::Version::HTTP_2)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (parts, body) = rsp.into_parts();
+    http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn http1_and_http2_with_forwarded_and_host() {
+    let seen = Arc::default();
+    let backend = http_server("a", seen).await;
+    let gw = start(&[], with_backend(backend, "web").await).await;
+    for version in [SessionProtocol::Http1, SessionProtocol::Http2] {
+        let s = gw
+            .dial(&header("web.shop.svc.cluster.local", 80, Some(version)))
+            .await;
+        let rsp = http_request(s, version, None).await;
+        assert_eq!(rsp.status(), 200);
+        let body = String::from_utf8_lossy(rsp.body()).into_owned();
+        let expected_version = match version {
+            SessionProtocol::Http1 => "HTTP/1.1",
+            SessionProtocol::Http2 => "HTTP/2.0",
+        };
+        assert!(
+            body.contains(&format!("version={expected_version}")),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!(
+                "forwarded=by={GW};for={WEB};host=web.shop.svc.cluster.local:80;proto=https"
+            )),
+            "{body}"
+        );
+        if version == SessionProtocol::Http1 {
+            assert!(
+                body.contains("host=web.shop.svc.cluster.local:80"),
+                "{body}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_are_balanced_across_endpoints() {
+    let seen: Arc<Mutex<Vec<&str>>> = Arc::default();
+    // Two endpoints on the same port, on two loopback addresses.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let mut addrs = Vec::new();
+    for (ip, name) in [("127.0.0.1", "a"), ("127.0.0.2", "b")] {
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let l = TcpListener::bind(addr).await.unwrap();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        seen.lock().unwrap().push(name);
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addrs.push(addr);
+    }
+    let d = Discovery::default();
+    d.apply_service(&service("web", 80));
+    d.apply_slice(&slice("web", &addrs));
+    let gw = start(&[], d).await;
+    let s = gw
+        .dial(&header(
+            "web.shop.svc.cluster.local",
+            80,
+            Some(SessionProtocol::Http2),
+        ))
+        .await;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..4 {
+        let rsp = send
+            .send_request(
+                http::Request::builder()
+                    .uri("http://web/")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.contains(&"a") && seen.contains(&"b"),
+        "one HTTP/2 connection, both endpoints: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn loops_are_refused_with_508() {
+    let backend = http_server("a", Arc::default()).await;
+    let gw = start(&[], with_backend(backend, "web").await).await;
+    let s = gw
+        .dial(&header(
+            "web.shop.svc.cluster.local",
+            80,
+            Some(SessionProtocol::Http1),
+        ))
+        .await;
+    let forwarded: &'static str = Box::leak(format!("by={GW};for=x").into_boxed_str());
+    let rsp = http_request(s, SessionProtocol::Http1, Some(("forwarded", forwarded))).await;
+    assert_eq!(rsp.status(), 508);
+    assert_eq!(rsp.headers()["l5d-proxy-error"], "gateway loop");
+
+    // A client whose identity is the gateway's own is a loop too.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let mut s = tls::connect(gw.client_config(GW), tcp, &Id::parse(GW).unwrap())
+        .await
+        .unwrap();
+    s.write_all(
+        &header(
+            "web.shop.svc.cluster.local",
+            80,
+            Some(SessionProtocol::Http1),
+        )
+        .encode(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        http_request(s, SessionProtocol::Http1, None).await.status(),
+        508
+    );
+}
+
+#[tokio::test]
+async fn every_refusal_closes_with_its_reason() {
+    let backend = reverse_server().await;
+    let gw = start(&[], with_backend(backend, "rev").await).await;
+    let gw_name = GW;
+
+    // Plaintext.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await);
+    gw.expect_refused("not_tls", 1).await;
+
+    // Silence: the handshake deadline (300 ms here).
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(closed(&mut s).await);
+    gw.expect_refused("handshake_timeout", 1).await;
+
+    // Wrong SNI.
+    let r = gw.tls(gw.client_config(WEB), "someone-else.example").await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("wrong_sni", 1).await;
+
+    // No ALPN.
+    let c = creds(&gw.pki, WEB);
+    let r = gw.tls(tls::client_config(&c, &[]), gw_name).await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("no_alpn", 1).await;
+
+    // No client certificate.
+    let anon = tls::anonymous_client_config(
+        &TrustAnchors::from_pem(&gw.pki.anchor.cert_pem).unwrap(),
+        &[PROTOCOL],
+    );
+    let r = gw.tls(anon, gw_name).await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("no_client_cert", 1).await;
+
+    // A certificate from another anchor (the client trusts any server, so that the refusal is
+    // the gateway's).
+    let foreign = pki();
+    let now = SystemTime::now();
+    let r = gw
+        .tls(
+            client_with_validity(
+                &foreign,
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            ),
+            gw_name,
+        )
+        .await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("foreign_anchor", 1).await;
+
+    // An expired certificate from the right anchor.
+    let expired = client_with_validity(
+        &gw.pki,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    );
+    let r = gw.tls(expired, gw_name).await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("expired_cert", 1).await;
+
+    // A header that is not one.
+    let mut s = gw.tls(gw.client_config(WEB), gw_name).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(closed(&mut s).await);
+    gw.expect_refused("bad_header", 1).await;
+
+    // A header too slow (300 ms here).
+    let mut s = gw.tls(gw.client_config(WEB), gw_name).await.unwrap();
+    s.write_all(&proxy_transport_header::PREFACE[..5])
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await);
+    gw.expect_refused("header_timeout", 1).await;
+
+    // Targets: unknown Service, unknown port, outside the suffix, no name at all.
+    for (h, reason, n) in [
+        (
+            header("nope.shop.svc.cluster.local", 80, None),
+            "unknown_target",
+            1,
+        ),
+        (
+            header("rev.shop.svc.cluster.local", 81, None),
+            "unknown_target",
+            2,
+        ),
+        (
+            Header {
+                port: 80,
+                name: None,
+                protocol: None,
+            },
+            "unknown_target",
+            3,
+        ),
+        (
+            header("rev.shop.svc.elsewhere.local", 80, None),
+            "outside_suffix",
+            1,
+        ),
+        (
+            header("kubernetes.default.svc.cluster.local.evil.com", 443, None),
+            "outside_suffix",
+            2,
+        ),
+    ] {
+        let mut s = gw.dial(&h).await;
+        assert!(closed(&mut s).await, "{h:?}");
+        gw.expect_refused(reason, n).await;
+    }
+}
+
+#[tokio::test]
+async fn authorization_narrows_identities() {
+    let backend = reverse_server().await;
+    let gw = start(
+        &[
+            "--allow-identities",
+            "api.shop.serviceaccount.identity.linkerd.cluster.local",
+        ],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    let mut s = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    assert!(closed(&mut s).await);
+    gw.expect_refused("unauthorized", 1).await;
+
+    let gw = start(
+        &["--allow-trust-domains", "cluster.local"],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    let mut s = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    s.write_all(b"ab").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ba");
+}
+
+#[tokio::test]
+async fn silent_connections_cannot_lock_others_out() {
+    let backend = reverse_server().await;
+    let gw = start(
+        &["--max-handshakes", "8", "--handshake-timeout", "60s"],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    // Far more silent connections than handshake slots, held open.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    gw.expect_refused("overloaded", 56).await;
+    // A real client still gets through at once.
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        gw.dial(&header("rev.shop.svc.cluster.local", 80, None)),
+    )
+    .await
+    .expect("a client is served while silent connections are held");
+    s.write_all(b"xy").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"yx");
+}
+
+#[tokio::test]
+async fn no_ready_endpoints_is_refused() {
+    let d = Discovery::default();
+    d.apply_service(&service("empty", 80));
+    let gw = start(&[], d).await;
+    let mut s = gw
+        .dial(&header("empty.shop.svc.cluster.local", 80, None))
+        .await;
+    assert!(closed(&mut s).await);
+    gw.expect_refused("no_endpoints", 1).await;
+}
