@@ -1,7 +1,9 @@
 //! `meshlink`: the command-line tool. `link` prints what links a cluster to the one it runs
-//! against; `unlink` prints what removes such a link; `gateways` shows linked gateways.
+//! against; `unlink` prints what removes such a link; `gateways` shows linked gateways;
+//! `identity` makes the trust anchor and issuers.
 
 mod gateways;
+mod identity;
 mod link;
 mod unlink;
 
@@ -51,6 +53,10 @@ enum Command {
     /// Run against the SOURCE cluster; shows each linked cluster's gateway: alive, mirrored
     /// Services, probe latency.
     Gateways(gateways::GatewaysArgs),
+    /// Make the trust anchor and per-cluster issuers (no cluster needed), and print them as
+    /// manifests.
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -72,9 +78,29 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    proxy_identity::tls::install_default_provider();
+    let docs = match &cli.command {
+        Command::Link(args) => {
+            let (client, kubeconfig) = connect(&cli).await?;
+            link::run(args, client, &kubeconfig, cli.context.as_deref()).await?
+        }
+        Command::Unlink(args) => unlink::run(args, connect(&cli).await?.0).await?,
+        Command::Gateways(args) => {
+            return Ok(gateways::run(args, connect(&cli).await?.0, cli.output).await?);
+        }
+        Command::Identity(command) => {
+            let (message, docs) = identity::run(command)?;
+            if docs.is_empty() {
+                return Ok(message);
+            }
+            docs
+        }
+    };
+    Ok(link::print(&docs, cli.output))
+}
+
+/// A client for the cluster the kubeconfig (and context) names.
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Kubeconfig)> {
     let kubeconfig = match &cli.kubeconfig {
         Some(path) => Kubeconfig::read_from(path)?,
         None => Kubeconfig::read()?,
@@ -84,11 +110,5 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         ..KubeConfigOptions::default()
     };
     let config = Config::from_custom_kubeconfig(kubeconfig.clone(), &options).await?;
-    let client = Client::try_from(config)?;
-    let docs = match &cli.command {
-        Command::Link(args) => link::run(args, client, &kubeconfig, cli.context.as_deref()).await?,
-        Command::Unlink(args) => unlink::run(args, client).await?,
-        Command::Gateways(args) => return Ok(gateways::run(args, client, cli.output).await?),
-    };
-    Ok(link::print(&docs, cli.output))
+    Ok((Client::try_from(config)?, kubeconfig))
 }

@@ -1,0 +1,258 @@
+//! `meshlink identity`: the trust anchor and per-cluster issuers, made with rcgen, so nobody
+//! needs `step` or openssl. ECDSA P-256 throughout (Linkerd's proxies require it).
+//!
+//! ```text
+//! meshlink identity anchor --out anchor/             # ca.crt, ca.key
+//! meshlink identity issuer --anchor anchor/ --out east/   # issuer.crt, issuer.key
+//! meshlink identity manifests --issuer east/ --anchors anchor/ca.crt[,new/ca.crt]
+//! ```
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use proxy_identity::{TrustAnchors, ca};
+use serde_json::{Value, json};
+
+#[derive(Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Create a trust anchor (root CA): <out>/ca.crt and <out>/ca.key. Share ca.crt with every
+    /// cluster; keep ca.key offline.
+    Anchor(AnchorArgs),
+    /// Create an issuer (intermediate CA) for one cluster, signed by the anchor:
+    /// <out>/issuer.crt and <out>/issuer.key.
+    Issuer(IssuerArgs),
+    /// Print the issuer Secret and the trust-anchor bundle ConfigMap for one cluster.
+    Manifests(ManifestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AnchorArgs {
+    /// Directory to write ca.crt and ca.key into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Subject common name.
+    #[arg(long, default_value = "root.linkerd.cluster.local")]
+    common_name: String,
+    /// How long the anchor is valid (e.g. 87600h, 3650d).
+    #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
+    lifetime: Duration,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct IssuerArgs {
+    /// Directory holding the anchor's ca.crt and ca.key.
+    #[arg(long)]
+    anchor: PathBuf,
+    /// Directory to write issuer.crt and issuer.key into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Subject common name (Linkerd's: identity.linkerd.<trust-domain>).
+    #[arg(long, default_value = "identity.linkerd.cluster.local")]
+    common_name: String,
+    /// How long the issuer is valid (e.g. 8760h).
+    #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+    lifetime: Duration,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ManifestArgs {
+    /// Directory holding the cluster's issuer.crt and issuer.key.
+    #[arg(long)]
+    issuer: PathBuf,
+    /// PEM files of the trust anchors (comma-separated). Give the old and the new anchor
+    /// together while rotating.
+    #[arg(long, value_delimiter = ',', required = true)]
+    anchors: Vec<PathBuf>,
+    /// The control-plane namespace (where the identity service and its issuer Secret are).
+    #[arg(long, default_value = "linkerd")]
+    namespace: String,
+    /// Namespaces that get the trust-anchor bundle ConfigMap (a ConfigMap can only be read in
+    /// its own namespace; the gateway's reads it from there).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "linkerd,linkerd-multicluster"
+    )]
+    bundle_namespaces: Vec<String>,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write(path: &Path, contents: &str, secret: bool, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!(
+            "{} already exists; pass --force to replace it (a replaced anchor or issuer invalidates every certificate it signed)",
+            path.display()
+        );
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if secret {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs a subcommand; returns what to print and the documents (for `manifests`).
+pub fn run(command: &IdentityCommand) -> Result<(String, Vec<Value>)> {
+    match command {
+        IdentityCommand::Anchor(a) => {
+            std::fs::create_dir_all(&a.out)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            let anchor = ca::new_anchor(&a.common_name, a.lifetime)?;
+            write(&a.out.join("ca.crt"), &anchor.cert_pem, false, a.force)?;
+            write(&a.out.join("ca.key"), &anchor.key_pem, true, a.force)?;
+            Ok((
+                format!(
+                    "trust anchor written to {0}/ca.crt (key: {0}/ca.key, keep it offline)\n",
+                    a.out.display()
+                ),
+                Vec::new(),
+            ))
+        }
+        IdentityCommand::Issuer(a) => {
+            let anchor = ca::CertKey {
+                cert_pem: read(&a.anchor.join("ca.crt"))?,
+                key_pem: read(&a.anchor.join("ca.key"))?,
+            };
+            std::fs::create_dir_all(&a.out)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            let issuer = ca::new_issuer(&anchor, &a.common_name, a.lifetime)
+                .context("the anchor directory must hold ca.crt and its ECDSA P-256 ca.key")?;
+            write(&a.out.join("issuer.crt"), &issuer.cert_pem, false, a.force)?;
+            write(&a.out.join("issuer.key"), &issuer.key_pem, true, a.force)?;
+            Ok((
+                format!(
+                    "issuer written to {}/issuer.crt and issuer.key\n",
+                    a.out.display()
+                ),
+                Vec::new(),
+            ))
+        }
+        IdentityCommand::Manifests(a) => Ok((String::new(), manifests(a)?)),
+    }
+}
+
+fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
+    let cert = read(&a.issuer.join("issuer.crt"))?;
+    let key = read(&a.issuer.join("issuer.key"))?;
+    let mut bundle = String::new();
+    for path in &a.anchors {
+        let pem = read(path)?;
+        TrustAnchors::from_pem(&pem).with_context(|| format!("{}", path.display()))?;
+        bundle.push_str(pem.trim_end());
+        bundle.push('\n');
+    }
+    let anchors = TrustAnchors::from_pem(&bundle)?;
+    // The issuer must chain to one of the anchors, or every certificate it signs is refused:
+    // prove it by issuing a throwaway leaf and verifying it.
+    let signer = ca::Signer::from_pem(&cert, &key)
+        .context("issuer.key must be the PKCS#8 ECDSA P-256 key of issuer.crt")?;
+    let probe = proxy_identity::Id::parse("probe.meshlink.invalid")?;
+    let (leaf, _) = signer.issue(&probe, Duration::from_secs(60))?;
+    anchors
+        .verify(&leaf.into(), &[signer.cert_der().to_vec().into()])
+        .map_err(|e| {
+            anyhow::anyhow!("the issuer does not chain to the given anchors ({e}): sign it with `meshlink identity issuer --anchor <dir of one of them>`")
+        })?;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut docs = vec![json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": "linkerd-identity-issuer",
+                "namespace": a.namespace,
+                "labels": { "linkerd.io/control-plane-component": "identity" },
+            },
+            "data": { "tls.crt": b64(&cert), "tls.key": b64(&key), "ca.crt": b64(&bundle) },
+    })];
+    for ns in &a.bundle_namespaces {
+        docs.push(json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "linkerd-identity-trust-roots",
+                "namespace": ns,
+                "labels": { "linkerd.io/control-plane-component": "identity" },
+            },
+            "data": { "ca-bundle.crt": bundle },
+        }));
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    }
+
+    fn run_args(args: &[&str]) -> Result<(String, Vec<Value>)> {
+        run(&Cli::try_parse_from(std::iter::once("identity").chain(args.iter().copied()))?.command)
+    }
+
+    #[test]
+    fn anchor_issuer_manifests_and_rotation() {
+        proxy_identity::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        run_args(&["anchor", "--out", &d("a")]).unwrap();
+        run_args(&["anchor", "--out", &d("b")]).unwrap();
+        let err = run_args(&["anchor", "--out", &d("a")]).unwrap_err();
+        assert!(format!("{err:#}").contains("--force"), "{err:#}");
+        let mode = std::fs::metadata(dir.path().join("a/ca.key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        run_args(&["issuer", "--anchor", &d("a"), "--out", &d("east")]).unwrap();
+
+        // The bundle may hold the old and the new anchor.
+        let (_, docs) = run_args(&[
+            "manifests",
+            "--issuer",
+            &d("east"),
+            "--anchors",
+            &format!("{},{}", d("a/ca.crt"), d("b/ca.crt")),
+        ])
+        .unwrap();
+        assert_eq!(docs[0]["type"], "kubernetes.io/tls");
+        let bundle = docs[1]["data"]["ca-bundle.crt"].as_str().unwrap();
+        assert_eq!(TrustAnchors::from_pem(bundle).unwrap().len(), 2);
+
+        // An issuer from another anchor is caught before it reaches a cluster.
+        let err = run_args(&[
+            "manifests",
+            "--issuer",
+            &d("east"),
+            "--anchors",
+            &d("b/ca.crt"),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("does not chain"), "{err:#}");
+    }
+}
