@@ -21,6 +21,7 @@ help:
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
 	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
+	@echo "make fuzz           fuzz the transport-header decoder (FUZZ_SECONDS=600)"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
 
 .PHONY: prerequisites
@@ -68,6 +69,16 @@ bench: prerequisites kube-binaries
 	$(CARGO) build --release --workspace --bins --locked
 	@# --workspace: the same feature set as the build above, so nothing is compiled twice.
 	$(CARGO) bench --locked --workspace --bench mirror -- --services $(SERVICES)
+
+.PHONY: fuzz
+# The transport-header decoder under libFuzzer (nightly; cargo-fuzz is installed on first use).
+# FUZZ_SECONDS=600 by default; the corpus stays in proxy/transport-header/fuzz/corpus.
+FUZZ_SECONDS ?= 600
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	mkdir -p proxy/transport-header/fuzz/corpus/decode
+	cd proxy/transport-header && $(CARGO) +nightly fuzz run decode fuzz/corpus/decode fuzz/seeds/decode -- -max_total_time=$(FUZZ_SECONDS)
 
 .PHONY: clusters
 clusters: kube-binaries

@@ -163,7 +163,9 @@ pub async fn run(
     }
 }
 
-async fn certify(
+/// One Certify call: sends the token, identity and CSR, checks and installs the answer.
+/// `csr` and `key` come from [`ca::new_csr`].
+pub async fn certify(
     config: &Config,
     creds: &Arc<Credentials>,
     csr: &[u8],

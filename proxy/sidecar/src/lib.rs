@@ -1,2 +1,70 @@
-//! The sidecar proxy. Its sibling crates under `proxy/` (identity, transport, admin) are the
-//! libraries the gateway is built from; filled in by the identity and gateway issue.
+//! The sidecar proxy's outbound side. So far: dialing a remote cluster's gateway the way a
+//! Linkerd proxy does for a mirrored Service's endpoint (`authority_override` set): mTLS with
+//! SNI = the gateway identity and ALPN `transport.l5d.io/v1`, a check that the gateway is who
+//! discovery said, then the transport header naming the remote Service.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use proxy_identity::{Credentials, Id, tls};
+use proxy_transport_header::{Header, PROTOCOL};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio_rustls::client::TlsStream;
+
+/// Why a gateway could not be dialed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connecting to the gateway at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to the gateway at {0}: timed out")]
+    Timeout(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] tls::ConnectError),
+    #[error("the gateway at {0} did not negotiate transport.l5d.io/v1")]
+    NoTransportHeader(SocketAddr),
+    #[error("writing the transport header: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// Dials gateways with one TLS config (the certificate in it is swapped in place on renewal).
+#[derive(Clone, Debug)]
+pub struct GatewayDialer {
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+}
+
+impl GatewayDialer {
+    pub fn new(creds: &Arc<Credentials>, connect_timeout: Duration) -> Self {
+        Self {
+            config: tls::client_config(creds, &[PROTOCOL]),
+            connect_timeout,
+        }
+    }
+
+    /// Opens a connection to the header's target through the gateway `gateway` at `addr`.
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        gateway: &Id,
+        header: &Header,
+    ) -> Result<TlsStream<TcpStream>, DialError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| DialError::Timeout(addr))?
+            .map_err(|source| DialError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let mut stream = tls::connect(self.config.clone(), tcp, gateway).await?;
+        // As Linkerd: the header is written only when the gateway agreed to read one.
+        if stream.get_ref().1.alpn_protocol() != Some(PROTOCOL) {
+            return Err(DialError::NoTransportHeader(addr));
+        }
+        stream
+            .write_all(&header.encode())
+            .await
+            .map_err(DialError::Write)?;
+        Ok(stream)
+    }
+}
