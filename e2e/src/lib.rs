@@ -17,6 +17,7 @@ mod binaries;
 pub mod checks;
 mod cluster;
 pub mod dns;
+pub mod mesh;
 pub mod meshlink;
 pub mod netns;
 mod objects;

@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// The backend of test Services: TCP echo until half-close, and HTTP/1 + HTTP/2.
+    Backend {
+        #[arg(long)]
+        tcp: std::net::SocketAddr,
+        #[arg(long)]
+        http: std::net::SocketAddr,
+    },
+    /// A meshed client: certify, dial a gateway, make one exchange, print what came back.
+    MeshClient(Box<e2e::mesh::ClientArgs>),
 }
 
 fn default_dir() -> PathBuf {
@@ -66,6 +75,13 @@ async fn main() -> Result<()> {
         Command::Up { names } => up(&args.dir, &names, &mut out).await,
         Command::Down { names } => down(&args.dir, &names, &mut out),
         Command::ProbeServer { listen } => probe_server(listen).await,
+        Command::Backend { tcp, http } => Ok(e2e::mesh::serve_backend(tcp, http).await?),
+        Command::MeshClient(args) => {
+            proxy_identity::tls::install_default_provider();
+            let answer = e2e::mesh::mesh_client(*args).await?;
+            out.write_all(answer.as_bytes())?;
+            Ok(())
+        }
         Command::Demo => run_demo(&args.dir, &mut out).await,
     }
 }

@@ -72,10 +72,26 @@ impl Program {
         args: &[String],
         env: &[(&str, String)],
     ) -> Result<Self, Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Self::start_with_admin(binary, args, env, admin).await
+    }
+
+    /// Like [`Program::start`], with the admin server bound to `admin` (polled on loopback when
+    /// that is a wildcard address).
+    pub async fn start_with_admin(
+        binary: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        bind: SocketAddr,
+    ) -> Result<Self, Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let admin = if bind.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, bind.port()))
+        } else {
+            bind
+        };
         let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
-        all.push(format!("--admin-addr={admin}").into());
+        all.push(format!("--admin-addr={bind}").into());
         let mut process = Process::new(
             binary_name(binary),
             workspace_binary(binary)?,
@@ -181,6 +197,8 @@ impl Program {
 fn binary_name(binary: &str) -> &'static str {
     match binary {
         "meshlink-mirror" => "meshlink-mirror",
+        "meshlink-gateway" => "meshlink-gateway",
+        "meshlink-identity" => "meshlink-identity",
         _ => "meshlink-program",
     }
 }

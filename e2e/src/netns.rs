@@ -17,6 +17,7 @@ pub struct Host {
     name: String,
     veth: String,
     address: Ipv4Addr,
+    host_address: Ipv4Addr,
 }
 
 fn ip(args: &[&str]) -> Result<(), Error> {
@@ -58,6 +59,7 @@ impl Host {
             name: name.clone(),
             veth: veth.clone(),
             address,
+            host_address: host_addr,
         };
         ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
         ip(&["link", "set", &peer, "netns", &name])?;
@@ -82,6 +84,28 @@ impl Host {
     /// The host's address.
     pub fn address(&self) -> Ipv4Addr {
         self.address
+    }
+
+    /// This host's address on the link to the namespace: what programs inside it dial to reach
+    /// servers of this host.
+    pub fn host_address(&self) -> Ipv4Addr {
+        self.host_address
+    }
+
+    /// Takes the link to the namespace down (a network partition) or back up.
+    pub fn set_link(&self, up: bool) -> Result<(), Error> {
+        ip(&["link", "set", &self.veth, if up { "up" } else { "down" }])?;
+        if up {
+            // The address's route comes back with the link.
+            let _ = ip(&[
+                "addr",
+                "add",
+                &format!("{}/30", self.host_address),
+                "dev",
+                &self.veth,
+            ]);
+        }
+        Ok(())
     }
 
     /// A command that runs `program` inside the namespace.
