@@ -44,6 +44,7 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .init();
     proxy_identity::tls::install_default_provider();
+    raise_fd_limit();
     // Everything is parsed and read before a socket is bound.
     let creds = args.identity.credentials().context("identity settings")?;
     let client = kube::Client::try_default()
@@ -102,6 +103,21 @@ fn ready(
         tx.closed().await;
     });
     rx
+}
+
+/// Every connection is a file descriptor: the soft limit (often 1024) is raised to the hard
+/// limit so that --max-connections, not the default limit, is what bounds the gateway.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "could not read the open-file limit"),
+    }
 }
 
 async fn shutdown_signal() {
