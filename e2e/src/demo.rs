@@ -1,19 +1,16 @@
 //! `e2e demo` (behind `make demo`): the whole multicluster flow on two local clusters, the way a
 //! user runs it, printing what a user would look at.
 //!
-//! `east` exports a Service; `west` is linked to `east` with `meshlink link` output applied as
-//! it is; the service-mirror controller runs under its own ServiceAccount; the mirror appears
-//! with endpoints at `east`'s gateway, whose health port (a stand-in until the gateway exists) is
-//! served from a network namespace of the demo's own, so nothing leaves this machine. At the end
-//! the controller stops; the clusters and the mirror stay for you to look at.
+//! `meshlink identity` makes one trust anchor and an issuer per cluster; each cluster runs the
+//! identity service; `east` runs the gateway and exports a Service whose Pod (a real server) is
+//! in a network namespace; `west` is linked to `east` with `meshlink link` output applied as it
+//! is; the service-mirror controller runs under its own ServiceAccount and probes the gateway's
+//! `/ready`; the mirror appears with endpoints at the gateway. Then a client in `west`'s own
+//! network namespace, certified by `west`'s identity service, sends a request to the address and
+//! authority the mirror names, through the gateway, and the answer is printed. Nothing leaves this
+//! machine. At the end the programs stop; the clusters and the mirror stay for you to look at.
 
-use std::{
-    io::Write,
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
-    process::Stdio,
-    time::Duration,
-};
+use std::{io::Write, net::IpAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
@@ -22,8 +19,9 @@ use serde_json::json;
 
 use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
+    mesh::{self, GatewaySettings, IDENTITY_AUDIENCE},
     meshlink::{
-        create_gateway_service, labels, service_account_token, start_mirror,
+        create_gateway_service, free_port, labels, service_account_token, start_mirror,
         wait_remote_access_token, workspace_binary,
     },
     netns::Host,
@@ -75,20 +73,90 @@ pub async fn run(
     out: &mut impl Write,
 ) -> Result<()> {
     let (ec, wc) = (east.client(), west.client());
-    let host = Host::create().context(
-        "the demo puts the gateway's health port in a network namespace (needs root and iproute2)",
+    let pods = Host::create().context(
+        "the demo puts east's Pod and west's client in network namespaces (needs root and iproute2)",
     )?;
-    let gw_ip = host.address().to_string();
+    let client_net = Host::create()?;
+    // The gateway listens on this host's side of the link to west's client network: its
+    // "load balancer" address.
+    let gw_ip = client_net.host_address();
+    let dir = tempfile::tempdir()?;
+    let d = |p: &str| dir.path().join(p).display().to_string();
 
     writeln!(
         out,
-        "== east: remote access for linked clusters, a gateway Service, an exported Service"
+        "== One trust anchor, an issuer per cluster (no step, no openssl)"
+    )?;
+    for args in [
+        vec!["identity", "anchor", "--out", &d("anchor")],
+        vec![
+            "identity",
+            "issuer",
+            "--anchor",
+            &d("anchor"),
+            "--out",
+            &d("east"),
+        ],
+        vec![
+            "identity",
+            "issuer",
+            "--anchor",
+            &d("anchor"),
+            "--out",
+            &d("west"),
+        ],
+    ] {
+        writeln!(out, "$ meshlink {}", args.join(" "))?;
+        out.write_all(run_cli(&args, east.kubeconfig_path()).await?.as_bytes())?;
+    }
+    for (cluster, client, issuer) in [(east, &ec, "east"), (west, &wc, "west")] {
+        apply_yaml(client, &manifest(repo, "identity/identity.yaml")?).await?;
+        let issuer_yaml = run_cli(
+            &[
+                "identity",
+                "manifests",
+                "--issuer",
+                &d(issuer),
+                "--anchors",
+                &d("anchor/ca.crt"),
+            ],
+            cluster.kubeconfig_path(),
+        )
+        .await?;
+        apply_yaml(client, &issuer_yaml).await?;
+    }
+
+    writeln!(
+        out,
+        "\n== east: identity service, gateway, remote access, an exported Service with a real Pod"
     )?;
     apply_yaml(&ec, &manifest(repo, "mirror/remote-access.yaml")?).await?;
-    create_gateway_service(east, &gw_ip, "3").await?;
-    let mut probe = host
+    apply_yaml(&ec, &manifest(repo, "gateway/gateway.yaml")?).await?;
+    create_gateway_service(east, &gw_ip.to_string(), "3").await?;
+    let anchors = dir.path().join("anchor/ca.crt");
+    let east_identity_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let east_identity =
+        mesh::start_identity(east, east_identity_addr, &anchors, "24h", dir.path()).await?;
+    std::fs::write(
+        dir.path().join("gateway.token"),
+        mesh::token(east, NS, "linkerd-gateway", IDENTITY_AUDIENCE).await?,
+    )?;
+    let gateway = mesh::start_gateway(
+        east,
+        &GatewaySettings {
+            addr: (gw_ip, 4143).into(),
+            admin: (gw_ip, 4191).into(),
+            identity_addr: east_identity_addr,
+            anchors_file: anchors.clone(),
+            token_file: dir.path().join("gateway.token"),
+            extra: Vec::new(),
+        },
+        dir.path(),
+    )
+    .await?;
+    let mut backend = pods
         .command(&workspace_binary("e2e")?)
-        .args(["probe-server", "--listen", &format!("{gw_ip}:4191")])
+        .args(["backend", "--tcp", "0.0.0.0:7000", "--http", "0.0.0.0:8080"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()?;
@@ -105,7 +173,7 @@ pub async fn run(
             "shop",
             "web-0",
             &labels(&[("app", "web")]),
-            IpAddr::V4(Ipv4Addr::new(10, 8, 0, 5)),
+            IpAddr::V4(pods.address()),
             &east.node_name(),
         )
         .await?;
@@ -122,8 +190,22 @@ pub async fn run(
     apply_yaml(&wc, &link).await?;
     create_namespace(&wc, "shop").await?;
 
+    let west_identity_addr = std::net::SocketAddr::new(IpAddr::V4(gw_ip), free_port()?);
+    let west_identity =
+        mesh::start_identity(west, west_identity_addr, &anchors, "24h", dir.path()).await?;
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({ "metadata": { "name": "client" } }))?;
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(wc.clone(), "shop");
+    if accounts.get_opt("client").await?.is_none() {
+        accounts.create(&PostParams::default(), &sa).await?;
+    }
+    std::fs::write(
+        dir.path().join("client.token"),
+        mesh::token(west, "shop", "client", IDENTITY_AUDIENCE).await?,
+    )?;
+
     let token = service_account_token(west, NS, "meshlink-service-mirror").await?;
-    let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("controller.kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -197,11 +279,63 @@ pub async fn run(
             &["west", "apply", "-f", &file.display().to_string()],
             out,
         )?;
+
+        writeln!(
+            out,
+            "\n== A client in west's network, certified by west's identity service, calls the mirror's \
+             gateway address with the mirror's authority, as a Linkerd proxy would"
+        )?;
+        let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
+            .get("web-east")
+            .await?;
+        let subset = ep.subsets.iter().flatten().next().context("web-east has no subset")?;
+        let ip = subset
+            .addresses
+            .iter()
+            .flatten()
+            .next()
+            .context("web-east has no ready address")?
+            .ip
+            .clone();
+        let port = subset.ports.iter().flatten().next().context("no port")?.port;
+        let authority = ep
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("mirror.linkerd.io/remote-svc-fq-name"))
+            .context("web-east names no remote service")?;
+        let args = [
+            "mesh-client".to_owned(),
+            "--identity=client.shop.serviceaccount.identity.linkerd.cluster.local".to_owned(),
+            format!("--trust-anchors-file={}", anchors.display()),
+            format!("--identity-addr={west_identity_addr}"),
+            format!("--token-file={}", dir.path().join("client.token").display()),
+            format!("--gateway={ip}:{port}"),
+            format!("--target={authority}:80"),
+            "--mode=http1".to_owned(),
+        ];
+        writeln!(out, "$ e2e {}", args.join(" "))?;
+        let answer = client_net
+            .command(&workspace_binary("e2e")?)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            answer.status.success(),
+            "the request through the gateway failed: {}",
+            String::from_utf8_lossy(&answer.stderr)
+        );
+        out.write_all(&answer.stdout)?;
+        let (code, ready) = gateway.get("/ready").await?;
+        writeln!(out, "\nGET http://{gw_ip}:4191/ready (the gateway's health port)\n{code} {ready}")?;
         anyhow::Ok(())
     }
     .await;
     drop(controller);
-    let _ = probe.kill();
-    let _ = probe.wait();
+    drop(gateway);
+    drop(east_identity);
+    drop(west_identity);
+    let _ = backend.kill();
+    let _ = backend.wait();
     result.map_err(|e| anyhow::anyhow!("{e:#}"))
 }

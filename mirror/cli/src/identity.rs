@@ -173,7 +173,16 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
             anyhow::anyhow!("the issuer does not chain to the given anchors ({e}): sign it with `meshlink identity issuer --anchor <dir of one of them>`")
         })?;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let mut docs = vec![json!({
+    // The namespaces first, so that the output applies whatever was installed before it.
+    let mut namespaces: Vec<&String> = std::iter::once(&a.namespace)
+        .chain(&a.bundle_namespaces)
+        .collect();
+    namespaces.dedup();
+    let mut docs: Vec<Value> = namespaces
+        .into_iter()
+        .map(|ns| json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }))
+        .collect();
+    docs.push(json!({
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "kubernetes.io/tls",
@@ -183,7 +192,7 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
                 "labels": { "linkerd.io/control-plane-component": "identity" },
             },
             "data": { "tls.crt": b64(&cert), "tls.key": b64(&key), "ca.crt": b64(&bundle) },
-    })];
+    }));
     for ns in &a.bundle_namespaces {
         docs.push(json!({
             "apiVersion": "v1",
@@ -240,8 +249,13 @@ mod tests {
             &format!("{},{}", d("a/ca.crt"), d("b/ca.crt")),
         ])
         .unwrap();
-        assert_eq!(docs[0]["type"], "kubernetes.io/tls");
-        let bundle = docs[1]["data"]["ca-bundle.crt"].as_str().unwrap();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["Namespace", "Namespace", "Secret", "ConfigMap", "ConfigMap"]
+        );
+        assert_eq!(docs[2]["type"], "kubernetes.io/tls");
+        let bundle = docs[3]["data"]["ca-bundle.crt"].as_str().unwrap();
         assert_eq!(TrustAnchors::from_pem(bundle).unwrap().len(), 2);
 
         // An issuer from another anchor is caught before it reaches a cluster.
