@@ -313,3 +313,101 @@ pub fn certificate_reason(error: &rustls::Error) -> Option<&'static str> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::ca;
+
+    fn creds(signer: &ca::Signer, anchor: &ca::CertKey, id: &str) -> Arc<Credentials> {
+        let id = Id::parse(id).unwrap();
+        let creds = Credentials::new(
+            id.clone(),
+            TrustAnchors::from_pem(&anchor.cert_pem).unwrap(),
+        );
+        let (leaf, key) = signer.issue(&id, Duration::from_secs(600)).unwrap();
+        creds
+            .install(leaf, vec![signer.cert_der().to_vec()], &key)
+            .unwrap();
+        creds
+    }
+
+    /// A TLS 1.3 exchange between two identities; `expected` is what the client insists on.
+    async fn exchange(
+        server_id: &str,
+        client_id: &str,
+        expected: &str,
+    ) -> Result<Option<Id>, ConnectError> {
+        install_default_provider();
+        let anchor = ca::new_anchor("root", Duration::from_secs(600)).unwrap();
+        let issuer = ca::new_issuer(&anchor, "issuer", Duration::from_secs(600)).unwrap();
+        let signer = ca::Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap();
+        let server = creds(&signer, &anchor, server_id);
+        let client = creds(&signer, &anchor, client_id);
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&server, &[b"x"]));
+        let served = tokio::spawn(async move {
+            let mut tls = acceptor.accept(b).await.ok()?;
+            let peer = client_id_of(&tls);
+            let mut buf = [0u8; 2];
+            tls.read_exact(&mut buf).await.ok()?;
+            tls.write_all(&buf).await.ok()?;
+            tls.shutdown().await.ok()?;
+            peer
+        });
+        let mut tls = connect(
+            client_config(&client, &[b"x"]),
+            a,
+            &Id::parse(expected).unwrap(),
+        )
+        .await?;
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        tls.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        tls.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+        Ok(served.await.unwrap())
+    }
+
+    fn client_id_of(tls: &tokio_rustls::server::TlsStream<tokio::io::DuplexStream>) -> Option<Id> {
+        client_id(tls.get_ref().1)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_names_both_sides() {
+        let gw = "gw.mc.serviceaccount.identity.linkerd.cluster.local";
+        let web = "web.shop.serviceaccount.identity.linkerd.cluster.local";
+        assert_eq!(
+            exchange(gw, web, gw).await.unwrap(),
+            Some(Id::parse(web).unwrap())
+        );
+        // SPIFFE identities work on both sides too.
+        let spiffe_server = "spiffe://cluster.local/ns/mc/sa/gw";
+        let spiffe_client = "spiffe://cluster.local/ns/shop/sa/web";
+        assert_eq!(
+            exchange(spiffe_server, spiffe_client, spiffe_server)
+                .await
+                .unwrap(),
+            Some(Id::parse(spiffe_client).unwrap())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_identity_is_refused() {
+        let err = exchange(
+            "db.shop.serviceaccount.identity.linkerd.cluster.local",
+            "web.shop.serviceaccount.identity.linkerd.cluster.local",
+            "gw.mc.serviceaccount.identity.linkerd.cluster.local",
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ConnectError::WrongIdentity { .. }), "{err}");
+    }
+}
