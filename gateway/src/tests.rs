@@ -755,3 +755,48 @@ async fn no_ready_endpoints_is_refused() {
     assert!(closed(&mut s).await);
     gw.expect_refused("no_endpoints", 1).await;
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let backend = reverse_server().await;
+    let gw = start(
+        &["--idle-timeout", "300ms"],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    let mut s = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    // Nothing moves either way: the gateway closes it after the idle timeout.
+    let started = tokio::time::Instant::now();
+    assert!(closed(&mut s).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_connection_limit_refuses_the_next_client() {
+    let backend = reverse_server().await;
+    let gw = start(
+        &["--max-connections", "1"],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    let mut first = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    let mut second = gw
+        .dial(&header("rev.shop.svc.cluster.local", 80, None))
+        .await;
+    assert!(closed(&mut second).await);
+    gw.expect_refused("overloaded", 1).await;
+    // The first is still served.
+    first.write_all(b"ok").await.unwrap();
+    first.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    first.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ko");
+}
