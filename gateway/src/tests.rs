@@ -590,6 +590,14 @@ async fn every_refusal_closes_with_its_reason() {
     assert!(r.is_err() || closed(&mut r.unwrap()).await);
     gw.expect_refused("wrong_sni", 1).await;
 
+    // No SNI (rustls sends none when dialing an IP address).
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let r = tokio_rustls::TlsConnector::from(gw.client_config(WEB))
+        .connect(ServerName::IpAddress(gw.addr.ip().into()), tcp)
+        .await;
+    assert!(r.is_err() || closed(&mut r.unwrap()).await);
+    gw.expect_refused("no_sni", 1).await;
+
     // No ALPN.
     let c = creds(&gw.pki, WEB);
     let r = gw.tls(tls::client_config(&c, &[]), gw_name).await;
