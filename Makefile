@@ -20,6 +20,7 @@ help:
 	@echo "make test           formatting, lints and every test (real clusters included)"
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
 	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
+	@echo "make bench-gateway  the gateway against direct TCP and HAProxy (root; GATEWAY_BENCH_ARGS)"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
 	@echo "make fuzz           fuzz the transport-header decoder (FUZZ_SECONDS=600)"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
@@ -69,6 +70,20 @@ bench: prerequisites kube-binaries
 	$(CARGO) build --release --workspace --bins --locked
 	@# --workspace: the same feature set as the build above, so nothing is compiled twice.
 	$(CARGO) bench --locked --workspace --bench mirror -- --services $(SERVICES)
+
+.PHONY: bench-gateway
+# The gateway beside direct TCP and HAProxy (Debian's, on the same mTLS) in one topology: HTTP
+# and bulk TCP at 1 and 16 connections, RSS, an idle-connection flood. About three minutes with
+# the defaults; e.g. GATEWAY_BENCH_ARGS="--seconds 20 --rounds 10" by hand (--help lists them).
+GATEWAY_BENCH_ARGS ?=
+bench-gateway: prerequisites kube-binaries
+	@command -v haproxy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing haproxy (the gateway benchmark's baseline)"; \
+	    apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; \
+	  else echo "error: haproxy is missing: install it (sudo apt-get install haproxy) and run this target as root (network namespaces)" >&2; exit 1; fi; }
+	$(CARGO) build --release --workspace --bins --locked
+	$(CARGO) bench --locked --workspace --bench gateway -- $(GATEWAY_BENCH_ARGS)
 
 .PHONY: fuzz
 # The transport-header decoder under libFuzzer (nightly; cargo-fuzz is installed on first use).

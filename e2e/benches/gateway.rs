@@ -1,0 +1,1668 @@
+//! The multicluster gateway benchmark (a measurement, not a timed test: it asserts nothing about
+//! time, and prints the issue's goals as met or missed without failing on them).
+//!
+//! `make bench-gateway` (or `cargo bench -p e2e --bench gateway -- --seconds 10 --rounds 5`)
+//! builds one topology and, in one run, measures three routes to the same backend:
+//!
+//! - **direct**: the client dials the backend in plain TCP. The baseline: what the network, the
+//!   client and the backend cost by themselves, so that what remains is the proxy's cost.
+//! - **gateway**: the client dials the release `meshlink-gateway` as a Linkerd proxy would (mTLS,
+//!   ALPN `transport.l5d.io/v1`, a transport header naming the Service); the gateway forwards to
+//!   the endpoint it discovered through a real API server.
+//! - **haproxy**: Debian's HAProxy terminating the same mTLS (the gateway's identity as server
+//!   certificate, client certificates verified against the same trust anchor, TLS 1.3 only) in
+//!   front of the same backend: what a mature general-purpose proxy does with the same work.
+//!
+//! Each route at 1 and 16 concurrent connections, for small HTTP/1.1 requests on keep-alive
+//! connections (requests/s, p50 and p99 latency; each connection makes one request at a time)
+//! and for bulk TCP (MB/s uploaded into a sink). A run is cut into slices, interleaved round by
+//! round with the other routes' slices, so that whatever else the machine does (builds, other
+//! benchmarks) touches every route alike; the slowest and fastest slice show the spread.
+//! Connections are open before a slice starts, so handshakes are not in these figures. Then the
+//! gateway's memory under that load (VmHWM, and VmRSS sampled every 50 ms), and a hostile flood:
+//! idle TCP connections (10,000 by default) held open on the gateway while a legitimate client
+//! makes fresh connections and requests.
+//!
+//! The topology: one cluster (an API server for discovery and the identity service that
+//! certifies the gateway). The backend is this executable re-run in a network namespace
+//! (EndpointSlices refuse loopback addresses) with a single-threaded runtime: a 3-byte HTTP/1.1
+//! answer, and a sink that discards what it reads and, at end of stream, answers with the byte
+//! count it got, so that a bulk run counts what arrived rather than what sat in socket buffers.
+//! The gateway and HAProxy listen on loopback; the client is this process, in the root
+//! namespace, with the same client code on every route.
+//!
+//! The machine's cores are shared by the client (two tokio workers), the gateway (a
+//! single-threaded runtime), HAProxy (`nbthread 1`, the same budget as the gateway) and the
+//! backend: absolute figures say little about production, the ratios within one run are the
+//! result. Results are printed and written to `target/bench/gateway.json`.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use bytes::Bytes;
+use clap::Parser;
+use e2e::{
+    Cluster, create_namespace, create_ready_pod,
+    mesh::{self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
+    meshlink::{Program, free_port, labels, workspace_binary},
+    netns::Host,
+    wait_for,
+};
+use futures::{StreamExt as _, stream};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, api::PostParams};
+use proxy_identity::{Credentials, Id, TrustAnchors, ca::Signer};
+use proxy_sidecar::GatewayDialer;
+use proxy_transport_header::{Header, SessionProtocol};
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// The backend's namespace and Service.
+const NS: &str = "bench";
+const SERVICE: &str = "web";
+const HTTP_PORT: u16 = 8080;
+const BULK_PORT: u16 = 7001;
+/// The client's identity (any identity from the anchor is authorized by default).
+const CLIENT_ID: &str = "client.bench.serviceaccount.identity.linkerd.cluster.local";
+/// Concurrent connections of each run; the goals are stated at these two.
+const CONNECTIONS: [usize; 2] = [1, 16];
+const CLIENT_THREADS: usize = 2;
+const HAPROXY_THREADS: usize = 1;
+/// What the backend answers to every HTTP request.
+const BODY: &[u8] = b"ok\n";
+/// Each write of a bulk upload.
+const CHUNK: usize = 64 * 1024;
+/// Time a connection (TCP, TLS, header) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a legitimate request on a fresh connection may take during the flood.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections being opened at once during the flood.
+const FLOOD_CONCURRENCY: usize = 256;
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Parser, Debug)]
+#[command(about = "The gateway against direct TCP and HAProxy, in one topology")]
+struct Args {
+    /// Measured seconds of each run (12 runs: 3 routes, 2 connection counts, HTTP and bulk).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Slices each run is cut into, interleaved with the other routes' slices.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of HTTP requests before each HTTP slice is measured.
+    #[arg(long, default_value_t = 0.25)]
+    warmup: f64,
+    /// Idle TCP connections opened on the gateway in the flood.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Legitimate requests, each on a fresh connection, before and during the flood.
+    #[arg(long, default_value_t = 20)]
+    probes: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Role {
+    /// The backend, which the benchmark runs in its network namespace.
+    #[command(hide = true)]
+    Backend {
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        bulk: SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(Role::Backend { http, bulk }) = args.role {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(backend::serve(http, bulk));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CLIENT_THREADS)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let timing = Timing::new(args.seconds, args.rounds, args.warmup)?;
+    let fd_limit = raise_fd_limit()?;
+    proxy_identity::tls::install_default_provider();
+    let topology = Topology::start().await?;
+    eprintln!(
+        "topology ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let tls = BTreeMap::from([
+        (
+            Route::Gateway,
+            topology.targets.tls_summary(Route::Gateway).await?,
+        ),
+        (
+            Route::Haproxy,
+            topology.targets.tls_summary(Route::Haproxy).await?,
+        ),
+    ]);
+
+    let gateway_pid = topology
+        .gateway
+        .pid()
+        .context("the gateway is not running")?;
+    let gateway_rss = RssSampler::start(gateway_pid);
+    let haproxy_rss = RssSampler::start(topology.haproxy.pid);
+    let http = measure(&topology.targets, timing, http_slice).await?;
+    let bulk = measure(&topology.targets, timing, bulk_slice).await?;
+    let memory = Memory {
+        gateway_peak_mib: mib(status_kib(gateway_pid, "VmHWM")),
+        gateway_max_sampled_mib: mib(Some(gateway_rss.max_kib())),
+        haproxy_peak_mib: mib(status_kib(topology.haproxy.pid, "VmHWM")),
+        haproxy_max_sampled_mib: mib(Some(haproxy_rss.max_kib())),
+    };
+    drop((gateway_rss, haproxy_rss));
+    let flood = flood(&topology, args.idle_connections, args.probes).await?;
+
+    let settings = json!({
+        "seconds_per_run": timing.run().as_secs_f64(),
+        "rounds": timing.rounds,
+        "seconds_per_slice": timing.slice.as_secs_f64(),
+        "warmup_seconds_per_http_slice": timing.warmup.as_secs_f64(),
+        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+        "client_tokio_workers": CLIENT_THREADS,
+        "gateway_runtime": "tokio current_thread",
+        "backend_runtime": "tokio current_thread, in a network namespace",
+        "haproxy_version": topology.haproxy.version,
+        "haproxy_nbthread": HAPROXY_THREADS,
+        "haproxy_config": topology.haproxy.config,
+        "tls": tls,
+        "http_body_bytes": BODY.len(),
+        "bulk_write_bytes": CHUNK,
+        "open_files_limit": fd_limit,
+    });
+    let report = Report::new(settings, http, bulk, memory, flood);
+    drop(topology);
+    let elapsed = started.elapsed();
+    report.print(&mut std::io::stdout().lock(), elapsed)?;
+    report.write_json(elapsed)
+}
+
+/// How long each run lasts, in how many slices.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    slice: Duration,
+    warmup: Duration,
+    rounds: usize,
+}
+
+impl Timing {
+    fn new(seconds: f64, rounds: usize, warmup: f64) -> Result<Self> {
+        ensure!(rounds > 0, "--rounds must be at least 1");
+        let slice = Duration::try_from_secs_f64(seconds / rounds as f64).context("--seconds")?;
+        ensure!(!slice.is_zero(), "--seconds must be positive");
+        Ok(Self {
+            slice,
+            warmup: Duration::try_from_secs_f64(warmup).context("--warmup")?,
+            rounds,
+        })
+    }
+
+    fn run(self) -> Duration {
+        self.slice * u32::try_from(self.rounds).unwrap_or(u32::MAX)
+    }
+}
+
+/// The flood needs one descriptor per connection: the soft limit goes up to the hard limit.
+fn raise_fd_limit() -> Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
+    }
+    Ok(hard)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes and the client
+
+/// The three ways to the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Route {
+    Direct,
+    Gateway,
+    Haproxy,
+}
+
+impl Route {
+    const ALL: [Self; 3] = [Self::Direct, Self::Gateway, Self::Haproxy];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Gateway => "gateway",
+            Self::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// What a connection carries.
+#[derive(Clone, Copy, Debug)]
+enum Traffic {
+    Http,
+    Bulk,
+}
+
+/// An HTTP port and a bulk port.
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    http: SocketAddr,
+    bulk: SocketAddr,
+}
+
+impl Ports {
+    fn of(self, traffic: Traffic) -> SocketAddr {
+        match traffic {
+            Traffic::Http => self.http,
+            Traffic::Bulk => self.bulk,
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// A connection on any route (the same boxing cost on each).
+type Stream = Box<dyn Io>;
+
+/// Where each route starts, and the client's TLS settings.
+#[derive(Debug)]
+struct Targets {
+    backend: Ports,
+    gateway: SocketAddr,
+    haproxy: Ports,
+    /// As a Linkerd proxy dials a gateway: ALPN `transport.l5d.io/v1`, then the header.
+    gateway_dialer: GatewayDialer,
+    /// The same certificate and verifier, with ALPN `http/1.1`.
+    haproxy_tls: Arc<rustls::ClientConfig>,
+    /// The identity both proxies present (HAProxy has a leaf for it too).
+    gateway_id: Id,
+}
+
+/// The `Host` of every request, and the Service the transport header names.
+fn service_name() -> String {
+    format!("{SERVICE}.{NS}.svc.cluster.local")
+}
+
+fn authority() -> String {
+    format!("{}:{HTTP_PORT}", service_name())
+}
+
+impl Targets {
+    fn new(
+        creds: &Arc<Credentials>,
+        backend: Ports,
+        gateway: SocketAddr,
+        haproxy: Ports,
+    ) -> Result<Self> {
+        Ok(Self {
+            backend,
+            gateway,
+            haproxy,
+            gateway_dialer: GatewayDialer::new(creds, DIAL_TIMEOUT),
+            haproxy_tls: proxy_identity::tls::client_config(creds, &[b"http/1.1"]),
+            gateway_id: Id::parse(GATEWAY_ID)?,
+        })
+    }
+
+    /// Opens a connection for `traffic` on `route`, ready for its first byte of payload.
+    async fn dial(&self, route: Route, traffic: Traffic) -> Result<Stream> {
+        Ok(match route {
+            Route::Direct => Box::new(tcp(self.backend.of(traffic)).await?),
+            Route::Gateway => Box::new(self.dial_gateway(traffic).await?),
+            Route::Haproxy => Box::new(self.dial_haproxy(traffic).await?),
+        })
+    }
+
+    async fn dial_gateway(
+        &self,
+        traffic: Traffic,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let header = match traffic {
+            Traffic::Http => Header {
+                port: HTTP_PORT,
+                name: Some(service_name()),
+                protocol: Some(SessionProtocol::Http1),
+            },
+            Traffic::Bulk => Header {
+                port: BULK_PORT,
+                name: Some(service_name()),
+                protocol: None,
+            },
+        };
+        Ok(self
+            .gateway_dialer
+            .dial(self.gateway, &self.gateway_id, &header)
+            .await?)
+    }
+
+    async fn dial_haproxy(
+        &self,
+        traffic: Traffic,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = tcp(self.haproxy.of(traffic)).await?;
+        let tls = proxy_identity::tls::connect(self.haproxy_tls.clone(), tcp, &self.gateway_id);
+        Ok(tokio::time::timeout(DIAL_TIMEOUT, tls)
+            .await
+            .context("TLS handshake with HAProxy timed out")??)
+    }
+
+    /// The TLS version, cipher suite and key exchange a route negotiates.
+    async fn tls_summary(&self, route: Route) -> Result<String> {
+        let stream = match route {
+            Route::Direct => return Ok("none".to_owned()),
+            Route::Gateway => self.dial_gateway(Traffic::Http).await?,
+            Route::Haproxy => self.dial_haproxy(Traffic::Http).await?,
+        };
+        let conn = stream.get_ref().1;
+        Ok(format!(
+            "{:?} {:?} {:?} ALPN {}",
+            conn.protocol_version(),
+            conn.negotiated_cipher_suite().map(|s| s.suite()),
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            conn.alpn_protocol()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default(),
+        ))
+    }
+}
+
+async fn tcp(addr: SocketAddr) -> Result<TcpStream> {
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}: timed out"))?
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// An HTTP/1.1 client connection on `route`.
+async fn http_connection(targets: &Targets, route: Route) -> Result<SendRequest<Empty<Bytes>>> {
+    let io = targets.dial(route, Traffic::Http).await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .context("HTTP/1 handshake")?;
+    // Ends when `send` is dropped.
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// One GET, its answer read to the end.
+async fn get(send: &mut SendRequest<Empty<Bytes>>, authority: &str) -> Result<()> {
+    let req = http::Request::get("/")
+        .header(http::header::HOST, authority)
+        .body(Empty::new())?;
+    let rsp = send.send_request(req).await.context("HTTP request")?;
+    ensure!(
+        rsp.status() == http::StatusCode::OK,
+        "HTTP {}",
+        rsp.status()
+    );
+    rsp.into_body().collect().await.context("HTTP body")?;
+    Ok(())
+}
+
+/// A fresh connection and one request on it: what a new client waits for.
+async fn fresh_request(targets: &Targets, route: Route) -> Result<Duration> {
+    let start = Instant::now();
+    let mut send = http_connection(targets, route).await?;
+    get(&mut send, &authority()).await?;
+    Ok(start.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs
+
+/// What one slice of a run measured. A run is `--rounds` slices, interleaved with the other
+/// routes' slices so that whatever else the machine does touches every route alike; the slices
+/// of a run add up to its figures.
+trait Slice: Default {
+    type Figures: Copy + std::fmt::Debug;
+    /// Requests/s or MB/s.
+    fn rate(&self) -> f64;
+    fn add(&mut self, other: Self);
+    /// The run's figures, with the rates of its slices for their spread.
+    fn figures(self, slice_rates: &[f64]) -> Self::Figures;
+}
+
+#[derive(Debug, Default)]
+struct HttpSlice {
+    latencies: Vec<Duration>,
+    seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct HttpFigures {
+    requests: usize,
+    seconds: f64,
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    slowest_slice_per_s: f64,
+    fastest_slice_per_s: f64,
+}
+
+impl Slice for HttpSlice {
+    type Figures = HttpFigures;
+
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+
+    fn add(&mut self, other: Self) {
+        self.latencies.extend(other.latencies);
+        self.seconds += other.seconds;
+    }
+
+    fn figures(mut self, slice_rates: &[f64]) -> HttpFigures {
+        self.latencies.sort_unstable();
+        let (slowest, fastest) = spread(slice_rates);
+        HttpFigures {
+            requests: self.latencies.len(),
+            seconds: self.seconds,
+            requests_per_s: self.rate(),
+            p50_us: micros(percentile(&self.latencies, 0.50)),
+            p99_us: micros(percentile(&self.latencies, 0.99)),
+            slowest_slice_per_s: slowest,
+            fastest_slice_per_s: fastest,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct BulkSlice {
+    bytes: u64,
+    seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct BulkFigures {
+    bytes: u64,
+    seconds: f64,
+    mb_per_s: f64,
+    slowest_slice_mb_per_s: f64,
+    fastest_slice_mb_per_s: f64,
+}
+
+impl Slice for BulkSlice {
+    type Figures = BulkFigures;
+
+    fn rate(&self) -> f64 {
+        self.bytes as f64 / self.seconds / 1e6
+    }
+
+    fn add(&mut self, other: Self) {
+        self.bytes += other.bytes;
+        self.seconds += other.seconds;
+    }
+
+    fn figures(self, slice_rates: &[f64]) -> BulkFigures {
+        let (slowest, fastest) = spread(slice_rates);
+        BulkFigures {
+            bytes: self.bytes,
+            seconds: self.seconds,
+            mb_per_s: self.rate(),
+            slowest_slice_mb_per_s: slowest,
+            fastest_slice_mb_per_s: fastest,
+        }
+    }
+}
+
+fn spread(rates: &[f64]) -> (f64, f64) {
+    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    (min, max)
+}
+
+/// Figures by connection count, then route.
+type Results<T> = BTreeMap<usize, BTreeMap<Route, T>>;
+
+/// Every route at every connection count, in rounds: each round runs one slice of every route.
+async fn measure<'a, S, F>(
+    targets: &'a Targets,
+    timing: Timing,
+    mut slice: impl FnMut(&'a Targets, Route, usize, Timing) -> F,
+) -> Result<Results<S::Figures>>
+where
+    S: Slice,
+    F: Future<Output = Result<S>>,
+{
+    let mut results = Results::new();
+    for connections in CONNECTIONS {
+        let mut runs: BTreeMap<Route, (S, Vec<f64>)> = BTreeMap::new();
+        for _ in 0..timing.rounds {
+            for route in Route::ALL {
+                let one = slice(targets, route, connections, timing)
+                    .await
+                    .with_context(|| format!("{} with {connections} connections", route.name()))?;
+                let (run, rates) = runs.entry(route).or_default();
+                rates.push(one.rate());
+                run.add(one);
+            }
+        }
+        for (route, (run, rates)) in runs {
+            let figures = run.figures(&rates);
+            eprintln!("{:>8} x{connections:<3} {figures:?}", route.name());
+            results
+                .entry(connections)
+                .or_default()
+                .insert(route, figures);
+        }
+    }
+    Ok(results)
+}
+
+/// `connections` keep-alive connections, each making one request after another for the warm-up
+/// and then the slice; every request that ends in the slice is counted.
+async fn http_slice(
+    targets: &Targets,
+    route: Route,
+    connections: usize,
+    timing: Timing,
+) -> Result<HttpSlice> {
+    let mut senders = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        senders.push(http_connection(targets, route).await?);
+    }
+    let from = Instant::now() + timing.warmup;
+    let until = from + timing.slice;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|send| tokio::spawn(keep_requesting(send, from, until)))
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.context("a client task panicked")??);
+    }
+    Ok(HttpSlice {
+        latencies,
+        seconds: timing.slice.as_secs_f64(),
+    })
+}
+
+async fn keep_requesting(
+    mut send: SendRequest<Empty<Bytes>>,
+    from: Instant,
+    until: Instant,
+) -> Result<Vec<Duration>> {
+    let authority = authority();
+    let mut latencies = Vec::new();
+    loop {
+        send.ready().await.context("connection closed")?;
+        let start = Instant::now();
+        get(&mut send, &authority).await?;
+        let end = Instant::now();
+        if end >= until {
+            return Ok(latencies);
+        }
+        if end >= from {
+            latencies.push(end - start);
+        }
+    }
+}
+
+/// `connections` uploads into the sink for the slice; what counts is what the sink got, over the
+/// time until the last count came back (no warm-up: TCP's slow start is over in milliseconds).
+async fn bulk_slice(
+    targets: &Targets,
+    route: Route,
+    connections: usize,
+    timing: Timing,
+) -> Result<BulkSlice> {
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(targets.dial(route, Traffic::Bulk).await?);
+    }
+    let start = Instant::now();
+    let until = start + timing.slice;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|io| tokio::spawn(upload(io, until)))
+        .collect();
+    let (mut bytes, mut end) = (0, start);
+    for task in tasks {
+        let (received, at) = task.await.context("an upload task panicked")??;
+        bytes += received;
+        end = end.max(at);
+    }
+    Ok(BulkSlice {
+        bytes,
+        seconds: (end - start).as_secs_f64(),
+    })
+}
+
+/// Writes until `until`, half-closes, and returns the sink's count and when it arrived.
+async fn upload(mut io: Stream, until: Instant) -> Result<(u64, Instant)> {
+    let chunk = vec![0x5a_u8; CHUNK];
+    let mut sent = 0_u64;
+    while Instant::now() < until {
+        io.write_all(&chunk).await.context("uploading")?;
+        sent += CHUNK as u64;
+    }
+    io.shutdown().await.context("half-closing")?;
+    let mut count = [0; 8];
+    io.read_exact(&mut count)
+        .await
+        .context("reading the sink's byte count")?;
+    let received = u64::from_be_bytes(count);
+    ensure!(received == sent, "the sink got {received} of {sent} bytes");
+    Ok((received, Instant::now()))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn mib(kib: Option<u64>) -> f64 {
+    kib.unwrap_or(0) as f64 * 1024.0 / MIB
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// The highest VmRSS of a process, sampled every 50 ms until dropped.
+#[derive(Debug)]
+struct RssSampler {
+    max_kib: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let max_kib = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let max_kib = max_kib.clone();
+            async move {
+                loop {
+                    if let Some(kib) = status_kib(pid, "VmRSS") {
+                        max_kib.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Self { max_kib, task }
+    }
+
+    fn max_kib(&self) -> u64 {
+        self.max_kib.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Memory {
+    /// VmHWM after the HTTP and bulk runs (start-up included, the flood not).
+    gateway_peak_mib: f64,
+    gateway_max_sampled_mib: f64,
+    haproxy_peak_mib: f64,
+    haproxy_max_sampled_mib: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flood
+
+#[derive(Debug, Serialize)]
+struct Probes {
+    ok: usize,
+    failed: usize,
+    p50_ms: f64,
+    max_ms: f64,
+    first_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Flood {
+    idle_requested: usize,
+    idle_opened: usize,
+    idle_failed: usize,
+    open_seconds: f64,
+    /// Of the idle connections, those not closed once the probes were done, as the client sees
+    /// them: besides those the gateway holds, some whose final ACK the gateway's full accept
+    /// queue dropped, which look open to a client that never sends (the gateway's open files
+    /// are its own view).
+    idle_still_open: usize,
+    gateway_rss_before_mib: f64,
+    gateway_rss_during_mib: f64,
+    gateway_rss_after_mib: f64,
+    /// VmHWM at the end: the peak of the whole run, flood included.
+    gateway_peak_mib: f64,
+    gateway_fds_before: usize,
+    gateway_fds_during: usize,
+    gateway_fds_after: usize,
+    /// `gateway_refused_connections_total` increments over the flood, by reason.
+    refused: BTreeMap<String, f64>,
+    /// Fresh connection + one GET through the gateway, before and while the idle ones are held.
+    probes_before: Probes,
+    probes_during: Probes,
+}
+
+async fn flood(topology: &Topology, n: usize, probes: usize) -> Result<Flood> {
+    let gateway = &topology.gateway;
+    let pid = gateway.pid().context("the gateway is not running")?;
+    let refused_before = refusals(gateway).await?;
+    let probes_before = probe(&topology.targets, probes).await;
+    let (rss_before, fds_before) = (status_kib(pid, "VmRSS"), open_fds(pid));
+
+    eprintln!("flood: opening {n} idle connections to the gateway");
+    let opening = Instant::now();
+    let (idle, idle_failed) = open_idle(topology.targets.gateway, n).await;
+    let open_seconds = opening.elapsed().as_secs_f64();
+    // Let the gateway accept what is still in its backlog.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_during, fds_during) = (status_kib(pid, "VmRSS"), open_fds(pid));
+    let probes_during = probe(&topology.targets, probes).await;
+    let idle_opened = idle.len();
+    let idle_still_open = still_open(&idle);
+    drop(idle);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused_after = refusals(gateway).await?;
+    let refused = refused_after
+        .into_iter()
+        .map(|(reason, n)| {
+            let before = refused_before.get(&reason).copied().unwrap_or(0.0);
+            (reason, n - before)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    Ok(Flood {
+        idle_requested: n,
+        idle_opened,
+        idle_failed,
+        open_seconds,
+        idle_still_open,
+        gateway_rss_before_mib: mib(rss_before),
+        gateway_rss_during_mib: mib(rss_during),
+        gateway_rss_after_mib: mib(status_kib(pid, "VmRSS")),
+        gateway_peak_mib: mib(status_kib(pid, "VmHWM")),
+        gateway_fds_before: fds_before,
+        gateway_fds_during: fds_during,
+        gateway_fds_after: open_fds(pid),
+        refused,
+        probes_before,
+        probes_during,
+    })
+}
+
+/// Opens `n` TCP connections that never send a byte; returns them and how many failed.
+async fn open_idle(addr: SocketAddr, n: usize) -> (Vec<std::net::TcpStream>, usize) {
+    let results: Vec<Option<std::net::TcpStream>> = stream::iter(0..n)
+        .map(|_| async move {
+            let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
+            // Out of the runtime: 10,000 sockets need no wakeups. Non-blocking stays set.
+            tcp.into_std().ok()
+        })
+        .buffer_unordered(FLOOD_CONCURRENCY)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|r| r.is_none()).count();
+    (results.into_iter().flatten().collect(), failed)
+}
+
+/// How many of the (non-blocking) connections the peer has not closed.
+fn still_open(conns: &[std::net::TcpStream]) -> usize {
+    let open = |mut c: &std::net::TcpStream| matches!(c.read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    conns.iter().filter(|c| open(c)).count()
+}
+
+/// `probes` fresh connections through the gateway, one after another.
+async fn probe(targets: &Targets, probes: usize) -> Probes {
+    let mut times = Vec::with_capacity(probes);
+    let mut errors = Vec::new();
+    for _ in 0..probes {
+        match tokio::time::timeout(PROBE_TIMEOUT, fresh_request(targets, Route::Gateway)).await {
+            Ok(Ok(t)) => times.push(t),
+            Ok(Err(e)) => errors.push(format!("{e:#}")),
+            Err(_) => errors.push(format!("no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+    times.sort_unstable();
+    Probes {
+        ok: times.len(),
+        failed: errors.len(),
+        p50_ms: micros(percentile(&times, 0.5)) / 1000.0,
+        max_ms: micros(times.last().copied().unwrap_or_default()) / 1000.0,
+        first_error: errors.into_iter().next(),
+    }
+}
+
+/// `gateway_refused_connections_total` by reason.
+async fn refusals(gateway: &Program) -> Result<BTreeMap<String, f64>> {
+    const NAME: &str = "gateway_refused_connections_total{";
+    let (code, body) = gateway.get("/metrics").await.context("gateway /metrics")?;
+    ensure!(code == 200, "gateway /metrics: HTTP {code}");
+    let mut out = BTreeMap::new();
+    for line in body.lines() {
+        let Some((labels, value)) = line.strip_prefix(NAME).and_then(|l| l.split_once("} ")) else {
+            continue;
+        };
+        let reason = labels
+            .split_once("reason=\"")
+            .and_then(|(_, r)| r.split_once('"'))
+            .map_or("", |(r, _)| r);
+        *out.entry(reason.to_owned()).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The topology
+
+/// A child process, killed when dropped.
+#[derive(Debug)]
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Everything a run needs; stopped in field order when dropped.
+#[derive(Debug)]
+struct Topology {
+    targets: Targets,
+    gateway: Program,
+    haproxy: Haproxy,
+    _identity: Program,
+    _backend: Guard,
+    _host: Host,
+    _cluster: Cluster,
+    _dir: tempfile::TempDir,
+}
+
+impl Topology {
+    async fn start() -> Result<Self> {
+        let cluster = Cluster::start("east").await?;
+        let dir = tempfile::tempdir()?;
+        make_pki(dir.path())?;
+        install_identity_and_gateway(&cluster, dir.path()).await?;
+
+        let host = Host::create()?;
+        let backend_ip = IpAddr::V4(host.address());
+        let backend_ports = Ports {
+            http: SocketAddr::new(backend_ip, HTTP_PORT),
+            bulk: SocketAddr::new(backend_ip, BULK_PORT),
+        };
+        create_backend_service(&cluster, backend_ip).await?;
+        let backend = start_backend(&host)?;
+
+        let token = dir.path().join("gateway.token");
+        std::fs::write(
+            &token,
+            mesh::token(
+                &cluster,
+                "linkerd-multicluster",
+                "linkerd-gateway",
+                IDENTITY_AUDIENCE,
+            )
+            .await?,
+        )?;
+        let anchors = dir.path().join("anchor/ca.crt");
+        let identity_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let identity = start_identity(&cluster, identity_addr, &anchors, "24h", dir.path())
+            .await
+            .context("the release identity service (cargo build --release --bins)")?;
+        let gateway_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let settings = GatewaySettings {
+            addr: gateway_addr,
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            identity_addr,
+            anchors_file: anchors.clone(),
+            token_file: token,
+            extra: Vec::new(),
+        };
+        let gateway = start_gateway(&cluster, &settings, dir.path())
+            .await
+            .context("the release gateway (cargo build --release --bins)")?;
+
+        let signer = issuer(dir.path())?;
+        let creds = client_credentials(&signer, &anchors)?;
+        let haproxy = Haproxy::start(dir.path(), &signer, &anchors, backend_ports)?;
+        let targets = Targets::new(&creds, backend_ports, gateway_addr, haproxy.ports)?;
+        for route in Route::ALL {
+            wait_for(
+                &format!("HTTP through route {}", route.name()),
+                Duration::from_secs(60),
+                || async { fresh_request(&targets, route).await.ok() },
+            )
+            .await?;
+        }
+        Ok(Self {
+            targets,
+            gateway,
+            haproxy,
+            _identity: identity,
+            _backend: backend,
+            _host: host,
+            _cluster: cluster,
+            _dir: dir,
+        })
+    }
+}
+
+/// `meshlink <args>`, failing with its stderr.
+fn meshlink(args: &[&str]) -> Result<String> {
+    let out = Command::new(workspace_binary("meshlink")?)
+        .args(args)
+        .output()
+        .context("running meshlink")?;
+    ensure!(
+        out.status.success(),
+        "meshlink {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A trust anchor in `dir/anchor` and an issuer in `dir/east`, as `meshlink identity` makes them.
+fn make_pki(dir: &Path) -> Result<()> {
+    let d = |p: &str| dir.join(p).display().to_string();
+    meshlink(&["identity", "anchor", "--out", &d("anchor")])?;
+    meshlink(&[
+        "identity",
+        "issuer",
+        "--anchor",
+        &d("anchor"),
+        "--out",
+        &d("east"),
+    ])?;
+    Ok(())
+}
+
+/// The identity service's and gateway's manifests, and the issuer's Secret and trust roots.
+async fn install_identity_and_gateway(cluster: &Cluster, dir: &Path) -> Result<()> {
+    for manifest in ["identity/identity.yaml", "gateway/gateway.yaml"] {
+        let path = mesh::manifests_dir().join(manifest);
+        let yaml = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        e2e::apply_yaml(&cluster.client(), &yaml).await?;
+    }
+    let issuer = meshlink(&[
+        "identity",
+        "manifests",
+        "--issuer",
+        &dir.join("east").display().to_string(),
+        "--anchors",
+        &dir.join("anchor/ca.crt").display().to_string(),
+    ])?;
+    e2e::apply_yaml(&cluster.client(), &issuer).await?;
+    Ok(())
+}
+
+/// Service `bench/web` (ports 8080 and 7001) and a Ready Pod at the backend's address.
+async fn create_backend_service(cluster: &Cluster, ip: IpAddr) -> Result<()> {
+    let client = cluster.client();
+    create_namespace(&client, NS).await?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": { "name": SERVICE },
+        "spec": {
+            "selector": { "app": SERVICE },
+            "ports": [
+                { "name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT },
+                { "name": "bulk", "port": BULK_PORT, "targetPort": BULK_PORT },
+            ],
+        },
+    }))?;
+    Api::<Service>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &svc)
+        .await?;
+    create_ready_pod(
+        &client,
+        NS,
+        "web-0",
+        &labels(&[("app", SERVICE)]),
+        ip,
+        &cluster.node_name(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// This executable, as the backend, inside the namespace.
+fn start_backend(host: &Host) -> Result<Guard> {
+    let exe = std::env::current_exe().context("locating the benchmark executable")?;
+    let child = host
+        .command(&exe)
+        .args(["backend", "--http"])
+        .arg(format!("0.0.0.0:{HTTP_PORT}"))
+        .arg("--bulk")
+        .arg(format!("0.0.0.0:{BULK_PORT}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the backend in its network namespace")?;
+    Ok(Guard(child))
+}
+
+fn issuer(dir: &Path) -> Result<Signer> {
+    let read =
+        |p: &str| std::fs::read_to_string(dir.join(p)).with_context(|| format!("reading {p}"));
+    Ok(Signer::from_pem(
+        &read("east/issuer.crt")?,
+        &read("east/issuer.key")?,
+    )?)
+}
+
+/// The client's certificate, issued here by the cluster's issuer (the gateway cannot tell it
+/// from one the identity service signed).
+fn client_credentials(signer: &Signer, anchors: &Path) -> Result<Arc<Credentials>> {
+    let anchors = std::fs::read_to_string(anchors).context("reading the trust anchor")?;
+    let creds = Credentials::new(Id::parse(CLIENT_ID)?, TrustAnchors::from_pem(&anchors)?);
+    let (leaf, key) = signer.issue(creds.id(), Duration::from_secs(24 * 3600))?;
+    creds.install(leaf, vec![signer.cert_der().to_vec()], &key)?;
+    Ok(creds)
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    let mut rest = b64.as_str();
+    while !rest.is_empty() {
+        // Base64 is ASCII: any index is a character boundary.
+        let (line, tail) = rest.split_at(rest.len().min(64));
+        out.push_str(line);
+        out.push('\n');
+        rest = tail;
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// HAProxy in the foreground, terminating the gateway's mTLS in front of the backend.
+#[derive(Debug)]
+struct Haproxy {
+    _child: Guard,
+    pid: u32,
+    ports: Ports,
+    version: String,
+    config: String,
+}
+
+impl Haproxy {
+    fn start(dir: &Path, signer: &Signer, anchors: &Path, backend: Ports) -> Result<Self> {
+        let binary = haproxy_binary()?;
+        let version = haproxy_version(&binary)?;
+        // The gateway's identity, issued like the gateway's own leaf: leaf, issuer, key.
+        let (leaf, key) = signer.issue(&Id::parse(GATEWAY_ID)?, Duration::from_secs(24 * 3600))?;
+        let crt = dir.join("haproxy.pem");
+        std::fs::write(
+            &crt,
+            pem("CERTIFICATE", &leaf)
+                + &pem("CERTIFICATE", signer.cert_der())
+                + &pem("PRIVATE KEY", &key),
+        )?;
+        let ports = Ports {
+            http: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            bulk: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+        };
+        let config = haproxy_config(&crt, anchors, ports, backend);
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, &config)?;
+        let check = Command::new(&binary)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()?;
+        ensure!(
+            check.status.success(),
+            "haproxy -c refused the configuration:\n{}{}\n{config}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let log = std::fs::File::create(dir.join("haproxy.log"))?;
+        let child = Command::new(&binary)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting haproxy")?;
+        let mut child = Guard(child);
+        let pid = child.0.id();
+        wait_listening(
+            &mut child,
+            &[ports.http, ports.bulk],
+            &dir.join("haproxy.log"),
+        )?;
+        Ok(Self {
+            _child: child,
+            pid,
+            ports,
+            version,
+            config,
+        })
+    }
+}
+
+/// HAProxy's configuration: TLS as the gateway's (TLS 1.3 only, Linkerd's suites in Linkerd's
+/// order: HAProxy prefers its own order, which would otherwise pick AES-256 where the gateway
+/// follows the client to AES-128), one thread, keep-alive HTTP to the backend.
+fn haproxy_config(crt: &Path, anchors: &Path, listen: Ports, backend: Ports) -> String {
+    let bind = format!(
+        "ssl crt {} ca-file {} verify required alpn http/1.1 ssl-min-ver TLSv1.3 \
+         ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+        crt.display(),
+        anchors.display()
+    );
+    format!(
+        "global
+    nbthread {HAPROXY_THREADS}
+    maxconn 4096
+
+defaults
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+
+frontend web
+    mode http
+    bind {http} {bind}
+    default_backend web
+
+backend web
+    mode http
+    server web {backend_http}
+
+frontend bulk
+    mode tcp
+    bind {bulk} {bind}
+    default_backend bulk
+
+backend bulk
+    mode tcp
+    server sink {backend_bulk}
+",
+        http = listen.http,
+        bulk = listen.bulk,
+        backend_http = backend.http,
+        backend_bulk = backend.bulk,
+    )
+}
+
+/// `haproxy` on PATH, or Debian's `/usr/sbin/haproxy` (not on a user's PATH).
+fn haproxy_binary() -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("haproxy"))
+        .find(|p| p.is_file())
+        .context(
+            "haproxy is not installed: apt-get install haproxy (make bench-gateway does, as root)",
+        )
+}
+
+fn haproxy_version(binary: &Path) -> Result<String> {
+    let out = Command::new(binary).arg("-v").output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Waits until every address accepts, failing with `log` if the child exits first.
+fn wait_listening(child: &mut Guard, addrs: &[SocketAddr], log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if addrs
+            .iter()
+            .all(|a| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok())
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.0.try_wait()? {
+            bail!(
+                "haproxy exited ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "haproxy did not listen on {addrs:?} within 10 s:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend (run in the network namespace)
+
+mod backend {
+    use super::*;
+
+    pub(super) async fn serve(http: SocketAddr, bulk: SocketAddr) -> Result<()> {
+        let http = TcpListener::bind(http).await.context("binding HTTP")?;
+        let bulk = TcpListener::bind(bulk).await.context("binding bulk")?;
+        tokio::join!(accept(http, serve_http), accept(bulk, sink));
+        Ok(())
+    }
+
+    async fn accept<F>(listener: TcpListener, handle: fn(TcpStream) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(handle(s));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// HTTP/1.1 with keep-alive: every request gets `BODY`.
+    async fn serve_http(s: TcpStream) {
+        let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(BODY))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    }
+
+    /// Reads to the end, then answers the byte count (u64, big-endian) and closes.
+    async fn sink(mut s: TcpStream) {
+        let mut buf = vec![0; 256 * 1024];
+        let mut count = 0_u64;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => count += n as u64,
+                Err(_) => return,
+            }
+        }
+        let _ = s.write_all(&count.to_be_bytes()).await;
+        let _ = s.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+
+/// One of the issue's goals, as measured.
+#[derive(Debug, Serialize)]
+struct Goal {
+    goal: &'static str,
+    figure: String,
+    met: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Ratios {
+    /// Gateway p50 minus direct p50 at 1 connection.
+    gateway_added_p50_us_1: f64,
+    /// The same for HAProxy, for context.
+    haproxy_added_p50_us_1: f64,
+    gateway_over_direct_http_16: f64,
+    gateway_over_direct_bulk_16: f64,
+    gateway_over_haproxy_http_16: f64,
+    gateway_over_haproxy_bulk_16: f64,
+    gateway_peak_rss_mib: f64,
+}
+
+#[derive(Debug)]
+struct Report {
+    settings: serde_json::Value,
+    http: Results<HttpFigures>,
+    bulk: Results<BulkFigures>,
+    memory: Memory,
+    flood: Flood,
+    ratios: Ratios,
+    goals: Vec<Goal>,
+}
+
+/// "Matches" HAProxy: within this fraction of its figure.
+const MATCH_TOLERANCE: f64 = 0.05;
+
+impl Report {
+    fn new(
+        settings: serde_json::Value,
+        http: Results<HttpFigures>,
+        bulk: Results<BulkFigures>,
+        memory: Memory,
+        flood: Flood,
+    ) -> Self {
+        let h = |c: usize, r: Route| http.get(&c).and_then(|m| m.get(&r)).copied();
+        let b = |c: usize, r: Route| bulk.get(&c).and_then(|m| m.get(&r)).copied();
+        let p50 = |r| h(1, r).map_or(f64::NAN, |f| f.p50_us);
+        let rps = |r| h(16, r).map_or(f64::NAN, |f| f.requests_per_s);
+        let mbps = |r| b(16, r).map_or(f64::NAN, |f| f.mb_per_s);
+        let ratios = Ratios {
+            gateway_added_p50_us_1: p50(Route::Gateway) - p50(Route::Direct),
+            haproxy_added_p50_us_1: p50(Route::Haproxy) - p50(Route::Direct),
+            gateway_over_direct_http_16: rps(Route::Gateway) / rps(Route::Direct),
+            gateway_over_direct_bulk_16: mbps(Route::Gateway) / mbps(Route::Direct),
+            gateway_over_haproxy_http_16: rps(Route::Gateway) / rps(Route::Haproxy),
+            gateway_over_haproxy_bulk_16: mbps(Route::Gateway) / mbps(Route::Haproxy),
+            gateway_peak_rss_mib: memory.gateway_peak_mib,
+        };
+        let goals = goals(&ratios);
+        Self {
+            settings,
+            http,
+            bulk,
+            memory,
+            flood,
+            ratios,
+            goals,
+        }
+    }
+
+    fn print(&self, out: &mut impl std::io::Write, elapsed: Duration) -> Result<()> {
+        let s = &self.settings;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "gateway benchmark: {} CPUs shared by the client ({CLIENT_THREADS} tokio workers), the gateway \
+             (1 thread), HAProxy (nbthread {HAPROXY_THREADS}) and the backend (1 thread):",
+            s["cpus"]
+        )?;
+        writeln!(
+            out,
+            "absolute figures mean little here; the ratios of one run are the result."
+        )?;
+        writeln!(
+            out,
+            "HAProxy: {}",
+            s["haproxy_version"].as_str().unwrap_or("")
+        )?;
+        for (k, v) in s["tls"].as_object().into_iter().flatten() {
+            writeln!(out, "TLS {k}: {}", v.as_str().unwrap_or(""))?;
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "HTTP/1.1 GET on keep-alive connections, one request at a time each: {} s per run in {} \
+             slices, each after {} s of warm-up",
+            s["seconds_per_run"], s["rounds"], s["warmup_seconds_per_http_slice"]
+        )?;
+        writeln!(
+            out,
+            "{:>5}  {:<8} {:>10} {:>10} {:>10}   slices: slowest-fastest req/s",
+            "conns", "route", "req/s", "p50 µs", "p99 µs"
+        )?;
+        for (conns, routes) in &self.http {
+            for (route, f) in routes {
+                writeln!(
+                    out,
+                    "{conns:>5}  {:<8} {:>10.0} {:>10.1} {:>10.1}   {:.0}-{:.0}",
+                    route.name(),
+                    f.requests_per_s,
+                    f.p50_us,
+                    f.p99_us,
+                    f.slowest_slice_per_s,
+                    f.fastest_slice_per_s
+                )?;
+            }
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "bulk TCP upload into a sink (MB = 10^6 bytes the sink counted), {} s per run in {} slices",
+            s["seconds_per_run"], s["rounds"]
+        )?;
+        writeln!(
+            out,
+            "{:>5}  {:<8} {:>10}   slices: slowest-fastest MB/s",
+            "conns", "route", "MB/s"
+        )?;
+        for (conns, routes) in &self.bulk {
+            for (route, f) in routes {
+                writeln!(
+                    out,
+                    "{conns:>5}  {:<8} {:>10.1}   {:.0}-{:.0}",
+                    route.name(),
+                    f.mb_per_s,
+                    f.slowest_slice_mb_per_s,
+                    f.fastest_slice_mb_per_s
+                )?;
+            }
+        }
+        let m = &self.memory;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "memory under that load: gateway peak (VmHWM) {:.1} MiB, highest sampled VmRSS {:.1} MiB; \
+             HAProxy peak {:.1} MiB, highest sampled {:.1} MiB",
+            m.gateway_peak_mib,
+            m.gateway_max_sampled_mib,
+            m.haproxy_peak_mib,
+            m.haproxy_max_sampled_mib
+        )?;
+        self.print_flood(out)?;
+        let r = &self.ratios;
+        writeln!(out)?;
+        writeln!(out, "ratios")?;
+        for (what, value, unit) in [
+            (
+                "gateway p50 - direct p50, 1 conn",
+                r.gateway_added_p50_us_1,
+                " µs",
+            ),
+            (
+                "haproxy p50 - direct p50, 1 conn",
+                r.haproxy_added_p50_us_1,
+                " µs",
+            ),
+            (
+                "gateway / direct, HTTP req/s, 16 conns",
+                r.gateway_over_direct_http_16,
+                "",
+            ),
+            (
+                "gateway / direct, bulk MB/s, 16 conns",
+                r.gateway_over_direct_bulk_16,
+                "",
+            ),
+            (
+                "gateway / haproxy, HTTP req/s, 16 conns",
+                r.gateway_over_haproxy_http_16,
+                "",
+            ),
+            (
+                "gateway / haproxy, bulk MB/s, 16 conns",
+                r.gateway_over_haproxy_bulk_16,
+                "",
+            ),
+            (
+                "gateway peak RSS under load",
+                r.gateway_peak_rss_mib,
+                " MiB",
+            ),
+        ] {
+            writeln!(out, "  {what:<40} {value:>8.2}{unit}")?;
+        }
+        writeln!(out)?;
+        writeln!(out, "goals (reported, never enforced)")?;
+        for g in &self.goals {
+            let mark = if g.met { "met   " } else { "MISSED" };
+            writeln!(out, "  [{mark}] {:<62} {}", g.goal, g.figure)?;
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "took {:.0} s; written to target/bench/gateway.json",
+            elapsed.as_secs_f64()
+        )?;
+        Ok(())
+    }
+
+    fn print_flood(&self, out: &mut impl std::io::Write) -> Result<()> {
+        let f = &self.flood;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "flood: {} idle TCP connections opened on the gateway in {:.1} s ({} failed); {} still open after the probes (client view)",
+            f.idle_opened, f.open_seconds, f.idle_failed, f.idle_still_open
+        )?;
+        writeln!(
+            out,
+            "  gateway RSS before {:.1} MiB, during {:.1} MiB, after closing {:.1} MiB; peak of the whole run {:.1} MiB",
+            f.gateway_rss_before_mib,
+            f.gateway_rss_during_mib,
+            f.gateway_rss_after_mib,
+            f.gateway_peak_mib
+        )?;
+        writeln!(
+            out,
+            "  gateway open files before {}, during {}, after {}",
+            f.gateway_fds_before, f.gateway_fds_during, f.gateway_fds_after
+        )?;
+        let refused: Vec<String> = f.refused.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        writeln!(
+            out,
+            "  refused by the gateway over the flood: {}",
+            refused.join(", ")
+        )?;
+        for (when, p) in [("before", &f.probes_before), ("during", &f.probes_during)] {
+            writeln!(
+                out,
+                "  legitimate fresh connection + GET {when}: {}/{} served, p50 {:.2} ms, max {:.2} ms{}",
+                p.ok,
+                p.ok + p.failed,
+                p.p50_ms,
+                p.max_ms,
+                p.first_error
+                    .as_ref()
+                    .map(|e| format!(" (first error: {e})"))
+                    .unwrap_or_default()
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_json(&self, elapsed: Duration) -> Result<()> {
+        let results = json!({
+            "settings": self.settings,
+            "http": self.http,
+            "bulk": self.bulk,
+            "memory": self.memory,
+            "flood": self.flood,
+            "ratios": self.ratios,
+            "goals": self.goals,
+            "elapsed_seconds": elapsed.as_secs_f64(),
+        });
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(
+            out.join("gateway.json"),
+            serde_json::to_string_pretty(&results)?,
+        )?;
+        Ok(())
+    }
+}
+
+fn goals(r: &Ratios) -> Vec<Goal> {
+    let at_least = |x: f64, min: f64| x >= min;
+    vec![
+        Goal {
+            goal: "1 conn: the gateway adds under 50 µs to p50",
+            figure: format!("{:.1} µs", r.gateway_added_p50_us_1),
+            met: r.gateway_added_p50_us_1 < 50.0,
+        },
+        Goal {
+            goal: "16 conns: at least 35 % of direct HTTP req/s",
+            figure: format!("{:.0} %", r.gateway_over_direct_http_16 * 100.0),
+            met: at_least(r.gateway_over_direct_http_16, 0.35),
+        },
+        Goal {
+            goal: "16 conns: at least 35 % of direct bulk MB/s",
+            figure: format!("{:.0} %", r.gateway_over_direct_bulk_16 * 100.0),
+            met: at_least(r.gateway_over_direct_bulk_16, 0.35),
+        },
+        Goal {
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, HTTP req/s",
+            figure: format!("{:.2}x", r.gateway_over_haproxy_http_16),
+            met: at_least(r.gateway_over_haproxy_http_16, 1.0 - MATCH_TOLERANCE),
+        },
+        Goal {
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, bulk MB/s",
+            figure: format!("{:.2}x", r.gateway_over_haproxy_bulk_16),
+            met: at_least(r.gateway_over_haproxy_bulk_16, 1.0 - MATCH_TOLERANCE),
+        },
+        Goal {
+            goal: "gateway RSS under 16 MiB under load (VmHWM)",
+            figure: format!("{:.1} MiB", r.gateway_peak_rss_mib),
+            met: r.gateway_peak_rss_mib < 16.0,
+        },
+    ]
+}
