@@ -2,11 +2,12 @@
 //! on), or HTTP/1 and HTTP/2 served and proxied request by request, balanced across endpoints.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -17,10 +18,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use proxy_transport_header::SessionProtocol;
 use tokio::{
@@ -36,31 +35,156 @@ use crate::{
     server::{Inner, Target},
 };
 
-/// Pooled HTTP clients to endpoints, one per HTTP version.
-#[derive(Clone, Debug)]
+/// Connections to endpoints for HTTP. An HTTP/2 connection to an endpoint is shared by every
+/// request for it (multiplexed); HTTP/1 connections are kept per client connection
+/// ([`Http1Conns`]), which serves one request at a time, so no pool has to be locked or searched
+/// per request (what a general-purpose pooled client costs: see the gateway benchmark).
+#[derive(Debug)]
 pub(crate) struct Clients {
-    http1: Client<HttpConnector, Incoming>,
-    http2: Client<HttpConnector, Incoming>,
+    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    connect_timeout: Duration,
+}
+
+/// Why a request could not be sent to an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("HTTP to {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
 }
 
 impl Clients {
     pub(crate) fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let builder = |http2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            // Linkerd's `LINKERD2_PROXY_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT`: 3 s.
-            b.pool_idle_timeout(Duration::from_secs(3))
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new());
-            b.http2_only(http2);
-            b.build(connector.clone())
-        };
         Self {
-            http1: builder(false),
-            http2: builder(true),
+            http2: Mutex::default(),
+            connect_timeout,
         }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, SendError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| SendError::ConnectTimeout(addr))?
+            .map_err(|source| SendError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        Ok(TokioIo::new(tcp))
+    }
+
+    async fn send_http2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let cached = self
+            .http2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let req = match cached {
+            Some(mut sender) => match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                // Not sent (the connection went away): once more on a new connection.
+                Err(mut e) => e.take_message().ok_or_else(|| SendError::Http {
+                    addr,
+                    source: e.into_error(),
+                })?,
+            },
+            None => req,
+        };
+        let io = self.connect(addr).await?;
+        let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|source| SendError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "HTTP/2 endpoint connection ended");
+            }
+        });
+        {
+            let mut conns = self
+                .http2
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            conns.retain(|_, s| !s.is_closed());
+            conns.insert(addr, sender.clone());
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| SendError::Http { addr, source })
+    }
+}
+
+/// One client connection's HTTP/1 connections to endpoints, each reused while it lives.
+#[derive(Debug, Default)]
+struct Http1Conns(Mutex<HashMap<SocketAddr, http1::SendRequest<Incoming>>>);
+
+impl Http1Conns {
+    async fn send(
+        &self,
+        clients: &Clients,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let cached = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&addr);
+        let mut req = req;
+        if let Some(mut sender) = cached.filter(|s| !s.is_closed()) {
+            // Ready once the previous response's body is done.
+            if sender.ready().await.is_ok() {
+                let sent = sender.try_send_request(req);
+                self.put(addr, sender);
+                match sent.await {
+                    Ok(rsp) => return Ok(rsp),
+                    // Not sent (the endpoint closed the idle connection): once more on a new one.
+                    Err(mut e) => {
+                        req = e.take_message().ok_or_else(|| SendError::Http {
+                            addr,
+                            source: e.into_error(),
+                        })?;
+                    }
+                }
+            }
+        }
+        let io = clients.connect(addr).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| SendError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "HTTP/1 endpoint connection ended");
+            }
+        });
+        let sent = sender.send_request(req);
+        self.put(addr, sender);
+        sent.await
+            .map_err(|source| SendError::Http { addr, source })
+    }
+
+    fn put(&self, addr: SocketAddr, sender: http1::SendRequest<Incoming>) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(addr, sender);
     }
 }
 
@@ -134,7 +258,10 @@ async fn opaque<IO>(
     };
     // copy_bidirectional shuts down each write side when the other side's read ends, so a
     // half-close travels through and the other direction keeps flowing.
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    // 16 KiB buffers: a whole TLS record's plaintext moves in one read and one write (tokio's
+    // default of 8 KiB splits each into two sends). Bounded by --max-connections.
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, 16 * 1024, 16 * 1024);
     tokio::pin!(copy);
     let idle = inner.options.idle_timeout;
     loop {
@@ -167,12 +294,14 @@ async fn http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let target = Arc::new(target);
+    let http1 = Arc::new(Http1Conns::default());
     let service = {
         let inner = inner.clone();
         hyper::service::service_fn(move |req| {
             let inner = inner.clone();
             let target = target.clone();
-            async move { Ok::<_, Infallible>(proxy(&inner, &target, req).await) }
+            let http1 = http1.clone();
+            async move { Ok::<_, Infallible>(proxy(&inner, &target, &http1, req).await) }
         })
     };
     let io = TokioIo::new(client);
@@ -266,7 +395,12 @@ fn forwarded_by(headers: &HeaderMap, own: &str) -> bool {
         .any(|(k, v)| k.trim().eq_ignore_ascii_case("by") && v.trim().trim_matches('"') == own)
 }
 
-async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Response<Body> {
+async fn proxy(
+    inner: &Inner,
+    target: &Target,
+    http1: &Http1Conns,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let own = inner.creds.id().as_str();
     let is_grpc = req
         .headers()
@@ -314,7 +448,13 @@ async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Re
             false,
         );
     };
-    let Ok(uri) = http::Uri::try_from(format!("http://{addr}{path}")) else {
+    // HTTP/2 needs the absolute form (it becomes :scheme and :authority); HTTP/1 sends the path.
+    let uri = if http2 {
+        http::Uri::try_from(format!("http://{addr}{path}"))
+    } else {
+        http::Uri::try_from(path)
+    };
+    let Ok(uri) = uri else {
         return error(
             inner,
             StatusCode::BAD_REQUEST,
@@ -325,12 +465,12 @@ async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Re
         );
     };
     *req.uri_mut() = uri;
-    let client = if http2 {
-        &inner.clients.http2
+    let sent = if http2 {
+        inner.clients.send_http2(addr, req).await
     } else {
-        &inner.clients.http1
+        http1.send(&inner.clients, addr, req).await
     };
-    match client.request(req).await {
+    match sent {
         Ok(rsp) => {
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -345,7 +485,7 @@ async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Re
         }
         Err(e) => {
             tracing::info!(%addr, target = %target.name, error = %e, "endpoint request failed");
-            if timed_out(&e) {
+            if matches!(e, SendError::ConnectTimeout(_)) {
                 error(
                     inner,
                     StatusCode::GATEWAY_TIMEOUT,
@@ -366,19 +506,6 @@ async fn proxy(inner: &Inner, target: &Target, mut req: Request<Incoming>) -> Re
             }
         }
     }
-}
-
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// An error response as Linkerd's proxy writes it: `l5d-proxy-error`, and for gRPC a

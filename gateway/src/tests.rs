@@ -808,3 +808,60 @@ async fn the_connection_limit_refuses_the_next_client() {
     first.read_to_end(&mut back).await.unwrap();
     assert_eq!(back, b"ko");
 }
+
+/// An endpoint that closes every connection after one response: the gateway's kept HTTP/1
+/// connection goes stale between requests, and the next request must still be served.
+#[tokio::test]
+async fn a_stale_endpoint_connection_is_replaced() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                // Closed without a `connection: close`: the gateway learns only by trying.
+            });
+        }
+    });
+    let gw = start(&[], with_backend(addr, "web").await).await;
+    let s = gw
+        .dial(&header(
+            "web.shop.svc.cluster.local",
+            80,
+            Some(SessionProtocol::Http1),
+        ))
+        .await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let rsp = send
+            .send_request(
+                http::Request::builder()
+                    .uri("/")
+                    .header("host", "web")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200, "request {i}");
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        // Give the endpoint's close time to arrive, as between real requests.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
