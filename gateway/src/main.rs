@@ -35,11 +35,28 @@ struct Args {
     /// Log filter, e.g. `info` or `gateway=debug,info`.
     #[arg(long, env = "MESHLINK_LOG", default_value = "info")]
     log: String,
+    /// Worker threads. 1 (Linkerd's default) runs everything on one thread, the cheapest in
+    /// memory and wake-ups; more spread connections over that many cores.
+    #[arg(long, env = "LINKERD2_PROXY_CORES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    cores: u16,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    let runtime = if args.cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.cores))
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .init();
