@@ -31,10 +31,9 @@
 //! The gateway and HAProxy listen on loopback; the client is this process, in the root
 //! namespace, with the same client code on every route.
 //!
-//! The machine's cores are shared by the client (two tokio workers), the gateway (a
-//! single-threaded runtime), HAProxy (`nbthread 1`, the same budget as the gateway) and the
-//! backend: absolute figures say little about production, the ratios within one run are the
-//! result. Results are printed and written to `target/bench/gateway.json`.
+//! The machine's cores are shared by the client (two tokio workers), the gateway (`--threads`
+//! workers, two by default), HAProxy (`nbthread`, the same number) and the backend: absolute
+//! figures say little about production, the ratios within one run are the result. Results are printed and written to `target/bench/gateway.json`.
 
 use std::{
     collections::BTreeMap,
@@ -86,7 +85,6 @@ const CLIENT_ID: &str = "client.bench.serviceaccount.identity.linkerd.cluster.lo
 /// Concurrent connections of each run; the goals are stated at these two.
 const CONNECTIONS: [usize; 2] = [1, 16];
 const CLIENT_THREADS: usize = 2;
-const HAPROXY_THREADS: usize = 1;
 /// What the backend answers to every HTTP request.
 const BODY: &[u8] = b"ok\n";
 /// Each write of a bulk upload.
@@ -117,6 +115,11 @@ struct Args {
     /// Legitimate requests, each on a fresh connection, before and during the flood.
     #[arg(long, default_value_t = 20)]
     probes: usize,
+    /// Threads of the gateway (`--cores`) and of HAProxy (`nbthread`): the same budget for both.
+    /// Two by default, the cores of the machines this runs on (a gateway is a dedicated edge
+    /// proxy; its manifest gives it two).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -156,7 +159,7 @@ async fn run(args: Args) -> Result<()> {
     let timing = Timing::new(args.seconds, args.rounds, args.warmup)?;
     let fd_limit = raise_fd_limit()?;
     proxy_identity::tls::install_default_provider();
-    let topology = Topology::start().await?;
+    let topology = Topology::start(args.threads).await?;
     eprintln!(
         "topology ready after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -196,10 +199,10 @@ async fn run(args: Args) -> Result<()> {
         "warmup_seconds_per_http_slice": timing.warmup.as_secs_f64(),
         "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
         "client_tokio_workers": CLIENT_THREADS,
-        "gateway_runtime": "tokio current_thread",
+        "gateway_runtime": if args.threads == 1 { "tokio current_thread".to_owned() } else { format!("tokio multi_thread, {} workers", args.threads) },
         "backend_runtime": "tokio current_thread, in a network namespace",
         "haproxy_version": topology.haproxy.version,
-        "haproxy_nbthread": HAPROXY_THREADS,
+        "haproxy_nbthread": args.threads,
         "haproxy_config": topology.haproxy.config,
         "tls": tls,
         "http_body_bytes": BODY.len(),
@@ -941,7 +944,7 @@ struct Topology {
 }
 
 impl Topology {
-    async fn start() -> Result<Self> {
+    async fn start(threads: usize) -> Result<Self> {
         let cluster = Cluster::start("east").await?;
         let dir = tempfile::tempdir()?;
         make_pki(dir.path())?;
@@ -979,7 +982,7 @@ impl Topology {
             identity_addr,
             anchors_file: anchors.clone(),
             token_file: token,
-            extra: Vec::new(),
+            extra: vec![format!("--cores={threads}")],
         };
         let gateway = start_gateway(&cluster, &settings, dir.path())
             .await
@@ -987,7 +990,7 @@ impl Topology {
 
         let signer = issuer(dir.path())?;
         let creds = client_credentials(&signer, &anchors)?;
-        let haproxy = Haproxy::start(dir.path(), &signer, &anchors, backend_ports)?;
+        let haproxy = Haproxy::start(dir.path(), &signer, &anchors, backend_ports, threads)?;
         let targets = Targets::new(&creds, backend_ports, gateway_addr, haproxy.ports)?;
         for route in Route::ALL {
             wait_for(
@@ -1151,7 +1154,13 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    fn start(dir: &Path, signer: &Signer, anchors: &Path, backend: Ports) -> Result<Self> {
+    fn start(
+        dir: &Path,
+        signer: &Signer,
+        anchors: &Path,
+        backend: Ports,
+        threads: usize,
+    ) -> Result<Self> {
         let binary = haproxy_binary()?;
         let version = haproxy_version(&binary)?;
         // The gateway's identity, issued like the gateway's own leaf: leaf, issuer, key.
@@ -1167,7 +1176,7 @@ impl Haproxy {
             http: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             bulk: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
         };
-        let config = haproxy_config(&crt, anchors, ports, backend);
+        let config = haproxy_config(&crt, anchors, ports, backend, threads);
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(&cfg, &config)?;
         let check = Command::new(&binary)
@@ -1211,7 +1220,13 @@ impl Haproxy {
 /// HAProxy's configuration: TLS as the gateway's (TLS 1.3 only, Linkerd's suites in Linkerd's
 /// order: HAProxy prefers its own order, which would otherwise pick AES-256 where the gateway
 /// follows the client to AES-128), one thread, keep-alive HTTP to the backend.
-fn haproxy_config(crt: &Path, anchors: &Path, listen: Ports, backend: Ports) -> String {
+fn haproxy_config(
+    crt: &Path,
+    anchors: &Path,
+    listen: Ports,
+    backend: Ports,
+    threads: usize,
+) -> String {
     let bind = format!(
         "ssl crt {} ca-file {} verify required alpn http/1.1 ssl-min-ver TLSv1.3 \
          ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
@@ -1220,7 +1235,7 @@ fn haproxy_config(crt: &Path, anchors: &Path, listen: Ports, backend: Ports) -> 
     );
     format!(
         "global
-    nbthread {HAPROXY_THREADS}
+    nbthread {threads}
     maxconn 4096
 
 defaults
@@ -1433,8 +1448,8 @@ impl Report {
         writeln!(
             out,
             "gateway benchmark: {} CPUs shared by the client ({CLIENT_THREADS} tokio workers), the gateway \
-             (1 thread), HAProxy (nbthread {HAPROXY_THREADS}) and the backend (1 thread):",
-            s["cpus"]
+             ({} thread(s)), HAProxy (nbthread {}) and the backend (1 thread):",
+            s["cpus"], s["haproxy_nbthread"], s["haproxy_nbthread"]
         )?;
         writeln!(
             out,

@@ -35,28 +35,35 @@ struct Args {
     /// Log filter, e.g. `info` or `gateway=debug,info`.
     #[arg(long, env = "MESHLINK_LOG", default_value = "info")]
     log: String,
-    /// Worker threads. 1 (Linkerd's default) runs everything on one thread, the cheapest in
-    /// memory and wake-ups; more spread connections over that many cores.
+    /// Threads. 1 (Linkerd's default) runs everything on one thread, the cheapest in memory and
+    /// wake-ups; N spreads connections over N threads, each connection staying on one.
     #[arg(long, env = "LINKERD2_PROXY_CORES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     cores: u16,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = if args.cores == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(args.cores))
-            .enable_all()
-            .build()?
-    };
-    runtime.block_on(run(args))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // This thread accepts and serves its share of connections; each other worker is a
+    // single-threaded runtime on a thread of its own (they end with the process).
+    let workers = (1..args.cores)
+        .map(|i| {
+            let worker = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = worker.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("gateway-worker-{i}"))
+                .spawn(move || worker.block_on(std::future::pending::<()>()))?;
+            Ok(handle)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    runtime.block_on(run(args, workers))
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .init();
@@ -87,6 +94,7 @@ async fn run(args: Args) -> Result<()> {
         .await?;
     let watch = tokio::spawn(discovery.clone().run(client, cancel.clone()));
     let (addr, serve) = Gateway::new(args.gateway, creds.clone(), discovery, metrics)
+        .workers(workers)
         .bind(cancel.clone())
         .await?;
     tracing::info!(%addr, %admin_addr, identity = %creds.id(), "gateway listening");

@@ -36,6 +36,7 @@ pub struct BindError {
 #[derive(Debug)]
 pub struct Gateway {
     inner: Arc<Inner>,
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 #[derive(Debug)]
@@ -78,7 +79,17 @@ impl Gateway {
                 authz,
                 clients,
             }),
+            workers: Vec::new(),
         }
+    }
+
+    /// Spreads connections round-robin over the runtime this runs on and `workers` (each a
+    /// single-threaded runtime on a thread of its own). A connection and the endpoint
+    /// connections it opens stay on one thread, so a request never wakes another thread, as
+    /// with HAProxy's threads.
+    pub fn workers(mut self, workers: Vec<tokio::runtime::Handle>) -> Self {
+        self.workers = workers;
+        self
     }
 
     /// Binds the gateway's address; the future accepts until `cancel` fires, then waits for
@@ -99,6 +110,8 @@ impl Gateway {
 
     async fn serve(self, listener: TcpListener, cancel: CancellationToken) {
         let inner = self.inner;
+        let workers = self.workers;
+        let mut next = 0usize;
         let tracker = TaskTracker::new();
         let pending = Arc::new(Pending::new(inner.options.max_handshakes));
         let established = Arc::new(Semaphore::new(inner.options.max_connections));
@@ -121,7 +134,30 @@ impl Gateway {
                 peer,
                 cancel: cancel.clone(),
             };
-            tracker.spawn(conn.run(tcp, pending.clone(), established.clone()));
+            let (pending, established) = (pending.clone(), established.clone());
+            next = next.wrapping_add(1);
+            match workers.get(next % (workers.len() + 1)) {
+                None => {
+                    tracker.spawn(conn.run(tcp, pending, established));
+                }
+                Some(worker) => {
+                    // Re-registered with the worker's own reactor, so that its readiness never
+                    // goes through this thread.
+                    let std = match tcp.into_std() {
+                        Ok(s) => s,
+                        Err(error) => {
+                            tracing::warn!(%error, %peer, "handing a connection to a worker");
+                            continue;
+                        }
+                    };
+                    worker.spawn(tracker.track_future(async move {
+                        match TcpStream::from_std(std) {
+                            Ok(tcp) => conn.run(tcp, pending, established).await,
+                            Err(error) => tracing::warn!(%error, "registering a connection"),
+                        }
+                    }));
+                }
+            }
         }
         tracker.close();
         tracker.wait().await;

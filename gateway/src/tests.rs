@@ -256,6 +256,14 @@ impl Drop for Running {
 }
 
 async fn start(extra: &[&str], discovery: Discovery) -> Running {
+    start_with_workers(extra, discovery, Vec::new()).await
+}
+
+async fn start_with_workers(
+    extra: &[&str],
+    discovery: Discovery,
+    workers: Vec<tokio::runtime::Handle>,
+) -> Running {
     let pki = pki();
     let mut args = vec!["gw", "--addr", "127.0.0.1:0"];
     for (flag, value) in [
@@ -271,6 +279,7 @@ async fn start(extra: &[&str], discovery: Discovery) -> Running {
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let (addr, serve) = Gateway::new(options, creds(&pki, GW), discovery, metrics.clone())
+        .workers(workers)
         .bind(cancel.clone())
         .await
         .unwrap();
@@ -863,5 +872,31 @@ async fn a_stale_endpoint_connection_is_replaced() {
         assert_eq!(&body[..], b"ok");
         // Give the endpoint's close time to arrive, as between real requests.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With a second worker thread, connections alternate between the two runtimes; both serve.
+#[tokio::test]
+async fn connections_are_spread_over_worker_threads() {
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = worker.handle().clone();
+    std::thread::spawn(move || worker.block_on(std::future::pending::<()>()));
+    let backend = reverse_server().await;
+    let gw = start_with_workers(&[], with_backend(backend, "rev").await, vec![handle]).await;
+    for i in 0..4u8 {
+        let mut s = gw
+            .dial(&header("rev.shop.svc.cluster.local", 80, None))
+            .await;
+        s.write_all(&[b'a', b'0' + i]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, [b'0' + i, b'a'], "connection {i}");
     }
 }
