@@ -283,7 +283,8 @@ async fn setup() -> Result<Env> {
             identity_addr: east_identity_addr,
             anchors_file: anchors,
             token_file: dir.path().join("gateway.token"),
-            extra: Vec::new(),
+            // As its manifest runs it: two threads, connections spread over both.
+            extra: vec!["--cores=2".to_owned()],
         },
         dir.path(),
     )
