@@ -181,8 +181,11 @@ impl Connection {
         m.open_connections.get_or_create(&inbound).inc();
         let result = self.accept(tcp, &pending, &established).await;
         match result {
+            // Boxed: a task is allocated at its future's full size from the start, and the
+            // forwarding state (HTTP server, copy) is most of it, so connections still in their
+            // handshake (the ones a flood holds) stay small.
             Ok((io, target, _permit)) => {
-                forward::forward(&self.inner, io, target, &self.cancel).await
+                Box::pin(forward::forward(&self.inner, io, target, &self.cancel)).await;
             }
             Err(Some(refusal)) => {
                 tracing::info!(reason = refusal.as_str(), "connection refused");
