@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Refusal,
+    Metrics, Refusal,
     metrics::{DirectionLabels, StatusLabels},
     server::{Inner, Target},
 };
@@ -202,12 +202,7 @@ pub(crate) async fn forward<IO>(
     let inbound = DirectionLabels {
         direction: "inbound",
     };
-    let client = Tracked {
-        io,
-        activity: activity.clone(),
-        read: inner.metrics.read_bytes.get_or_create(&inbound).clone(),
-        write: inner.metrics.write_bytes.get_or_create(&inbound).clone(),
-    };
+    let client = Tracked::new(io, &activity, &inner.metrics, &inbound);
     match target.header.protocol {
         None => opaque(inner, client, &target, activity).await,
         Some(protocol) => http(inner, client, target, protocol, activity, cancel).await,
@@ -250,12 +245,7 @@ async fn opaque<IO>(
         direction: "outbound",
     };
     inner.metrics.open_total.get_or_create(&outbound).inc();
-    let mut server = Tracked {
-        io: stream,
-        activity: activity.clone(),
-        read: inner.metrics.read_bytes.get_or_create(&outbound).clone(),
-        write: inner.metrics.write_bytes.get_or_create(&outbound).clone(),
-    };
+    let mut server = Tracked::new(stream, &activity, &inner.metrics, &outbound);
     // copy_bidirectional shuts down each write side when the other side's read ends, so a
     // half-close travels through and the other direction keeps flowing.
     // 32 KiB buffers: two TLS records' plaintext per read and write (tokio's default of 8 KiB
@@ -595,6 +585,22 @@ struct Tracked<IO> {
     activity: Arc<Activity>,
     read: Counter,
     write: Counter,
+}
+
+impl<IO> Tracked<IO> {
+    fn new(
+        io: IO,
+        activity: &Arc<Activity>,
+        metrics: &Metrics,
+        direction: &DirectionLabels,
+    ) -> Self {
+        Self {
+            io,
+            activity: activity.clone(),
+            read: metrics.read_bytes.get_or_create(direction).clone(),
+            write: metrics.write_bytes.get_or_create(direction).clone(),
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {

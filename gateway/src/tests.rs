@@ -360,6 +360,19 @@ async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
     .is_ok()
 }
 
+/// Sends `message` through an opaque connection to [`reverse_server`] and half-closes; returns
+/// what came back before the end of the stream (within 5 s).
+async fn reversed(s: &mut tokio_rustls::client::TlsStream<TcpStream>, message: &[u8]) -> Vec<u8> {
+    s.write_all(message).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .expect("the answer ends within 5 s")
+        .unwrap();
+    back
+}
+
 fn header(name: &str, port: u16, protocol: Option<SessionProtocol>) -> Header {
     Header {
         port,
@@ -383,15 +396,8 @@ async fn opaque_tcp_with_half_close() {
     let mut s = gw
         .dial(&header("rev.shop.svc.cluster.local", 80, None))
         .await;
-    s.write_all(b"hello gateway").await.unwrap();
     // Half-close: the server answers only after it sees the end of our stream.
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"yawetag olleh");
+    assert_eq!(reversed(&mut s, b"hello gateway").await, b"yawetag olleh");
 }
 
 async fn http_request(
@@ -613,12 +619,14 @@ async fn every_refusal_closes_with_its_reason() {
     assert!(r.is_err() || closed(&mut r.unwrap()).await);
     gw.expect_refused("no_alpn", 1).await;
 
-    // No client certificate.
-    let anon = tls::anonymous_client_config(
-        &TrustAnchors::from_pem(&gw.pki.anchor.cert_pem).unwrap(),
-        &[PROTOCOL],
+    // No client certificate: credentials with none installed yet.
+    let uncertified = Credentials::new(
+        Id::parse(WEB).unwrap(),
+        TrustAnchors::from_pem(&gw.pki.anchor.cert_pem).unwrap(),
     );
-    let r = gw.tls(anon, gw_name).await;
+    let r = gw
+        .tls(tls::client_config(&uncertified, &[PROTOCOL]), gw_name)
+        .await;
     assert!(r.is_err() || closed(&mut r.unwrap()).await);
     gw.expect_refused("no_client_cert", 1).await;
 
@@ -726,11 +734,7 @@ async fn authorization_narrows_identities() {
     let mut s = gw
         .dial(&header("rev.shop.svc.cluster.local", 80, None))
         .await;
-    s.write_all(b"ab").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, b"ba");
+    assert_eq!(reversed(&mut s, b"ab").await, b"ba");
 }
 
 #[tokio::test]
@@ -754,11 +758,7 @@ async fn silent_connections_cannot_lock_others_out() {
     )
     .await
     .expect("a client is served while silent connections are held");
-    s.write_all(b"xy").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, b"yx");
+    assert_eq!(reversed(&mut s, b"xy").await, b"yx");
 }
 
 #[tokio::test]
@@ -811,11 +811,7 @@ async fn the_connection_limit_refuses_the_next_client() {
     assert!(closed(&mut second).await);
     gw.expect_refused("overloaded", 1).await;
     // The first is still served.
-    first.write_all(b"ok").await.unwrap();
-    first.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    first.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, b"ko");
+    assert_eq!(reversed(&mut first, b"ok").await, b"ko");
 }
 
 /// An endpoint that closes every connection after one response: the gateway's kept HTTP/1
@@ -875,7 +871,8 @@ async fn a_stale_endpoint_connection_is_replaced() {
     }
 }
 
-/// With a second worker thread, connections alternate between the two runtimes; both serve.
+/// With a second worker thread, connections alternate between the two runtimes: while two are
+/// held open, one of them is a task of the worker's runtime, and both are served.
 #[tokio::test]
 async fn connections_are_spread_over_worker_threads() {
     let worker = tokio::runtime::Builder::new_current_thread()
@@ -885,18 +882,25 @@ async fn connections_are_spread_over_worker_threads() {
     let handle = worker.handle().clone();
     std::thread::spawn(move || worker.block_on(std::future::pending::<()>()));
     let backend = reverse_server().await;
-    let gw = start_with_workers(&[], with_backend(backend, "rev").await, vec![handle]).await;
-    for i in 0..4u8 {
-        let mut s = gw
-            .dial(&header("rev.shop.svc.cluster.local", 80, None))
-            .await;
-        s.write_all(&[b'a', b'0' + i]).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(back, [b'0' + i, b'a'], "connection {i}");
+    let gw = start_with_workers(
+        &[],
+        with_backend(backend, "rev").await,
+        vec![handle.clone()],
+    )
+    .await;
+    assert_eq!(handle.metrics().num_alive_tasks(), 0);
+    let target = header("rev.shop.svc.cluster.local", 80, None);
+    let mut held = [gw.dial(&target).await, gw.dial(&target).await];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while handle.metrics().num_alive_tasks() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection was handed to the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        let m = [b'a', b'0' + i as u8];
+        assert_eq!(reversed(s, &m).await, [m[1], m[0]], "connection {i}");
     }
 }
