@@ -113,6 +113,7 @@ pub fn new_issuer(
 pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     cert_der: Vec<u8>,
+    cert_pem: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -136,7 +137,11 @@ impl Signer {
         let cert_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
             .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
             .map_err(|e| CaError::Cert(rcgen::Error::PemError(e.to_string())))?;
-        Ok(Self { issuer, cert_der })
+        Ok(Self {
+            issuer,
+            cert_der,
+            cert_pem: cert_pem.to_owned(),
+        })
     }
 
     /// This CA's own certificate (DER): the intermediate a leaf's chain carries.
@@ -187,9 +192,28 @@ impl Signer {
     /// Issues a key and leaf for `id` directly (the identity service's own serving certificate,
     /// and tests). Returns (leaf DER, PKCS#8 key DER).
     pub fn issue(&self, id: &Id, lifetime: Duration) -> Result<(Vec<u8>, Vec<u8>), CaError> {
+        let (cert, key) = self.issue_certificate(id, lifetime)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+
+    /// Like [`Signer::issue`], as PEM files: the chain (leaf, then this CA) and the PKCS#8 key,
+    /// what a proxy configured from files (HAProxy, a client with `--cert`) reads.
+    pub fn issue_pem(&self, id: &Id, lifetime: Duration) -> Result<CertKey, CaError> {
+        let (cert, key) = self.issue_certificate(id, lifetime)?;
+        Ok(CertKey {
+            cert_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn issue_certificate(
+        &self,
+        id: &Id,
+        lifetime: Duration,
+    ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = leaf_params(id, lifetime)?.signed_by(&key, &self.issuer)?;
-        Ok((cert.der().to_vec(), key.serialize_der()))
+        Ok((cert, key))
     }
 }
 

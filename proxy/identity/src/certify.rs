@@ -190,14 +190,9 @@ pub async fn certify(
         addr: config.addr.clone(),
         source,
     })?;
-    // Before the first certificate the client presents none; afterwards it presents its
-    // current one (Linkerd does the same).
-    let tls_config = if creds.expiry().is_some() {
-        tls::client_config(creds, &[b"h2"])
-    } else {
-        tls::anonymous_client_config(creds.anchors(), &[b"h2"])
-    };
-    let stream = tls::connect(tls_config, tcp, &config.server_id).await?;
+    // Before the first certificate the client presents none (`Credentials` has none to
+    // resolve); afterwards it presents its current one, as Linkerd's does.
+    let stream = tls::connect(tls::client_config(creds, &[b"h2"]), tcp, &config.server_id).await?;
     let mut io = Some(TokioIo::new(stream));
     // tonic dials through a connector; this one hands over the single connection made above.
     let channel = tonic::transport::Endpoint::from_static("http://identity.invalid")

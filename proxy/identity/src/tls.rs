@@ -162,21 +162,6 @@ pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConf
     Arc::new(config)
 }
 
-/// A client config with no certificate of its own (the first Certify call).
-pub fn anonymous_client_config(anchors: &TrustAnchors, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the provider supports TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnchorVerifier {
-            roots: anchors.roots().clone(),
-        }))
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
-}
-
 /// Verifies a server's chain against the anchors without rustls's DNS-name check: the identity
 /// (DNS or URI SAN) is checked by [`connect`] after the handshake, as Linkerd does.
 #[derive(Debug)]
