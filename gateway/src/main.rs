@@ -101,7 +101,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     let admin = tokio::spawn(admin);
     let serve = tokio::spawn(serve);
 
-    shutdown_signal().await;
+    proxy_admin::shutdown_signal().await;
     tracing::info!(grace = ?args.shutdown_grace_period, "shutting down: draining connections");
     cancel.cancel();
     if tokio::time::timeout(args.shutdown_grace_period, serve)
@@ -142,14 +142,5 @@ fn raise_fd_limit() {
         }
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "could not read the open-file limit"),
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

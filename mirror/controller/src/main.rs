@@ -60,7 +60,7 @@ async fn main() -> Result<()> {
     ));
     let _ = ready_tx.send(true);
 
-    shutdown_signal().await;
+    proxy_admin::shutdown_signal().await;
     tracing::info!("stopping; mirrors stay in place");
     cancel.cancel();
     let _ = tokio::time::timeout(DRAIN, async {
@@ -69,13 +69,4 @@ async fn main() -> Result<()> {
     })
     .await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail on Unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -228,6 +228,17 @@ impl Admin {
     }
 }
 
+/// Resolves on SIGTERM (kubelet stopping the pod) or Ctrl-C: when every meshlink process starts
+/// draining.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *rsp.status_mut() = status;

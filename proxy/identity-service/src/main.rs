@@ -49,7 +49,7 @@ struct Args {
     )]
     token_audience: String,
     /// Lifetime of the certificates issued (e.g. 24h, 30m, 90s).
-    #[arg(long, env = "MESHLINK_LEAF_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "MESHLINK_LEAF_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
     leaf_lifetime: Duration,
     /// Address of the Certify gRPC server.
     #[arg(long, env = "MESHLINK_IDENTITY_ADDR", default_value = "0.0.0.0:8080")]
@@ -62,22 +62,11 @@ struct Args {
     log: String,
 }
 
-/// `<int>(ms|s|m|h|d)`, Linkerd's duration syntax.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected <number><ms|s|m|h|d>"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86400),
-        _ => return Err(format!("{s:?}: expected <number><ms|s|m|h|d>")),
-    };
-    // Short lifetimes are for tests of renewal; below this, renewals would storm the service.
+/// A leaf lifetime in humantime syntax (`24h`, `90s`; Linkerd's `<int>(ms|s|m|h|d)` parses the
+/// same), at least 5 s: shorter lifetimes are for renewal tests, and below that renewals would
+/// storm the service.
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
     if d < Duration::from_secs(5) {
         return Err(format!("{s:?}: a certificate must live at least 5s"));
     }
@@ -145,7 +134,7 @@ async fn main() -> Result<()> {
     tracing::info!(%addr, %admin_addr, identity = %own, "serving Certify");
     let serve = tokio::spawn(serve);
 
-    shutdown_signal().await;
+    proxy_admin::shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();
     let drained = tokio::time::timeout(DRAIN, async {
@@ -156,13 +145,4 @@ async fn main() -> Result<()> {
         tracing::warn!(deadline = ?DRAIN, "connections still open at the drain deadline");
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
