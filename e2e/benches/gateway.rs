@@ -55,7 +55,7 @@ use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
     mesh::{self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
-    meshlink::{Program, free_port, labels, workspace_binary},
+    meshlink::{Program, free_port, labels, service_account_token_for},
     netns::Host,
     wait_for,
 };
@@ -947,8 +947,9 @@ impl Topology {
     async fn start(threads: usize) -> Result<Self> {
         let cluster = Cluster::start("east").await?;
         let dir = tempfile::tempdir()?;
-        make_pki(dir.path())?;
-        install_identity_and_gateway(&cluster, dir.path()).await?;
+        mesh::make_pki(dir.path(), &["east"])?;
+        mesh::install_identity(&cluster, dir.path(), "east").await?;
+        mesh::apply_manifest(&cluster, "gateway/gateway.yaml").await?;
 
         let host = Host::create()?;
         let backend_ip = IpAddr::V4(host.address());
@@ -962,7 +963,7 @@ impl Topology {
         let token = dir.path().join("gateway.token");
         std::fs::write(
             &token,
-            mesh::token(
+            service_account_token_for(
                 &cluster,
                 "linkerd-multicluster",
                 "linkerd-gateway",
@@ -1011,56 +1012,6 @@ impl Topology {
             _dir: dir,
         })
     }
-}
-
-/// `meshlink <args>`, failing with its stderr.
-fn meshlink(args: &[&str]) -> Result<String> {
-    let out = Command::new(workspace_binary("meshlink")?)
-        .args(args)
-        .output()
-        .context("running meshlink")?;
-    ensure!(
-        out.status.success(),
-        "meshlink {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A trust anchor in `dir/anchor` and an issuer in `dir/east`, as `meshlink identity` makes them.
-fn make_pki(dir: &Path) -> Result<()> {
-    let d = |p: &str| dir.join(p).display().to_string();
-    meshlink(&["identity", "anchor", "--out", &d("anchor")])?;
-    meshlink(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        &d("anchor"),
-        "--out",
-        &d("east"),
-    ])?;
-    Ok(())
-}
-
-/// The identity service's and gateway's manifests, and the issuer's Secret and trust roots.
-async fn install_identity_and_gateway(cluster: &Cluster, dir: &Path) -> Result<()> {
-    for manifest in ["identity/identity.yaml", "gateway/gateway.yaml"] {
-        let path = mesh::manifests_dir().join(manifest);
-        let yaml = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        e2e::apply_yaml(&cluster.client(), &yaml).await?;
-    }
-    let issuer = meshlink(&[
-        "identity",
-        "manifests",
-        "--issuer",
-        &dir.join("east").display().to_string(),
-        "--anchors",
-        &dir.join("anchor/ca.crt").display().to_string(),
-    ])?;
-    e2e::apply_yaml(&cluster.client(), &issuer).await?;
-    Ok(())
 }
 
 /// Service `bench/web` (ports 8080 and 7001) and a Ready Pod at the backend's address.
@@ -1127,22 +1078,6 @@ fn client_credentials(signer: &Signer, anchors: &Path) -> Result<Arc<Credentials
     Ok(creds)
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    let mut rest = b64.as_str();
-    while !rest.is_empty() {
-        // Base64 is ASCII: any index is a character boundary.
-        let (line, tail) = rest.split_at(rest.len().min(64));
-        out.push_str(line);
-        out.push('\n');
-        rest = tail;
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 /// HAProxy in the foreground, terminating the gateway's mTLS in front of the backend.
 #[derive(Debug)]
 struct Haproxy {
@@ -1164,14 +1099,9 @@ impl Haproxy {
         let binary = haproxy_binary()?;
         let version = haproxy_version(&binary)?;
         // The gateway's identity, issued like the gateway's own leaf: leaf, issuer, key.
-        let (leaf, key) = signer.issue(&Id::parse(GATEWAY_ID)?, Duration::from_secs(24 * 3600))?;
+        let pem = signer.issue_pem(&Id::parse(GATEWAY_ID)?, Duration::from_secs(24 * 3600))?;
         let crt = dir.join("haproxy.pem");
-        std::fs::write(
-            &crt,
-            pem("CERTIFICATE", &leaf)
-                + &pem("CERTIFICATE", signer.cert_der())
-                + &pem("PRIVATE KEY", &key),
-        )?;
+        std::fs::write(&crt, pem.cert_pem + &pem.key_pem)?;
         let ports = Ports {
             http: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             bulk: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),

@@ -21,8 +21,8 @@ use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
     mesh::{self, GatewaySettings, IDENTITY_AUDIENCE},
     meshlink::{
-        create_gateway_service, free_port, labels, service_account_token, start_mirror,
-        wait_remote_access_token, workspace_binary,
+        create_gateway_service, free_port, labels, service_account_token,
+        service_account_token_for, start_mirror, wait_remote_access_token, workspace_binary,
     },
     netns::Host,
     wait_for,
@@ -35,20 +35,10 @@ fn manifest(repo: &Path, path: &str) -> Result<String> {
     std::fs::read_to_string(repo.join("manifests").join(path)).with_context(|| path.to_owned())
 }
 
-async fn run_cli(args: &[&str], kubeconfig: &Path) -> Result<String> {
-    let out = tokio::process::Command::new(workspace_binary("meshlink")?)
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "meshlink {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+/// `meshlink <args> --kubeconfig <kubeconfig>`.
+fn run_cli(args: &[&str], kubeconfig: &Path) -> Result<String> {
+    let kubeconfig = kubeconfig.display().to_string();
+    mesh::cli(&[args, &["--kubeconfig", &kubeconfig]].concat())
 }
 
 fn kubectl(kubectl: &Path, kubeconfig: &Path, args: &[&str], out: &mut impl Write) -> Result<()> {
@@ -107,23 +97,10 @@ pub async fn run(
         ],
     ] {
         writeln!(out, "$ meshlink {}", args.join(" "))?;
-        out.write_all(run_cli(&args, east.kubeconfig_path()).await?.as_bytes())?;
+        out.write_all(mesh::cli(&args)?.as_bytes())?;
     }
-    for (cluster, client, issuer) in [(east, &ec, "east"), (west, &wc, "west")] {
-        apply_yaml(client, &manifest(repo, "identity/identity.yaml")?).await?;
-        let issuer_yaml = run_cli(
-            &[
-                "identity",
-                "manifests",
-                "--issuer",
-                &d(issuer),
-                "--anchors",
-                &d("anchor/ca.crt"),
-            ],
-            cluster.kubeconfig_path(),
-        )
-        .await?;
-        apply_yaml(client, &issuer_yaml).await?;
+    for (cluster, issuer) in [(east, "east"), (west, "west")] {
+        mesh::install_identity(cluster, dir.path(), issuer).await?;
     }
 
     writeln!(
@@ -139,7 +116,7 @@ pub async fn run(
         mesh::start_identity(east, east_identity_addr, &anchors, "24h", dir.path()).await?;
     std::fs::write(
         dir.path().join("gateway.token"),
-        mesh::token(east, NS, "linkerd-gateway", IDENTITY_AUDIENCE).await?,
+        service_account_token_for(east, NS, "linkerd-gateway", IDENTITY_AUDIENCE).await?,
     )?;
     let gateway = mesh::start_gateway(
         east,
@@ -186,7 +163,7 @@ pub async fn run(
     )?;
     apply_yaml(&wc, &manifest(repo, "crds/link.yaml")?).await?;
     apply_yaml(&wc, &manifest(repo, "mirror/controller.yaml")?).await?;
-    let link = run_cli(&["link", "--cluster-name", "east"], east.kubeconfig_path()).await?;
+    let link = run_cli(&["link", "--cluster-name", "east"], east.kubeconfig_path())?;
     apply_yaml(&wc, &link).await?;
     create_namespace(&wc, "shop").await?;
 
@@ -202,7 +179,7 @@ pub async fn run(
     }
     std::fs::write(
         dir.path().join("client.token"),
-        mesh::token(west, "shop", "client", IDENTITY_AUDIENCE).await?,
+        service_account_token_for(west, "shop", "client", IDENTITY_AUDIENCE).await?,
     )?;
 
     let token = service_account_token(west, NS, "meshlink-service-mirror").await?;
@@ -226,7 +203,7 @@ pub async fn run(
         )
         .await?;
         let gw = wait_for("a probe of the gateway", WAIT, || async {
-            let t = run_cli(&["gateways"], west.kubeconfig_path()).await.ok()?;
+            let t = run_cli(&["gateways"], west.kubeconfig_path()).ok()?;
             t.lines()
                 .any(|l| {
                     l.split_whitespace()

@@ -13,8 +13,6 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use k8s_openapi::api::{authentication::v1::TokenRequest, core::v1::ServiceAccount};
-use kube::{Api, api::PostParams};
 use proxy_identity::{Credentials, Id, TrustAnchors, certify};
 use proxy_sidecar::GatewayDialer;
 use proxy_transport_header::{Header, SessionProtocol};
@@ -23,7 +21,10 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{Cluster, Error, meshlink::Program};
+use crate::{
+    Cluster, Error,
+    meshlink::{Program, service_account_token},
+};
 
 /// The audience of the tokens workloads send to the identity service (Linkerd's).
 pub const IDENTITY_AUDIENCE: &str = "identity.l5d.io";
@@ -252,23 +253,69 @@ where
     Ok(format!("{status}\n{}", String::from_utf8_lossy(&body)))
 }
 
-/// A token of ServiceAccount `namespace/name` for `audience` (an hour).
-pub async fn token(
-    cluster: &Cluster,
-    namespace: &str,
-    name: &str,
-    audience: &str,
-) -> Result<String, Error> {
-    let request: TokenRequest = serde_json::from_value(serde_json::json!({
-        "spec": { "audiences": [audience], "expirationSeconds": 3600 }
-    }))
-    .map_err(|e| Error::Invalid(e.to_string()))?;
-    Api::<ServiceAccount>::namespaced(cluster.client(), namespace)
-        .create_token_request(name, &PostParams::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .ok_or_else(|| Error::Invalid("TokenRequest returned no token".into()))
+/// `meshlink <args>` (the CLI of this workspace); its output, or an error with its stderr.
+pub fn cli(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(crate::meshlink::workspace_binary("meshlink")?)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running meshlink")?;
+    if !out.status.success() {
+        bail!(
+            "meshlink {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A trust anchor in `dir/anchor` and an issuer signed by it in `dir/<name>` for each of
+/// `issuers`, made by `meshlink identity` as a user makes them.
+pub fn make_pki(dir: &Path, issuers: &[&str]) -> Result<()> {
+    let d = |p: &str| dir.join(p).display().to_string();
+    cli(&["identity", "anchor", "--out", &d("anchor")])?;
+    for issuer in issuers {
+        cli(&[
+            "identity",
+            "issuer",
+            "--anchor",
+            &d("anchor"),
+            "--out",
+            &d(issuer),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Applies `manifests/<path>` to `cluster`.
+pub async fn apply_manifest(cluster: &Cluster, path: &str) -> Result<()> {
+    let path = manifests_dir().join(path);
+    let yaml =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    crate::apply_yaml(&cluster.client(), &yaml).await?;
+    Ok(())
+}
+
+/// Applies what `meshlink identity manifests` prints for issuer `dir/<issuer>` and the anchor
+/// `dir/anchor` (the issuer Secret, the trust roots): how an issuer is installed or rotated.
+pub async fn apply_issuer(cluster: &Cluster, dir: &Path, issuer: &str) -> Result<()> {
+    let yaml = cli(&[
+        "identity",
+        "manifests",
+        "--issuer",
+        &dir.join(issuer).display().to_string(),
+        "--anchors",
+        &dir.join("anchor/ca.crt").display().to_string(),
+    ])?;
+    crate::apply_yaml(&cluster.client(), &yaml).await?;
+    Ok(())
+}
+
+/// The identity service's manifest and issuer `dir/<issuer>` in `cluster`.
+pub async fn install_identity(cluster: &Cluster, dir: &Path, issuer: &str) -> Result<()> {
+    apply_manifest(cluster, "identity/identity.yaml").await?;
+    apply_issuer(cluster, dir, issuer).await
 }
 
 /// The repository's `manifests/` directory.
@@ -284,7 +331,7 @@ pub async fn service_account_kubeconfig(
     name: &str,
     dir: &Path,
 ) -> Result<PathBuf, Error> {
-    let token = crate::meshlink::service_account_token(cluster, namespace, name).await?;
+    let token = service_account_token(cluster, namespace, name).await?;
     let path = dir.join(format!("{}-{namespace}-{name}.kubeconfig", cluster.name()));
     std::fs::write(&path, cluster.kubeconfig_for_token(name, &token))
         .map_err(|e| Error::Invalid(format!("writing {}: {e}", path.display())))?;

@@ -153,23 +153,7 @@ impl Program {
 
     /// A GET on the admin server: status code and body.
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        http_get(self.admin, path).await
     }
 
     /// The sum of every sample of metric `name` (all label sets) whose labels contain `filter`.
@@ -192,6 +176,27 @@ impl Program {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+}
+
+/// One plain HTTP/1.1 GET with `connection: close`: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 fn binary_name(binary: &str) -> &'static str {
@@ -243,14 +248,26 @@ pub async fn remote_access_kubeconfig(target: &Cluster, namespace: &str) -> Resu
     Ok(target.kubeconfig_for_token(REMOTE_ACCESS_ACCOUNT, &token))
 }
 
-/// A TokenRequest token (one hour) for ServiceAccount `namespace/name` of `cluster`.
+/// A TokenRequest token (one hour) for ServiceAccount `namespace/name` of `cluster`, for the API
+/// server itself.
 pub async fn service_account_token(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
 ) -> Result<String, Error> {
+    service_account_token_for(cluster, namespace, name, crate::SERVICE_ACCOUNT_ISSUER).await
+}
+
+/// A TokenRequest token (one hour) for ServiceAccount `namespace/name` of `cluster`, issued for
+/// `audience` (e.g. the identity service's).
+pub async fn service_account_token_for(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    audience: &str,
+) -> Result<String, Error> {
     let request: TokenRequest = from_json(serde_json::json!({
-        "spec": { "audiences": [crate::SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600 }
+        "spec": { "audiences": [audience], "expirationSeconds": 3600 }
     }))?;
     Api::<ServiceAccount>::namespaced(cluster.client(), namespace)
         .create_token_request(name, &PostParams::default(), &request)

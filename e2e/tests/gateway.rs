@@ -23,7 +23,7 @@ use e2e::{
         self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, IDENTITY_ID, start_gateway,
         start_identity,
     },
-    meshlink::{Program, free_port, labels, workspace_binary},
+    meshlink::{Program, free_port, labels, service_account_token_for, workspace_binary},
     netns::Host,
     wait_for,
 };
@@ -140,34 +140,6 @@ fn main() -> ExitCode {
     e2e::checks::run(setup, checks, |env| &env.gateway)
 }
 
-/// `meshlink <args>`, failing with its stderr.
-fn meshlink(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(workspace_binary("meshlink")?)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "meshlink {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Applies `meshlink identity manifests` for issuer directory `issuer` to `cluster`.
-async fn apply_issuer(cluster: &Cluster, dir: &Path, issuer: &str) -> Result<()> {
-    let yaml = meshlink(&[
-        "identity",
-        "manifests",
-        "--issuer",
-        &dir.join(issuer).display().to_string(),
-        "--anchors",
-        &dir.join("anchor/ca.crt").display().to_string(),
-    ])?;
-    e2e::apply_yaml(&cluster.client(), &yaml).await?;
-    Ok(())
-}
-
 async fn setup() -> Result<Env> {
     let clusters = Cluster::start_many(&["east", "west"]).await?;
     let mut clusters = clusters.into_iter();
@@ -175,36 +147,19 @@ async fn setup() -> Result<Env> {
         return Err(anyhow!("two clusters expected"));
     };
     let dir = tempfile::tempdir()?;
-    let d = |p: &str| dir.path().join(p).display().to_string();
-    // One anchor; an issuer per cluster; and a foreign anchor with its own issuer.
-    meshlink(&["identity", "anchor", "--out", &d("anchor")])?;
-    meshlink(&[
+    // One anchor, an issuer per cluster, and a foreign anchor; the identity service's manifest
+    // and issuer in both clusters, the gateway's manifest in east.
+    mesh::make_pki(dir.path(), &["east", "west"])?;
+    mesh::cli(&[
         "identity",
-        "issuer",
-        "--anchor",
-        &d("anchor"),
+        "anchor",
         "--out",
-        &d("east"),
+        &dir.path().join("foreign-anchor").display().to_string(),
     ])?;
-    meshlink(&[
-        "identity",
-        "issuer",
-        "--anchor",
-        &d("anchor"),
-        "--out",
-        &d("west"),
-    ])?;
-    meshlink(&["identity", "anchor", "--out", &d("foreign-anchor")])?;
-
-    // The manifests: identity service and gateway, with their RBAC, then the issuers.
-    let identity_yaml =
-        std::fs::read_to_string(mesh::manifests_dir().join("identity/identity.yaml"))?;
-    let gateway_yaml = std::fs::read_to_string(mesh::manifests_dir().join("gateway/gateway.yaml"))?;
     for (cluster, issuer) in [(&east, "east"), (&west, "west")] {
-        e2e::apply_yaml(&cluster.client(), &identity_yaml).await?;
-        e2e::apply_yaml(&cluster.client(), &gateway_yaml).await?;
-        apply_issuer(cluster, dir.path(), issuer).await?;
+        mesh::install_identity(cluster, dir.path(), issuer).await?;
     }
+    mesh::apply_manifest(&east, "gateway/gateway.yaml").await?;
 
     // east: the backend Service and its Pod, whose address is in a network namespace.
     let pods = Host::create()?;
@@ -250,11 +205,11 @@ async fn setup() -> Result<Env> {
         .await?;
     std::fs::write(
         dir.path().join("web.token"),
-        mesh::token(&west, "shop", "web", IDENTITY_AUDIENCE).await?,
+        service_account_token_for(&west, "shop", "web", IDENTITY_AUDIENCE).await?,
     )?;
     std::fs::write(
         dir.path().join("gateway.token"),
-        mesh::token(
+        service_account_token_for(
             &east,
             "linkerd-multicluster",
             "linkerd-gateway",
@@ -414,22 +369,9 @@ async fn foreign_anchor(env: Arc<Env>) -> Result<()> {
         key_pem: std::fs::read_to_string(env.path("foreign-anchor/ca.key"))?,
     };
     let signer = proxy_identity::ca::Signer::from_pem(&foreign.cert_pem, &foreign.key_pem)?;
-    let (leaf, key) = signer.issue(&Id::parse(WEB)?, Duration::from_secs(3600))?;
-    let pem = |label: &str, der: &[u8]| {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap_or_default())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    };
-    std::fs::write(env.path("foreign.crt"), pem("CERTIFICATE", &leaf))?;
-    std::fs::write(env.path("foreign.key"), pem("PRIVATE KEY", &key))?;
+    let client = signer.issue_pem(&Id::parse(WEB)?, Duration::from_secs(3600))?;
+    std::fs::write(env.path("foreign.crt"), client.cert_pem)?;
+    std::fs::write(env.path("foreign.key"), client.key_pem)?;
     std::fs::write(
         env.path("both-anchors.crt"),
         format!(
@@ -473,29 +415,15 @@ async fn foreign_anchor(env: Arc<Env>) -> Result<()> {
     Ok(())
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, out))
-}
-
 async fn admin(env: Arc<Env>) -> Result<()> {
     // Dialled at the link address, the connection's source is not loopback: a remote client.
     let remote = SocketAddr::new(IpAddr::V4(env.client_net.host_address()), env.admin_port);
-    ensure!(http_get(remote, "/live").await?.0 == 200);
-    ensure!(http_get(remote, "/ready").await?.0 == 200);
-    let (code, body) = http_get(remote, "/metrics").await?;
+    ensure!(e2e::meshlink::http_get(remote, "/live").await?.0 == 200);
+    ensure!(e2e::meshlink::http_get(remote, "/ready").await?.0 == 200);
+    let (code, body) = e2e::meshlink::http_get(remote, "/metrics").await?;
     ensure!(code == 403, "remote plain /metrics: {body}");
     let local = SocketAddr::from(([127, 0, 0, 1], env.admin_port));
-    let (code, body) = http_get(local, "/metrics").await?;
+    let (code, body) = e2e::meshlink::http_get(local, "/metrics").await?;
     ensure!(
         code == 200 && body.contains("gateway_refused_connections"),
         "{body}"
@@ -573,7 +501,7 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
 
     // Rotate east's issuer (same anchor): the Secret changes, the identity service reloads it,
     // and the gateway's next leaf comes from the new issuer.
-    meshlink(&[
+    mesh::cli(&[
         "identity",
         "issuer",
         "--anchor",
@@ -581,7 +509,7 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
         "--out",
         &env.path("east2").display().to_string(),
     ])?;
-    apply_issuer(&env.east, env.dir.path(), "east2").await?;
+    mesh::apply_issuer(&env.east, env.dir.path(), "east2").await?;
     wait_for(
         "east's identity service to load the new issuer",
         WAIT,
