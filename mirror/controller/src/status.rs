@@ -17,6 +17,7 @@ use link_crd::{
     CONDITION_MIRRORED, CONDITION_READY, ConditionStatus, Link, LinkCondition, LinkStatus,
     ObjectRef, ServiceStatus, keys,
 };
+use serde::Serialize;
 use tokio::sync::Notify;
 
 /// How long the flusher waits after a change before writing, to gather further changes.
@@ -83,6 +84,38 @@ struct State {
     link: BTreeMap<&'static str, Cond>,
     /// The gateway latency in the status, and when it was recorded.
     latency: Option<(u64, std::time::Instant)>,
+}
+
+/// The status a Link's status writes carry (a merge patch: lists are replaced whole).
+#[derive(Debug, Serialize)]
+struct Document {
+    status: StatusDocument,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusDocument {
+    mirror_services: Vec<ServiceStatus>,
+    federated_services: Vec<ServiceStatus>,
+    conditions: Vec<LinkCondition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway: Option<GatewayLatency>,
+    summary: Summary,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GatewayLatency {
+    latency_milliseconds: u64,
+}
+
+/// How many Services are mirrored, and how many of them the status lists.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    mirrored: usize,
+    not_mirrored: usize,
+    listed: usize,
 }
 
 /// How long a recorded gateway latency stands before a new measurement replaces it...
@@ -364,7 +397,7 @@ impl StatusHandle {
     }
 
     /// The status document as it would be written now.
-    pub fn render(&self) -> serde_json::Value {
+    fn document(&self) -> Document {
         self.with(|s| {
             let condition = |type_: &str, c: &Cond| LinkCondition {
                 type_: type_.to_owned(),
@@ -377,25 +410,29 @@ impl StatusHandle {
             };
             let (mirror_services, not_mirrored) = entries(&s.services, condition);
             let (federated_services, _) = entries(&s.federated, condition);
-            let mirror_services_len = mirror_services.len();
-            let conditions: Vec<LinkCondition> =
-                s.link.iter().map(|(t, c)| condition(t, c)).collect();
-            // Merge patch: lists are replaced whole.
-            let mut status = serde_json::json!({
-                "mirrorServices": mirror_services,
-                "federatedServices": federated_services,
-                "conditions": conditions,
-            });
-            if let Some((ms, _)) = s.latency {
-                status["gateway"] = serde_json::json!({ "latencyMilliseconds": ms });
+            let summary = Summary {
+                mirrored: s.services.len() - not_mirrored,
+                not_mirrored,
+                listed: mirror_services.len(),
+            };
+            Document {
+                status: StatusDocument {
+                    mirror_services,
+                    federated_services,
+                    conditions: s.link.iter().map(|(t, c)| condition(t, c)).collect(),
+                    gateway: s.latency.map(|(ms, _)| GatewayLatency {
+                        latency_milliseconds: ms,
+                    }),
+                    summary,
+                },
             }
-            status["summary"] = serde_json::json!({
-                "mirrored": s.services.len() - not_mirrored,
-                "notMirrored": not_mirrored,
-                "listed": mirror_services_len,
-            });
-            serde_json::json!({ "status": status })
         })
+    }
+
+    /// The status document as it would be written now, as JSON.
+    #[cfg(test)]
+    pub fn render(&self) -> serde_json::Value {
+        serde_json::to_value(self.document()).unwrap_or_default()
     }
 
     /// Writes the status whenever it changes, at most once per [`COALESCE`], until cancelled.
@@ -409,18 +446,20 @@ impl StatusHandle {
     ) {
         let api: Api<Link> = Api::namespaced(client, &namespace);
         // What the Link already says (this handle starts from it): a restart with nothing
-        // changed writes nothing.
-        let mut written = self.render();
+        // changed writes nothing. Kept as text: as a JSON tree, a thousand entries took 5 MB
+        // (and the document is serialized from its types, never built as a tree).
+        let mut written = serde_json::to_string(&self.document()).unwrap_or_default();
         loop {
-            let body = self.render();
-            if body != written {
+            let body = self.document();
+            let text = serde_json::to_string(&body).unwrap_or_default();
+            if text != written {
                 match api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
                     .await
                 {
                     Ok(_) => {
                         writes();
-                        written = body;
+                        written = text;
                     }
                     Err(error) => {
                         tracing::warn!(link = %name, %error, "writing Link status failed; will retry");
@@ -431,7 +470,7 @@ impl StatusHandle {
             }
             self.changed.notified().await;
             // Larger documents are written less often: about a second per megabyte.
-            let size = u64::try_from(written.to_string().len()).unwrap_or(u64::MAX);
+            let size = u64::try_from(written.len()).unwrap_or(u64::MAX);
             tokio::time::sleep(COALESCE.max(Duration::from_millis(size / 1000))).await;
         }
     }
