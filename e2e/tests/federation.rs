@@ -478,14 +478,14 @@ async fn headless(env: Arc<Env>) -> Result<()> {
         )
         .await?;
 
-    let root: Service = wait_for("headless root mirror db-east", WAIT, || {
-        get(w, "hl", "db-east")
+    // Mirrored as a ClusterIP Service until the pods' hostnames are seen in the remote
+    // EndpointSlices (which may come after the Service), then replaced by a headless one.
+    let headless =
+        |s: &Service| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    wait_for("headless root mirror db-east", WAIT, || async {
+        get::<Service>(w, "hl", "db-east").await.filter(headless)
     })
     .await?;
-    ensure!(
-        root.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
-        "root mirror is not headless: {root:?}"
-    );
     // One ClusterIP mirror per pod, whose endpoints are the gateway.
     let mut pod_ips = Vec::new();
     for pod in ["db-0", "db-1"] {

@@ -5,6 +5,7 @@
 //! Links of a namespace against a real API server.
 
 mod apply;
+mod cache;
 pub mod desired;
 mod federation;
 mod gateway;

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Options,
     apply::{Error, Writer, keep_own_fields},
+    cache::{self, Cache},
     desired::{self, EndpointPortSpec, Gateway, Mode, SLICE_MANAGED_BY, Target},
     federation::{self, Federation},
     metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels},
@@ -102,11 +103,12 @@ enum Trigger {
 }
 
 struct Stores {
-    gateway: Option<Store<Service>>,
-    discovery: Option<Store<Service>>,
-    local_services: Store<Service>,
-    local_endpoints: Store<Endpoints>,
-    local_slices: Store<EndpointSlice>,
+    gateway: Option<Cache<Service>>,
+    discovery: Option<Cache<Service>>,
+    /// Tagged with the headless root a pod's mirror belongs to.
+    local_services: Cache<Service>,
+    local_endpoints: Cache<Endpoints>,
+    local_slices: Cache<EndpointSlice>,
     namespaces: Store<Namespace>,
     /// What mirroring needs of each remote Service's endpoints.
     ready: Arc<Mutex<HashMap<Key, RemoteEndpoints>>>,
@@ -138,13 +140,16 @@ impl LinkWorker {
         let mut expected = HashSet::new();
         let mut remote_store = |selector: Option<&link_crd::LabelSelector>, source, name| {
             let sel = selector.and_then(|s| s.to_selector_string())?;
-            let (store, writer) = reflector::store();
-            let stream = remote_services(&self.remote, &sel).reflect(writer);
+            let cache = Cache::new(|_| None);
+            let stream = remote_services(&self.remote, &sel).modify(cache::trim_service);
             expected.insert(source);
-            tasks.spawn(forward(stream, tx.clone(), source, name, |s: &Service| {
-                Some((s.namespace()?, s.name_any()))
-            }));
-            Some(store)
+            tasks.spawn(forward(
+                stream,
+                cache.clone(),
+                (tx.clone(), source, name),
+                |s: &Service| Some((s.namespace()?, s.name_any())),
+            ));
+            Some(cache)
         };
         let gateway = remote_store(
             self.spec.selector.as_ref(),
@@ -182,7 +187,7 @@ impl LinkWorker {
             &tx,
             (Source::LocalServices, "local_services"),
             &cluster,
-            |s: &Service| Some(s.name_any()),
+            (cache::trim_service, |s: &Service| Some(s.name_any())),
         );
         let local_endpoints = watch_local(
             &mut tasks,
@@ -191,7 +196,7 @@ impl LinkWorker {
             &tx,
             (Source::LocalEndpoints, "local_endpoints"),
             &cluster,
-            |e: &Endpoints| Some(e.name_any()),
+            (cache::trim_endpoints, |e: &Endpoints| Some(e.name_any())),
         );
         let local_slices = watch_local(
             &mut tasks,
@@ -200,7 +205,9 @@ impl LinkWorker {
             &tx,
             (Source::LocalSlices, "local_endpointslices"),
             &cluster,
-            |s: &EndpointSlice| s.labels().get("kubernetes.io/service-name").cloned(),
+            (cache::trim_slice, |s: &EndpointSlice| {
+                s.labels().get("kubernetes.io/service-name").cloned()
+            }),
         );
         let (namespaces, w) = reflector::store();
         let stream = watcher(
@@ -270,6 +277,8 @@ impl LinkWorker {
                     self.metrics.endpoint_repairs.get_or_create(&self.labels()).inc();
                     state.enqueue_all();
                 }
+                // Keys left from the last batch, once what arrived meanwhile is taken in.
+                () = std::future::ready(()), if state.synced() && !state.pending.is_empty() => {}
             }
             if state.synced() {
                 state.process().await;
@@ -279,8 +288,12 @@ impl LinkWorker {
     }
 }
 
-/// Watches this Link's own local objects of kind `K` (those `labels` select) into a store; each
-/// change is keyed back to the remote Service whose mirror `mirror_name` names.
+/// How to trim a kind of local object for its cache, and which mirror an object belongs to.
+type Local<K> = (fn(&mut K), fn(&K) -> Option<String>);
+
+/// Watches this Link's own local objects of kind `K` (those `labels` select), trimmed by `trim`,
+/// into a cache tagged with the headless root of pods' mirrors; each change is keyed back to the
+/// remote Service whose mirror `mirror_name` names.
 fn watch_local<K>(
     tasks: &mut tokio::task::JoinSet<()>,
     client: &Client,
@@ -288,38 +301,47 @@ fn watch_local<K>(
     tx: &mpsc::UnboundedSender<Trigger>,
     (source, name): (Source, &'static str),
     cluster: &str,
-    mirror_name: fn(&K) -> Option<String>,
-) -> Store<K>
+    (trim, mirror_name): Local<K>,
+) -> Cache<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + DeserializeOwned
+        + serde::Serialize
         + Send
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
+    let cache = Cache::new(|o: &K| {
+        o.labels()
+            .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
+            .cloned()
+    });
     let stream = watcher(
         Api::<K>::all(client.clone()),
         watcher::Config::default().labels(labels),
     )
     .default_backoff()
-    .modify(keep_own_fields)
-    .reflect(writer);
+    .modify(trim);
     let cluster = cluster.to_owned();
-    tasks.spawn(forward(stream, tx.clone(), source, name, move |o: &K| {
-        // A pod's mirror (and its endpoints) belongs to its headless Service's mirror.
-        let mirror = match o.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
-            Some(root) => root.clone(),
-            None => mirror_name(o)?,
-        };
-        Some((
-            o.namespace()?,
-            naming::remote_service_name(&mirror, &cluster)?.to_owned(),
-        ))
-    }));
-    store
+    tasks.spawn(forward(
+        stream,
+        cache.clone(),
+        (tx.clone(), source, name),
+        move |o: &K| {
+            // A pod's mirror (and its endpoints) belongs to its headless Service's mirror.
+            let mirror = match o.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
+                Some(root) => root.clone(),
+                None => mirror_name(o)?,
+            };
+            Some((
+                o.namespace()?,
+                naming::remote_service_name(&mirror, &cluster)?.to_owned(),
+            ))
+        },
+    ));
+    cache
 }
 
 /// A watch of the target's Services that `selector` selects, each trimmed to what mirroring
@@ -341,20 +363,22 @@ fn remote_services(
     })
 }
 
-/// Drives a reflected watch, turning its events into triggers.
+/// Drives a watch into `cache`, turning its events into triggers.
 async fn forward<K, S>(
     stream: S,
-    tx: mpsc::UnboundedSender<Trigger>,
-    source: Source,
-    name: &'static str,
+    cache: Cache<K>,
+    (tx, source, name): (mpsc::UnboundedSender<Trigger>, Source, &'static str),
     key: impl Fn(&K) -> Option<Key>,
 ) where
-    K: Resource + Clone,
+    K: Resource + serde::Serialize + DeserializeOwned,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
     while let Some(event) = stream.next().await {
+        if let Ok(e) = &event {
+            cache.apply(e);
+        }
         let trigger = match event {
             Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
                 key(&o).map(|k| Trigger::Key(k, Some(Instant::now())))
@@ -401,12 +425,14 @@ where
 /// What the controller keeps of one remote EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceSummary {
-    service: String,
     has_ready: bool,
-    /// For slices of headless Services only: the hostnames of ready endpoints, whether any
-    /// endpoint (ready or not) has one, and the endpoints' ports.
-    headless: Option<(BTreeSet<String>, bool, Vec<EndpointPortSpec>)>,
+    /// For slices of headless Services only (boxed: most Services are not).
+    headless: Option<Box<HeadlessSlice>>,
 }
+
+/// Of a headless Service's slice: the hostnames of ready endpoints, whether any endpoint (ready
+/// or not) has one, and the endpoints' ports.
+type HeadlessSlice = (BTreeSet<String>, bool, Vec<EndpointPortSpec>);
 
 /// What the controller knows of a remote Service's endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -422,9 +448,8 @@ pub(crate) struct RemoteEndpoints {
     pub ports: Vec<EndpointPortSpec>,
 }
 
-type SliceKey = (String, String);
-
-fn summarize(s: &EndpointSlice) -> Option<(SliceKey, SliceSummary)> {
+/// A remote slice's Service (namespace and name), its own name and its summary.
+fn summarize(s: &EndpointSlice) -> Option<(Key, String, SliceSummary)> {
     let ns = s.namespace()?;
     let service = s.labels().get("kubernetes.io/service-name")?.clone();
     let ready = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
@@ -449,12 +474,12 @@ fn summarize(s: &EndpointSlice) -> Option<(SliceKey, SliceSummary)> {
                 .flatten()
                 .map(|p| (p.name.clone(), p.port, p.protocol.clone()))
                 .collect();
-            (hostnames, named, ports)
+            Box::new((hostnames, named, ports))
         });
     Some((
-        (ns, s.name_any()),
+        (ns, service),
+        s.name_any(),
         SliceSummary {
-            service,
             has_ready: endpoints.clone().any(ready),
             headless,
         },
@@ -462,27 +487,26 @@ fn summarize(s: &EndpointSlice) -> Option<(SliceKey, SliceSummary)> {
 }
 
 /// The remote EndpointSlices' summaries, grouped by Service, so that a change to one slice
-/// recomputes only its Service.
+/// recomputes only its Service. A Service has one slice or a few: a list, not a map.
 #[derive(Default)]
 struct RemoteSlices {
-    by_service: HashMap<Key, HashMap<String, SliceSummary>>,
+    by_service: HashMap<Key, Vec<(String, SliceSummary)>>,
 }
 
 impl RemoteSlices {
-    /// Records a slice; returns its Service.
-    fn insert(&mut self, (ns, name): SliceKey, summary: SliceSummary) -> Key {
-        let key = (ns, summary.service.clone());
-        self.by_service
-            .entry(key.clone())
-            .or_default()
-            .insert(name, summary);
-        key
+    /// Records slice `name` of Service `key`.
+    fn insert(&mut self, key: Key, name: String, summary: SliceSummary) {
+        let slices = self.by_service.entry(key).or_default();
+        match slices.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s = summary,
+            None => slices.push((name, summary)),
+        }
     }
 
-    /// Forgets a slice of `service`.
+    /// Forgets slice `name` of Service `key`.
     fn remove(&mut self, key: &Key, name: &str) {
         if let Some(slices) = self.by_service.get_mut(key) {
-            slices.remove(name);
+            slices.retain(|(n, _)| n != name);
             if slices.is_empty() {
                 self.by_service.remove(key);
             }
@@ -492,14 +516,10 @@ impl RemoteSlices {
     /// What the slices of `key` say together.
     fn aggregate(&self, key: &Key) -> RemoteEndpoints {
         let mut e = RemoteEndpoints::default();
-        for s in self
-            .by_service
-            .get(key)
-            .into_iter()
-            .flat_map(HashMap::values)
-        {
+        for (_, s) in self.by_service.get(key).into_iter().flatten() {
             e.ready |= s.has_ready;
-            if let Some((hostnames, named, ports)) = &s.headless {
+            if let Some(h) = &s.headless {
+                let (hostnames, named, ports) = &**h;
                 e.hostnames.extend(hostnames.iter().cloned());
                 e.named |= named;
                 for p in ports {
@@ -530,21 +550,21 @@ async fn watch_remote_readiness(
         let mut changed: HashSet<Key> = HashSet::new();
         match event {
             Ok(watcher::Event::Apply(s)) => {
-                if let Some((k, v)) = summarize(&s) {
-                    changed.insert(slices.insert(k, v));
+                if let Some((key, name, summary)) = summarize(&s) {
+                    slices.insert(key.clone(), name, summary);
+                    changed.insert(key);
                 }
             }
             Ok(watcher::Event::Delete(s)) => {
-                if let Some(((ns, name), v)) = summarize(&s) {
-                    let key = (ns, v.service);
+                if let Some((key, name, _)) = summarize(&s) {
                     slices.remove(&key, &name);
                     changed.insert(key);
                 }
             }
             Ok(watcher::Event::Init) => relist = Some(RemoteSlices::default()),
             Ok(watcher::Event::InitApply(s)) => {
-                if let (Some(buf), Some((k, v))) = (relist.as_mut(), summarize(&s)) {
-                    buf.insert(k, v);
+                if let (Some(buf), Some((key, name, summary))) = (relist.as_mut(), summarize(&s)) {
+                    buf.insert(key, name, summary);
                 }
             }
             Ok(watcher::Event::InitDone) => {
@@ -637,6 +657,12 @@ struct Loop<'a> {
 /// Remote Services reconciled at once. Each reconcile is a few API calls in a row; running many
 /// side by side is what lets thousands of Services be mirrored in seconds.
 const CONCURRENCY: usize = 32;
+
+/// Keys reconciled before the worker looks at its triggers again. A first listing of 10,000
+/// Services is many batches, not one: the watch events of the writes (three per Service) are
+/// taken in as they come instead of piling up in the channel, the writes in flight are matched
+/// with the store soon after, and a change made meanwhile waits for one batch, not for all.
+const BATCH: usize = 8 * CONCURRENCY;
 
 impl Loop<'_> {
     fn synced(&self) -> bool {
@@ -749,12 +775,7 @@ impl Loop<'_> {
             .into_iter()
             .flatten()
         {
-            keys.extend(
-                store
-                    .state()
-                    .iter()
-                    .filter_map(|s| Some((s.namespace()?, s.name_any()))),
-            );
+            keys.extend(store.keys().into_iter().map(|(key, _)| key));
         }
         keys
     }
@@ -762,23 +783,24 @@ impl Loop<'_> {
     fn enqueue_all(&mut self) {
         let mut keys = self.remote_keys();
         let cluster = &self.target.cluster;
-        keys.extend(self.stores.local_services.state().iter().filter_map(|s| {
-            let name = match s.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
-                Some(root) => root.clone(),
-                None => s.name_any(),
-            };
-            Some((
-                s.namespace()?,
-                naming::remote_service_name(&name, cluster)?.to_owned(),
-            ))
-        }));
+        keys.extend(self.stores.local_services.keys().into_iter().filter_map(
+            |((ns, name), root)| {
+                let mirror = root.unwrap_or(name);
+                Some((
+                    ns,
+                    naming::remote_service_name(&mirror, cluster)?.to_owned(),
+                ))
+            },
+        ));
         keys.extend(self.worker.status.keys());
         self.pending.extend(keys);
     }
 
     async fn process(&mut self) {
         let labels = self.worker.labels();
-        let keys: Vec<Key> = std::mem::take(&mut self.pending).into_iter().collect();
+        let keys: Vec<Key> = std::iter::from_fn(|| self.pending.pop_first())
+            .take(BATCH)
+            .collect();
         let results: Vec<(Key, Result<bool, Error>)> = {
             let this = &*self;
             futures::stream::iter(keys)
@@ -836,15 +858,14 @@ impl Loop<'_> {
     }
 
     /// The remote Service for `key` and how it is exported, if it is.
-    fn remote(&self, key: &Key) -> Option<(Arc<Service>, Mode)> {
-        let r = ObjectRef::new(&key.1).within(&key.0);
-        if let Some(s) = self.stores.discovery.as_ref().and_then(|s| s.get(&r)) {
+    fn remote(&self, (ns, name): &Key) -> Option<(Service, Mode)> {
+        if let Some(s) = self.stores.discovery.as_ref().and_then(|s| s.get(ns, name)) {
             return Some((s, Mode::RemoteDiscovery));
         }
         self.stores
             .gateway
             .as_ref()
-            .and_then(|s| s.get(&r))
+            .and_then(|s| s.get(ns, name))
             .map(|s| (s, Mode::Gateway))
     }
 
@@ -865,8 +886,7 @@ impl Loop<'_> {
                 return Ok(false);
             }
         };
-        let local_ref = ObjectRef::new(&mirror_name).within(ns);
-        let mut local = self.stores.local_services.get(&local_ref);
+        let mut local = self.stores.local_services.get(ns, &mirror_name);
         // The name is taken by the mirror of one pod of a headless Service: not this key's.
         if let Some(root) = local.as_ref().and_then(|l| {
             l.labels()
@@ -971,26 +991,26 @@ impl Loop<'_> {
                 return Ok(false);
             }
         };
-        let was_headless = local.as_deref().is_some_and(desired::is_headless);
+        let was_headless = local.as_ref().is_some_and(desired::is_headless);
         if let Some(l) = &local
             && was_headless != headless
         {
             // A Service's clusterIP cannot change: replace the mirror.
             tracing::info!(link = %self.worker.link_name, namespace = %ns, mirror = %mirror_name, headless, "mirror changes between headless and ClusterIP; replacing it");
-            self.writer.delete(&**l, "Service").await?;
+            self.writer.delete(l, "Service").await?;
             local = None;
             wrote = true;
         }
         let service = match self
             .writer
-            .apply("Service", &desired, local.as_deref())
+            .apply("Service", &desired, local.as_ref())
             .await?
         {
             Some(applied) => {
                 wrote = true;
                 applied
             }
-            None => local.map(|l| (*l).clone()).unwrap_or(desired),
+            None => local.unwrap_or(desired),
         };
         let owner = owner_reference(&service);
 
@@ -1028,16 +1048,12 @@ impl Loop<'_> {
             }
             (Mode::RemoteDiscovery, _) => {
                 // Remote-discovery mirrors have no endpoints here; drop any from a gateway past.
-                if let Some(ep) = self
-                    .stores
-                    .local_endpoints
-                    .get(&ObjectRef::new(&mirror_name).within(ns))
-                {
-                    self.writer.delete(&*ep, "Endpoints").await?;
+                if let Some(ep) = self.stores.local_endpoints.get(ns, &mirror_name) {
+                    self.writer.delete(&ep, "Endpoints").await?;
                     wrote = true;
                 }
                 for s in self.slices_of(ns, &mirror_name) {
-                    self.writer.delete(&*s, "EndpointSlice").await?;
+                    self.writer.delete(&s, "EndpointSlice").await?;
                     wrote = true;
                 }
             }
@@ -1059,13 +1075,10 @@ impl Loop<'_> {
         let ns = endpoints.metadata.namespace.clone().unwrap_or_default();
         let mirror = endpoints.metadata.name.clone().unwrap_or_default();
         endpoints.metadata.owner_references = owner.clone().map(|o| vec![o]);
-        let live = self
-            .stores
-            .local_endpoints
-            .get(&ObjectRef::new(&mirror).within(&ns));
+        let live = self.stores.local_endpoints.get(&ns, &mirror);
         let mut wrote = self
             .writer
-            .apply("Endpoints", &endpoints, live.as_deref())
+            .apply("Endpoints", &endpoints, live.as_ref())
             .await?
             .is_some();
         let names: HashSet<String> = slices
@@ -1074,11 +1087,11 @@ impl Loop<'_> {
             .collect();
         for mut slice in slices {
             slice.metadata.owner_references = owner.clone().map(|o| vec![o]);
-            let r = ObjectRef::new(slice.metadata.name.as_deref().unwrap_or_default()).within(&ns);
-            let live = self.stores.local_slices.get(&r);
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            let live = self.stores.local_slices.get(&ns, &name);
             wrote |= self
                 .writer
-                .apply("EndpointSlice", &slice, live.as_deref())
+                .apply("EndpointSlice", &slice, live.as_ref())
                 .await?
                 .is_some();
         }
@@ -1087,7 +1100,7 @@ impl Loop<'_> {
             .into_iter()
             .filter(|s| !names.contains(&s.name_any()))
         {
-            self.writer.delete(&*stale, "EndpointSlice").await?;
+            self.writer.delete(&stale, "EndpointSlice").await?;
             wrote = true;
         }
         Ok(wrote)
@@ -1121,10 +1134,7 @@ impl Loop<'_> {
                 }
             };
             let name = want.metadata.name.clone().unwrap_or_default();
-            let live = self
-                .stores
-                .local_services
-                .get(&ObjectRef::new(&name).within(&ns));
+            let live = self.stores.local_services.get(&ns, &name);
             // Never take over a Service that is not this root's: a mirror of a remote Service
             // named like the pod is left alone, and reports the collision itself.
             if let Some(l) = &live
@@ -1135,12 +1145,12 @@ impl Loop<'_> {
             }
             keep.insert(name.clone());
             want.metadata.owner_references = owner.clone().map(|o| vec![o]);
-            let svc = match self.writer.apply("Service", &want, live.as_deref()).await? {
+            let svc = match self.writer.apply("Service", &want, live.as_ref()).await? {
                 Some(applied) => {
                     wrote = true;
                     applied
                 }
-                None => live.map(|l| (*l).clone()).unwrap_or(want),
+                None => live.unwrap_or(want),
             };
             if let Some(ip) = svc
                 .spec
@@ -1174,22 +1184,17 @@ impl Loop<'_> {
         keep: &HashSet<String>,
     ) -> Result<bool, Error> {
         let mut wrote = false;
-        let stale: Vec<Arc<Service>> = self
-            .stores
-            .local_services
-            .state()
+        let local = &self.stores.local_services;
+        let stale: Vec<Service> = local
+            .keys()
             .into_iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns)
-                    && s.labels()
-                        .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
-                        .map(String::as_str)
-                        == Some(root)
-                    && !keep.contains(&s.name_any())
+            .filter(|((n, name), tag)| {
+                n == ns && tag.as_deref() == Some(root) && !keep.contains(name)
             })
+            .filter_map(|((n, name), _)| local.get(&n, &name))
             .collect();
         for s in stale {
-            self.writer.delete(&*s, "Service").await?;
+            self.writer.delete(&s, "Service").await?;
             wrote = true;
         }
         Ok(wrote)
@@ -1216,13 +1221,13 @@ impl Loop<'_> {
 
     /// This controller's slices of mirror `ns/mirror`: their names are fixed (one per address
     /// family, see `desired::gateway_slices`), so they are looked up, not searched for.
-    fn slices_of(&self, ns: &str, mirror: &str) -> Vec<Arc<EndpointSlice>> {
+    fn slices_of(&self, ns: &str, mirror: &str) -> Vec<EndpointSlice> {
         ["ipv4", "ipv6"]
             .into_iter()
             .filter_map(|family| {
                 self.stores
                     .local_slices
-                    .get(&ObjectRef::new(&format!("{mirror}-{family}")).within(ns))
+                    .get(ns, &format!("{mirror}-{family}"))
             })
             .collect()
     }
