@@ -9,7 +9,8 @@
 //!   server (the ratio says how close mirroring comes to the API server's own write rate);
 //! - the steady-state sync lag (a remote change until the local mirror shows it), p50 and p99;
 //! - the write calls of a full resync in which nothing changed (a restarted controller);
-//! - the controller's peak RSS.
+//! - the controller's peak RSS, and the CPU time it used while mirroring beside that of the API
+//!   server and etcd it wrote to.
 //!
 //! Results are printed and written to `target/bench/mirror.json`.
 
@@ -22,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use e2e::{
-    Cluster, create_namespace, create_ready_pod, install_link_crd,
+    Cluster, Component, create_namespace, create_ready_pod, install_link_crd,
     meshlink::{
         Program, apply_link, labels, put_credentials, remote_access_kubeconfig, start_mirror,
     },
@@ -111,6 +112,27 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The CPU time process `pid` has used (user and system, every thread), in seconds.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    // Fields 14 and 15 of /proc/<pid>/stat, in clock ticks of 1/100 s (USER_HZ on Linux),
+    // counted after the command name, which is in parentheses and may hold spaces.
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+    else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 async fn writes(p: &Program) -> Result<f64> {
     Ok(p.metric("service_mirror_api_writes_total", "").await?)
 }
@@ -188,6 +210,9 @@ async fn main() -> Result<()> {
         "--identity=bench".to_owned(),
     ];
     let (mut mirrored, counting) = count_mirrored(wc.clone());
+    let west_api = || cpu_seconds(west.pid(Component::ApiServer));
+    let west_etcd = || cpu_seconds(west.pid(Component::Etcd));
+    let (api_before, etcd_before) = (west_api(), west_etcd());
     let start = Instant::now();
     let controller = start_mirror(west.kubeconfig_path(), &flags)
         .await
@@ -215,6 +240,13 @@ async fn main() -> Result<()> {
     }
     let mirror_time = start.elapsed();
     counting.abort();
+    // Where the mirroring time went: the controller's CPU beside that of the API server and
+    // etcd it writes to (on this machine's two cores).
+    let cpu = json!({
+        "controller": cpu_seconds(controller.pid()),
+        "west_apiserver": west_api() - api_before,
+        "west_etcd": west_etcd() - etcd_before,
+    });
     eprintln!("all {n} mirrored in {mirror_time:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -311,6 +343,7 @@ async fn main() -> Result<()> {
         "resync_seconds": resync_time.as_secs_f64(),
         "resync_writes": resync_writes,
         "peak_rss_mib": peak_rss as f64 / 1024.0,
+        "cpu_seconds_while_mirroring": cpu,
         // Which phase the peak is in: mirroring N Services as they appear, or a restarted
         // controller listing everything at once.
         "peak_rss_mirroring_mib": rss_mirroring as f64 / 1024.0,

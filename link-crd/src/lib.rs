@@ -12,7 +12,7 @@ pub use self::link::{
     CONDITION_GATEWAY_ALIVE, CONDITION_MIRRORED, CONDITION_READY, CONDITION_REMOTE_REACHABLE,
     ConditionStatus, DEFAULT_PROBE_FAILURE_THRESHOLD, DEFAULT_PROBE_TIMEOUT, GROUP, GatewayStatus,
     LabelSelector, LabelSelectorRequirement, Link, LinkCondition, LinkSpec, LinkStatus, ObjectRef,
-    ProbeSpec, STORAGE_VERSION, SelectorParseError, ServiceStatus,
+    ProbeSpec, STORAGE_VERSION, SelectorParseError, ServiceStatus, ServiceSummary,
     default_federated_service_selector, default_remote_discovery_selector, default_selector,
     operator, rules,
 };

@@ -15,7 +15,7 @@ use kube::{
 };
 use link_crd::{
     CONDITION_MIRRORED, CONDITION_READY, ConditionStatus, Link, LinkCondition, LinkStatus,
-    ObjectRef, ServiceStatus, keys,
+    ObjectRef, ServiceStatus, ServiceSummary, keys,
 };
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -84,6 +84,9 @@ struct State {
     link: BTreeMap<&'static str, Cond>,
     /// The gateway latency in the status, and when it was recorded.
     latency: Option<(u64, std::time::Instant)>,
+    /// The counts the Link said when this handle was made: its entries list at most
+    /// [`MAX_ENTRIES`] Services, so counts rendered from them alone are not what it says.
+    loaded_summary: Option<ServiceSummary>,
 }
 
 /// The status a Link's status writes carry (a merge patch: lists are replaced whole).
@@ -100,22 +103,13 @@ struct StatusDocument {
     conditions: Vec<LinkCondition>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gateway: Option<GatewayLatency>,
-    summary: Summary,
+    summary: ServiceSummary,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct GatewayLatency {
     latency_milliseconds: u64,
-}
-
-/// How many Services are mirrored, and how many of them the status lists.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Summary {
-    mirrored: usize,
-    not_mirrored: usize,
-    listed: usize,
 }
 
 /// How long a recorded gateway latency stands before a new measurement replaces it...
@@ -199,6 +193,7 @@ impl StatusHandle {
     pub fn new(existing: Option<&LinkStatus>) -> Self {
         let mut state = State::default();
         if let Some(st) = existing {
+            state.loaded_summary.clone_from(&st.summary);
             for c in &st.conditions {
                 let Some(type_) = [
                     CONDITION_READY,
@@ -410,10 +405,11 @@ impl StatusHandle {
             };
             let (mirror_services, not_mirrored) = entries(&s.services, condition);
             let (federated_services, _) = entries(&s.federated, condition);
-            let summary = Summary {
-                mirrored: s.services.len() - not_mirrored,
-                not_mirrored,
-                listed: mirror_services.len(),
+            let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+            let summary = ServiceSummary {
+                mirrored: count(s.services.len() - not_mirrored),
+                not_mirrored: count(not_mirrored),
+                listed: count(mirror_services.len()),
             };
             Document {
                 status: StatusDocument {
@@ -427,6 +423,16 @@ impl StatusHandle {
                 },
             }
         })
+    }
+
+    /// The status document as the Link had it when this handle was made (as text): what it
+    /// renders now, with the counts the Link said.
+    fn as_loaded(&self) -> String {
+        let mut doc = self.document();
+        if let Some(summary) = self.with(|s| s.loaded_summary.take()) {
+            doc.status.summary = summary;
+        }
+        serde_json::to_string(&doc).unwrap_or_default()
     }
 
     /// The status document as it would be written now, as JSON.
@@ -448,7 +454,7 @@ impl StatusHandle {
         // What the Link already says (this handle starts from it): a restart with nothing
         // changed writes nothing. Kept as text: as a JSON tree, a thousand entries took 5 MB
         // (and the document is serialized from its types, never built as a tree).
-        let mut written = serde_json::to_string(&self.document()).unwrap_or_default();
+        let mut written = self.as_loaded();
         loop {
             let body = self.document();
             let text = serde_json::to_string(&body).unwrap_or_default();
@@ -609,5 +615,33 @@ mod tests {
             again.render()["status"]["mirrorServices"],
             before["status"]["mirrorServices"]
         );
+    }
+
+    #[test]
+    fn a_restart_over_more_services_than_listed_writes_nothing_new() {
+        let all: Vec<Key> = (0..MAX_ENTRIES + 500)
+            .map(|i| ("shop".into(), format!("svc-{i:05}")))
+            .collect();
+        let first = StatusHandle::new(None);
+        for k in &all {
+            first.set(k, Outcome::mirrored("shop", &format!("{}-east", k.1)));
+        }
+        let written = first.render();
+        let status: LinkStatus = serde_json::from_value(written["status"].clone()).unwrap();
+        assert_eq!(status.mirror_services.len(), MAX_ENTRIES);
+
+        // A restarted controller starts from the Link, which lists only some of them...
+        let again = StatusHandle::new(Some(&status));
+        let at_start = again.as_loaded();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&at_start).unwrap(),
+            written,
+            "the Link's own counts, not those of the entries it lists"
+        );
+        // ...then finds every Service as it was: the status to write is what the Link says.
+        for k in &all {
+            again.set(k, Outcome::mirrored("shop", &format!("{}-east", k.1)));
+        }
+        assert_eq!(again.render(), written);
     }
 }
