@@ -329,6 +329,16 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let resync_time = resync_start.elapsed();
     let resync_writes = writes(&second).await?;
+    if resync_writes > 0.0 {
+        // Which kinds: the goal is none.
+        let (_, metrics) = second.get("/metrics").await?;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("service_mirror_api_writes_total"))
+        {
+            eprintln!("resync wrote: {line}");
+        }
+    }
     let rss_resync = second.pid().and_then(peak_rss_kib).unwrap_or(0);
     let peak_rss = rss_mirroring.max(rss_resync);
 

@@ -84,9 +84,13 @@ struct State {
     link: BTreeMap<&'static str, Cond>,
     /// The gateway latency in the status, and when it was recorded.
     latency: Option<(u64, std::time::Instant)>,
-    /// The counts the Link said when this handle was made: its entries list at most
-    /// [`MAX_ENTRIES`] Services, so counts rendered from them alone are not what it says.
+    /// The counts the Link said when this handle was made. Its entries list at most
+    /// [`MAX_ENTRIES`] Services, so until every Service has been reconciled once, counts
+    /// rendered from the entries known so far would be wrong: these stand until then.
     loaded_summary: Option<ServiceSummary>,
+    /// Every Service has been reconciled once since this handle was made (see
+    /// [`StatusHandle::settle`]).
+    settled: bool,
 }
 
 /// The status a Link's status writes carry (a merge patch: lists are replaced whole).
@@ -110,6 +114,14 @@ struct StatusDocument {
 #[serde(rename_all = "camelCase")]
 struct GatewayLatency {
     latency_milliseconds: u64,
+}
+
+/// The texts of a status document and of its Link-level conditions.
+fn texts(doc: &Document) -> (String, String) {
+    (
+        serde_json::to_string(doc).unwrap_or_default(),
+        serde_json::to_string(&doc.status.conditions).unwrap_or_default(),
+    )
 }
 
 /// How long a recorded gateway latency stands before a new measurement replaces it...
@@ -406,10 +418,13 @@ impl StatusHandle {
             let (mirror_services, not_mirrored) = entries(&s.services, condition);
             let (federated_services, _) = entries(&s.federated, condition);
             let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-            let summary = ServiceSummary {
-                mirrored: count(s.services.len() - not_mirrored),
-                not_mirrored: count(not_mirrored),
-                listed: count(mirror_services.len()),
+            let summary = match (&s.loaded_summary, s.settled) {
+                (Some(loaded), false) => loaded.clone(),
+                _ => ServiceSummary {
+                    mirrored: count(s.services.len() - not_mirrored),
+                    not_mirrored: count(not_mirrored),
+                    listed: count(mirror_services.len()),
+                },
             };
             Document {
                 status: StatusDocument {
@@ -425,14 +440,27 @@ impl StatusHandle {
         })
     }
 
-    /// The status document as the Link had it when this handle was made (as text): what it
-    /// renders now, with the counts the Link said.
-    fn as_loaded(&self) -> String {
-        let mut doc = self.document();
-        if let Some(summary) = self.with(|s| s.loaded_summary.take()) {
-            doc.status.summary = summary;
+    /// Says that every Service has been reconciled once since this handle was made. Until
+    /// then, only a change of a Link-level condition is written (a restart in which nothing
+    /// changed writes nothing, and an unreachable target is reported at once), with the
+    /// counts the Link said; after it, every change is.
+    pub fn settle(&self) {
+        if !self.with(|s| std::mem::replace(&mut s.settled, true)) {
+            self.changed.notify_one();
         }
-        serde_json::to_string(&doc).unwrap_or_default()
+    }
+
+    /// What is due to be written, given what was: the document and its text, and the text of
+    /// its Link-level conditions.
+    fn due(&self, written: &(String, String)) -> Option<(Document, (String, String))> {
+        let doc = self.document();
+        let texts = texts(&doc);
+        let changed = if self.with(|s| s.settled) {
+            texts.0 != written.0
+        } else {
+            texts.1 != written.1
+        };
+        changed.then_some((doc, texts))
     }
 
     /// The status document as it would be written now, as JSON.
@@ -454,18 +482,16 @@ impl StatusHandle {
         // What the Link already says (this handle starts from it): a restart with nothing
         // changed writes nothing. Kept as text: as a JSON tree, a thousand entries took 5 MB
         // (and the document is serialized from its types, never built as a tree).
-        let mut written = self.as_loaded();
+        let mut written = texts(&self.document());
         loop {
-            let body = self.document();
-            let text = serde_json::to_string(&body).unwrap_or_default();
-            if text != written {
+            if let Some((body, texts)) = self.due(&written) {
                 match api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
                     .await
                 {
                     Ok(_) => {
                         writes();
-                        written = text;
+                        written = texts;
                     }
                     Err(error) => {
                         tracing::warn!(link = %name, %error, "writing Link status failed; will retry");
@@ -475,9 +501,13 @@ impl StatusHandle {
                 }
             }
             self.changed.notified().await;
-            // Larger documents are written less often: about a second per megabyte.
-            let size = u64::try_from(written.len()).unwrap_or(u64::MAX);
-            tokio::time::sleep(COALESCE.max(Duration::from_millis(size / 1000))).await;
+            // Larger documents are written less often: a second per 100 KB. Each write costs
+            // the API server a decode, a schema pass and a patch of the whole document; at
+            // 1,000 entries (300 KB) written every 300 ms, that was a fifth of its CPU while
+            // thousands of Services were being mirrored (perf). Links of a few Services keep
+            // COALESCE.
+            let size = u64::try_from(written.0.len()).unwrap_or(u64::MAX);
+            tokio::time::sleep(COALESCE.max(Duration::from_millis(size / 100))).await;
         }
     }
 }
@@ -622,26 +652,59 @@ mod tests {
         let all: Vec<Key> = (0..MAX_ENTRIES + 500)
             .map(|i| ("shop".into(), format!("svc-{i:05}")))
             .collect();
+        let mirrored = |k: &Key| Outcome::mirrored("shop", &format!("{}-east", k.1));
         let first = StatusHandle::new(None);
         for k in &all {
-            first.set(k, Outcome::mirrored("shop", &format!("{}-east", k.1)));
+            first.set(k, mirrored(k));
         }
+        first.settle();
         let written = first.render();
         let status: LinkStatus = serde_json::from_value(written["status"].clone()).unwrap();
         assert_eq!(status.mirror_services.len(), MAX_ENTRIES);
 
-        // A restarted controller starts from the Link, which lists only some of them...
+        // A restarted controller starts from the Link, which lists only some of them, with the
+        // Link's own counts...
         let again = StatusHandle::new(Some(&status));
-        let at_start = again.as_loaded();
+        let at_start = texts(&again.document());
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&at_start).unwrap(),
-            written,
-            "the Link's own counts, not those of the entries it lists"
+            serde_json::from_str::<serde_json::Value>(&at_start.0).unwrap(),
+            written
         );
-        // ...then finds every Service as it was: the status to write is what the Link says.
-        for k in &all {
-            again.set(k, Outcome::mirrored("shop", &format!("{}-east", k.1)));
+        // ...and writes nothing while it finds the others, whose entries change its counts...
+        for k in &all[..700] {
+            again.set(k, mirrored(k));
         }
+        for k in &all[MAX_ENTRIES..] {
+            again.set(k, mirrored(k));
+            assert!(again.due(&at_start).is_none(), "{k:?}");
+        }
+        // ...nor once it has found every one as it was.
+        again.settle();
+        assert!(again.due(&at_start).is_none());
         assert_eq!(again.render(), written);
+        // A change is written.
+        again.set(&all[3], Outcome::failed("Error", "forbidden"));
+        assert!(again.due(&at_start).is_some());
+    }
+
+    #[test]
+    fn before_settling_only_link_conditions_are_written() {
+        let h = StatusHandle::new(None);
+        let start = texts(&h.document());
+        h.set(&key("web"), Outcome::mirrored("shop", "web-east"));
+        assert!(
+            h.due(&start).is_none(),
+            "an entry waits for the first full pass"
+        );
+        h.set_link_condition(
+            link_crd::CONDITION_REMOTE_REACHABLE,
+            ConditionStatus::False,
+            "RemoteUnreachable",
+            "connection refused",
+        );
+        let (doc, _) = h
+            .due(&start)
+            .expect("an unreachable target is reported at once");
+        assert_eq!(doc.status.mirror_services.len(), 1);
     }
 }

@@ -282,6 +282,10 @@ impl LinkWorker {
             }
             if state.synced() {
                 state.process().await;
+                if state.pending.is_empty() {
+                    // Every Service has been reconciled once: the status may say so.
+                    self.status.settle();
+                }
             }
         }
         tasks.shutdown().await;
