@@ -546,4 +546,4 @@ pub fn headless_endpoints(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

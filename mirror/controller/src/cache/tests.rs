@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::{
     apply::needs_apply,
-    desired::{self, FIELD_MANAGER, Gateway, Mode, Target},
+    desired::{self, FIELD_MANAGER, Gateway, Mode, tests::target},
 };
 
 fn remote() -> Service {
@@ -27,19 +27,6 @@ fn remote() -> Service {
         },
     }))
     .unwrap()
-}
-
-fn target() -> Target {
-    Target {
-        cluster: "east".into(),
-        domain: "cluster.local".into(),
-        gateway_identity:
-            "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local"
-                .into(),
-        gateway_port: Some(4143),
-        excluded_labels: Vec::new(),
-        excluded_annotations: Vec::new(),
-    }
 }
 
 /// The `fieldsV1` tree of a label/annotation-only owner of `obj`'s metadata, and of its spec

@@ -42,7 +42,8 @@ fn web() -> Service {
     }))
 }
 
-fn target() -> Target {
+/// A Link's target with exclusions (shared with the cache's tests).
+pub(crate) fn target() -> Target {
     Target {
         cluster: "east".into(),
         domain: "cluster.local".into(),
