@@ -441,9 +441,10 @@ impl StatusHandle {
     }
 
     /// Says that every Service has been reconciled once since this handle was made. Until
-    /// then, only a change of a Link-level condition is written (a restart in which nothing
-    /// changed writes nothing, and an unreachable target is reported at once), with the
-    /// counts the Link said; after it, every change is.
+    /// then, for a Link that has a status already (a restart), only a change of a Link-level
+    /// condition is written, with the counts the Link said: a restart in which nothing changed
+    /// writes nothing, and an unreachable target is still reported at once. After it, every
+    /// change is.
     pub fn settle(&self) {
         if !self.with(|s| std::mem::replace(&mut s.settled, true)) {
             self.changed.notify_one();
@@ -455,7 +456,9 @@ impl StatusHandle {
     fn due(&self, written: &(String, String)) -> Option<(Document, (String, String))> {
         let doc = self.document();
         let texts = texts(&doc);
-        let changed = if self.with(|s| s.settled) {
+        // A Link met for the first time has nothing to keep: its entries are written as they come.
+        let settled = self.with(|s| s.settled || s.loaded_summary.is_none());
+        let changed = if settled {
             texts.0 != written.0
         } else {
             texts.1 != written.1
@@ -689,9 +692,17 @@ mod tests {
 
     #[test]
     fn before_settling_only_link_conditions_are_written() {
-        let h = StatusHandle::new(None);
+        // A new Link's entries are written as they come.
+        let new = StatusHandle::new(None);
+        let start = texts(&new.document());
+        new.set(&key("web"), Outcome::mirrored("shop", "web-east"));
+        assert!(new.due(&start).is_some());
+
+        // A restart waits for the first full pass.
+        let status: LinkStatus = serde_json::from_value(new.render()["status"].clone()).unwrap();
+        let h = StatusHandle::new(Some(&status));
         let start = texts(&h.document());
-        h.set(&key("web"), Outcome::mirrored("shop", "web-east"));
+        h.set(&key("api"), Outcome::mirrored("shop", "api-east"));
         assert!(
             h.due(&start).is_none(),
             "an entry waits for the first full pass"
@@ -705,6 +716,10 @@ mod tests {
         let (doc, _) = h
             .due(&start)
             .expect("an unreachable target is reported at once");
-        assert_eq!(doc.status.mirror_services.len(), 1);
+        assert_eq!(doc.status.mirror_services.len(), 2);
+        assert_eq!(
+            doc.status.summary.mirrored, 1,
+            "the Link's own counts until settled"
+        );
     }
 }
