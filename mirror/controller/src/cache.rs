@@ -6,7 +6,8 @@
 //! they took about 3 KB each (every label and annotation map is a B-tree node of half a
 //! kilobyte, every absent optional field still takes its inline space), some 12 KB per Service,
 //! most of the controller's memory at 10,000 Services. As trimmed JSON they take about a
-//! quarter of that (heaptrack at 3,000 Services: 36 MB in reflector stores, 9.5 MB here). A
+//! quarter of that (heaptrack of a restarted controller with 3,000 Services: 36 MB in reflector
+//! stores before, 8.3 MB here). A
 //! read decodes one object (microseconds; a reconcile reads a handful), and reads are what
 //! reconciles do between API calls that take milliseconds.
 //!
