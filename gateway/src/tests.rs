@@ -381,6 +381,11 @@ fn header(name: &str, port: u16, protocol: Option<SessionProtocol>) -> Header {
     }
 }
 
+/// The header of an HTTP session to `web.shop` on port 80, the HTTP tests' target.
+fn web(protocol: SessionProtocol) -> Header {
+    header("web.shop.svc.cluster.local", 80, Some(protocol))
+}
+
 async fn with_backend(port_of: SocketAddr, name: &str) -> Discovery {
     let d = Discovery::default();
     d.apply_service(&service(name, 80));
@@ -447,9 +452,7 @@ async fn http1_and_http2_with_forwarded_and_host() {
     let backend = http_server("a", seen).await;
     let gw = start(&[], with_backend(backend, "web").await).await;
     for version in [SessionProtocol::Http1, SessionProtocol::Http2] {
-        let s = gw
-            .dial(&header("web.shop.svc.cluster.local", 80, Some(version)))
-            .await;
+        let s = gw.dial(&web(version)).await;
         let rsp = http_request(s, version, None).await;
         assert_eq!(rsp.status(), 200);
         let body = String::from_utf8_lossy(rsp.body()).into_owned();
@@ -513,13 +516,7 @@ async fn requests_are_balanced_across_endpoints() {
     d.apply_service(&service("web", 80));
     d.apply_slice(&slice("web", &addrs));
     let gw = start(&[], d).await;
-    let s = gw
-        .dial(&header(
-            "web.shop.svc.cluster.local",
-            80,
-            Some(SessionProtocol::Http2),
-        ))
-        .await;
+    let s = gw.dial(&web(SessionProtocol::Http2)).await;
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
             .await
@@ -548,13 +545,7 @@ async fn requests_are_balanced_across_endpoints() {
 async fn loops_are_refused_with_508() {
     let backend = http_server("a", Arc::default()).await;
     let gw = start(&[], with_backend(backend, "web").await).await;
-    let s = gw
-        .dial(&header(
-            "web.shop.svc.cluster.local",
-            80,
-            Some(SessionProtocol::Http1),
-        ))
-        .await;
+    let s = gw.dial(&web(SessionProtocol::Http1)).await;
     let forwarded: &'static str = Box::leak(format!("by={GW};for=x").into_boxed_str());
     let rsp = http_request(s, SessionProtocol::Http1, Some(("forwarded", forwarded))).await;
     assert_eq!(rsp.status(), 508);
@@ -565,16 +556,9 @@ async fn loops_are_refused_with_508() {
     let mut s = tls::connect(gw.client_config(GW), tcp, &Id::parse(GW).unwrap())
         .await
         .unwrap();
-    s.write_all(
-        &header(
-            "web.shop.svc.cluster.local",
-            80,
-            Some(SessionProtocol::Http1),
-        )
-        .encode(),
-    )
-    .await
-    .unwrap();
+    s.write_all(&web(SessionProtocol::Http1).encode())
+        .await
+        .unwrap();
     assert_eq!(
         http_request(s, SessionProtocol::Http1, None).await.status(),
         508
@@ -841,13 +825,7 @@ async fn a_stale_endpoint_connection_is_replaced() {
         }
     });
     let gw = start(&[], with_backend(addr, "web").await).await;
-    let s = gw
-        .dial(&header(
-            "web.shop.svc.cluster.local",
-            80,
-            Some(SessionProtocol::Http1),
-        ))
-        .await;
+    let s = gw.dial(&web(SessionProtocol::Http1)).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
         .unwrap();
