@@ -54,8 +54,8 @@ use bytes::Bytes;
 use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
-    mesh::{self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
-    meshlink::{Program, free_port, labels, service_account_token_for},
+    mesh::{self, GATEWAY_ID, GatewaySettings, start_gateway, start_identity},
+    meshlink::{Program, free_port, labels},
     netns::Host,
     wait_for,
 };
@@ -960,17 +960,6 @@ impl Topology {
         create_backend_service(&cluster, backend_ip).await?;
         let backend = start_backend(&host)?;
 
-        let token = dir.path().join("gateway.token");
-        std::fs::write(
-            &token,
-            service_account_token_for(
-                &cluster,
-                "linkerd-multicluster",
-                "linkerd-gateway",
-                IDENTITY_AUDIENCE,
-            )
-            .await?,
-        )?;
         let anchors = dir.path().join("anchor/ca.crt");
         let identity_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let identity = start_identity(&cluster, identity_addr, &anchors, "24h", dir.path())
@@ -982,7 +971,6 @@ impl Topology {
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             identity_addr,
             anchors_file: anchors.clone(),
-            token_file: token,
             extra: vec![format!("--cores={threads}")],
         };
         let gateway = start_gateway(&cluster, &settings, dir.path())

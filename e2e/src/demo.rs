@@ -114,10 +114,6 @@ pub async fn run(
     let east_identity_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let east_identity =
         mesh::start_identity(east, east_identity_addr, &anchors, "24h", dir.path()).await?;
-    std::fs::write(
-        dir.path().join("gateway.token"),
-        service_account_token_for(east, NS, "linkerd-gateway", IDENTITY_AUDIENCE).await?,
-    )?;
     let gateway = mesh::start_gateway(
         east,
         &GatewaySettings {
@@ -125,7 +121,6 @@ pub async fn run(
             admin: (gw_ip, 4191).into(),
             identity_addr: east_identity_addr,
             anchors_file: anchors.clone(),
-            token_file: dir.path().join("gateway.token"),
             extra: Vec::new(),
         },
         dir.path(),

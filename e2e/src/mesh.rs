@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     Cluster, Error,
-    meshlink::{Program, service_account_token},
+    meshlink::{Program, service_account_token, service_account_token_for},
 };
 
 /// The audience of the tokens workloads send to the identity service (Linkerd's).
@@ -369,12 +369,12 @@ pub struct GatewaySettings {
     pub admin: SocketAddr,
     pub identity_addr: SocketAddr,
     pub anchors_file: PathBuf,
-    pub token_file: PathBuf,
     pub extra: Vec<String>,
 }
 
 /// Starts `meshlink-gateway` for `cluster` as its ServiceAccount
-/// `linkerd-multicluster/linkerd-gateway`; returns once it is ready (certified, synced).
+/// `linkerd-multicluster/linkerd-gateway`, with that account's token for the identity service in
+/// `dir/gateway.token`; returns once it is ready (certified, synced).
 pub async fn start_gateway(
     cluster: &Cluster,
     settings: &GatewaySettings,
@@ -382,13 +382,23 @@ pub async fn start_gateway(
 ) -> Result<Program, Error> {
     let kubeconfig =
         service_account_kubeconfig(cluster, "linkerd-multicluster", "linkerd-gateway", dir).await?;
+    let token_file = dir.join("gateway.token");
+    let token = service_account_token_for(
+        cluster,
+        "linkerd-multicluster",
+        "linkerd-gateway",
+        IDENTITY_AUDIENCE,
+    )
+    .await?;
+    std::fs::write(&token_file, token)
+        .map_err(|e| Error::Invalid(format!("writing {}: {e}", token_file.display())))?;
     let mut args = vec![
         format!("--addr={}", settings.addr),
         format!("--identity={GATEWAY_ID}"),
         format!("--trust-anchors-file={}", settings.anchors_file.display()),
         format!("--identity-addr={}", settings.identity_addr),
         format!("--identity-name={IDENTITY_ID}"),
-        format!("--token-file={}", settings.token_file.display()),
+        format!("--token-file={}", token_file.display()),
         "--min-refresh=1s".to_owned(),
         "--shutdown-grace-period=5s".to_owned(),
         "--log=info".to_owned(),

@@ -207,16 +207,6 @@ async fn setup() -> Result<Env> {
         dir.path().join("web.token"),
         service_account_token_for(&west, "shop", "web", IDENTITY_AUDIENCE).await?,
     )?;
-    std::fs::write(
-        dir.path().join("gateway.token"),
-        service_account_token_for(
-            &east,
-            "linkerd-multicluster",
-            "linkerd-gateway",
-            IDENTITY_AUDIENCE,
-        )
-        .await?,
-    )?;
 
     // Identity services: east's issues 10-second leaves, so the gateway renews often; west's
     // listens where the client's namespace reaches it.
@@ -237,7 +227,6 @@ async fn setup() -> Result<Env> {
             admin: SocketAddr::from(([0, 0, 0, 0], admin_port)),
             identity_addr: east_identity_addr,
             anchors_file: anchors,
-            token_file: dir.path().join("gateway.token"),
             // As its manifest runs it: two threads, connections spread over both.
             extra: vec!["--cores=2".to_owned()],
         },
