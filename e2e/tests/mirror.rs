@@ -568,6 +568,23 @@ async fn controller_restart(env: Arc<Env>) -> Result<()> {
         transition(Api::<Link>::namespaced(w.clone(), NS).get("east").await?) == t0,
         "lastTransitionTime moved"
     );
+    // Having seen everything again, the restarted controller reports what changes since: a
+    // Service exported now gets its entry in the status (which a restart holds back until the
+    // first full pass).
+    export(
+        &env,
+        "billing",
+        "receipts",
+        "true",
+        Ipv4Addr::new(10, 1, 5, 1),
+    )
+    .await?;
+    wait_for("the new export's status entry", WAIT, || async {
+        (mirror_status(w, "billing", "receipts").await?
+            == ("True".to_owned(), "Mirrored".to_owned()))
+            .then_some(())
+    })
+    .await?;
     Ok(())
 }
 
