@@ -13,7 +13,6 @@ pub mod leader;
 mod links;
 mod metrics;
 mod probe;
-mod remote;
 mod status;
 mod worker;
 
@@ -27,9 +26,9 @@ use hickory_resolver::{
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
-pub use self::{
-    leader::LeaseOptions, links::FINALIZER, metrics::Metrics, remote::CredentialsError,
-};
+pub use mirror_credentials::CredentialsError;
+
+pub use self::{leader::LeaseOptions, links::FINALIZER, metrics::Metrics};
 
 /// How the controller runs.
 #[derive(Clone, Debug, clap::Args)]

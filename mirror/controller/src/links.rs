@@ -35,7 +35,7 @@ use crate::{
     federation::Federation,
     gateway::{self, Entry},
     metrics::{LinkLabels, Metrics, WriteLabels},
-    probe, remote,
+    probe,
     status::StatusHandle,
     worker::LinkWorker,
 };
@@ -218,7 +218,7 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
             )),
     );
 
-    let remote = match remote::client_from_secret(
+    let remote = match mirror_credentials::client_from_secret(
         &ctx.options.namespace,
         &link.spec.cluster_credentials_secret,
         secret.as_ref(),

@@ -1,7 +1,15 @@
-//! The client for a Link's target cluster, built from the Link's credentials Secret.
+//! The client for a Link's target cluster, built from the Link's credentials Secret. The
+//! service-mirror controller and the destination service both build their remote clients here.
 //!
 //! The Secret is Linkerd's: type `mirror.linkerd.io/remote-kubeconfig`, key `kubeconfig`. Its
 //! contents are credentials: they never appear in a log line or an error message.
+//!
+//! Whoever may write such a Secret must not gain what the process reading it can do. A kubeconfig
+//! can name a program to run (`exec`, `auth-provider`) or local files to read (`tokenFile`,
+//! certificate, key and CA paths): honoured, they would run a program with the controller's
+//! rights, or send the controller's own ServiceAccount token (a file on its disk) to a server of
+//! the writer's choice. So only inline credentials are accepted ([`check_inline`]): `token`,
+//! `client-certificate-data`/`client-key-data` and `certificate-authority-data`.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -34,6 +42,74 @@ pub enum CredentialsError {
         name: String,
         reason: String,
     },
+    /// The kubeconfig asks for a program to be run or a local file to be read.
+    #[error("the kubeconfig in Secret {namespace}/{name} is refused: {refusal}")]
+    NotInline {
+        namespace: String,
+        name: String,
+        refusal: NotInline,
+    },
+}
+
+/// A kubeconfig field that would run a program or read a file, and what to use instead.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotInline {
+    #[error(
+        "user {user:?} uses `exec` (a program to run): only inline credentials are accepted; put a ServiceAccount token in `token` (`meshlink link` does)"
+    )]
+    Exec { user: String },
+    #[error(
+        "user {user:?} uses `auth-provider`: only inline credentials are accepted; put a ServiceAccount token in `token` (`meshlink link` does)"
+    )]
+    AuthProvider { user: String },
+    #[error(
+        "user {user:?} uses `tokenFile` (a local file): put the token itself in `token` instead"
+    )]
+    TokenFile { user: String },
+    #[error(
+        "user {user:?} uses `client-certificate` or `client-key` (local files): use `client-certificate-data` and `client-key-data` instead"
+    )]
+    ClientCertFile { user: String },
+    #[error(
+        "cluster {cluster:?} uses `certificate-authority` (a local file): use `certificate-authority-data` instead"
+    )]
+    CaFile { cluster: String },
+}
+
+/// Refuses a kubeconfig that would run a program or read a local file. Every user and cluster
+/// entry is checked, not only the current context's, so that no later context switch can
+/// reach a refused one.
+pub fn check_inline(kubeconfig: &Kubeconfig) -> Result<(), NotInline> {
+    for named in &kubeconfig.auth_infos {
+        let user = || named.name.clone();
+        let Some(info) = &named.auth_info else {
+            continue;
+        };
+        if info.exec.is_some() {
+            return Err(NotInline::Exec { user: user() });
+        }
+        if info.auth_provider.is_some() {
+            return Err(NotInline::AuthProvider { user: user() });
+        }
+        if info.token_file.is_some() {
+            return Err(NotInline::TokenFile { user: user() });
+        }
+        if info.client_certificate.is_some() || info.client_key.is_some() {
+            return Err(NotInline::ClientCertFile { user: user() });
+        }
+    }
+    for named in &kubeconfig.clusters {
+        if named
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.certificate_authority.is_some())
+        {
+            return Err(NotInline::CaFile {
+                cluster: named.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl CredentialsError {
@@ -41,7 +117,9 @@ impl CredentialsError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing { .. } | Self::Unnamed => "CredentialsMissing",
-            Self::NoKubeconfig { .. } | Self::BadKubeconfig { .. } => "CredentialsInvalid",
+            Self::NoKubeconfig { .. } | Self::BadKubeconfig { .. } | Self::NotInline { .. } => {
+                "CredentialsInvalid"
+            }
         }
     }
 }
@@ -79,6 +157,14 @@ pub async fn client_from_secret(
     };
     let text = std::str::from_utf8(&data.0).map_err(|_| bad("it is not UTF-8 text".into()))?;
     let kubeconfig = Kubeconfig::from_yaml(text).map_err(|e| bad(redact(&e.to_string())))?;
+    check_inline(&kubeconfig).map_err(|refusal| {
+        let (namespace, name) = owned();
+        CredentialsError::NotInline {
+            namespace,
+            name,
+            refusal,
+        }
+    })?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|e| bad(redact(&e.to_string())))?;
@@ -182,6 +268,76 @@ mod tests {
             client_from_secret("ns", "", None).await,
             Err(CredentialsError::Unnamed)
         ));
+    }
+
+    /// A hostile kubeconfig for each way of running a program or reading a file. None of them
+    /// may act: the `exec` program would create `marker`, and the token file is this crate's
+    /// own manifest (readable, so a read would succeed and be used).
+    #[tokio::test]
+    async fn a_hostile_kubeconfig_runs_nothing_and_reads_no_file() {
+        let dir = std::env::temp_dir().join(format!("mirror-credentials-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("ran");
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let head = "apiVersion: v1\nkind: Config\ncurrent-context: east\n\
+                    contexts: [{name: east, context: {cluster: east, user: sa}}]\n";
+        let cluster = "clusters: [{name: east, cluster: {server: 'https://127.0.0.1:6443'}}]\n";
+        let cases = [
+            (
+                format!(
+                    "{head}{cluster}users: [{{name: sa, user: {{exec: {{apiVersion: client.authentication.k8s.io/v1, command: /bin/sh, args: ['-c', 'touch {}']}}}}}}]\n",
+                    marker.display()
+                ),
+                "`exec`",
+            ),
+            (
+                format!(
+                    "{head}{cluster}users: [{{name: sa, user: {{auth-provider: {{name: oidc, config: {{}}}}}}}}]\n"
+                ),
+                "`auth-provider`",
+            ),
+            (
+                format!("{head}{cluster}users: [{{name: sa, user: {{tokenFile: {file}}}}}]\n"),
+                "`tokenFile`",
+            ),
+            (
+                format!(
+                    "{head}{cluster}users: [{{name: sa, user: {{client-certificate: {file}, client-key: {file}}}}}]\n"
+                ),
+                "`client-certificate`",
+            ),
+            (
+                format!(
+                    "{head}clusters: [{{name: east, cluster: {{server: 'https://127.0.0.1:6443', certificate-authority: {file}}}}}]\n\
+                     users: [{{name: sa, user: {{token: {TOKEN}}}}}]\n"
+                ),
+                "`certificate-authority`",
+            ),
+            (
+                // Not the current context's user: still refused.
+                format!(
+                    "{head}{cluster}users: [{{name: sa, user: {{token: {TOKEN}}}}}, {{name: other, user: {{tokenFile: {file}}}}}]\n"
+                ),
+                "`tokenFile`",
+            ),
+        ];
+        for (kubeconfig, field) in cases {
+            let Err(err) =
+                client_from_secret("ns", "creds", Some(&secret(Some(&kubeconfig)))).await
+            else {
+                panic!("a client from a kubeconfig using {field}");
+            };
+            assert_eq!(err.reason(), "CredentialsInvalid");
+            let msg = err.to_string();
+            assert!(msg.contains(field), "{msg}");
+            assert!(
+                msg.contains("instead") || msg.contains("only inline"),
+                "{msg}"
+            );
+            assert!(!msg.contains(TOKEN), "credentials leaked: {msg}");
+        }
+        assert!(!marker.exists(), "the exec program ran");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
