@@ -1,0 +1,175 @@
+//! The server plumbing meshlink's control-plane services share: one bounded accept loop that
+//! terminates TLS 1.3 and serves HTTP/2 (gRPC) until cancelled, then drains.
+//!
+//! Every listener built on it gets the same protections: at most
+//! [`ServerLimits::max_connections`] connections at once (the next client waits in the
+//! kernel's backlog), a deadline on the TLS handshake, a cap on concurrent streams per
+//! connection, back-off when `accept` fails (a process out of file descriptors must not spin),
+//! optionally a lifetime per connection (drained gracefully when it ends), and a choice of
+//! whether a client must present a certificate from the trust anchors.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Whether a client must present a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Any client may call (it authenticates in the request, as Certify's token does).
+    Optional,
+    /// Only clients with a certificate from the trust anchors, and loopback clients (a
+    /// process's own sidecar, and tests).
+    RequiredExceptLoopback,
+}
+
+/// The bounds of one server.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    /// When set, a connection is drained gracefully after this long (clients that open a
+    /// connection per call); long-lived watch streams want `None`.
+    pub connection_lifetime: Option<Duration>,
+    /// HTTP/2 keep-alive pings: a dead peer's connection is closed after one unanswered ping.
+    pub keep_alive_interval: Duration,
+    pub client_auth: ClientAuth,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("binding {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// How long to wait after a failed `accept` (EMFILE, ENFILE, ENOMEM): the condition passes only
+/// when connections close, and retrying at once would spin a core and flood the log.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Binds `addr`; the returned future serves `service` until `cancel` fires, then drains every
+/// connection gracefully (in-flight calls finish; the caller bounds how long with a timeout).
+pub async fn serve_h2<S, B>(
+    addr: SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    service: S,
+    limits: ServerLimits,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = ()>), BindError>
+where
+    S: tower_service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| BindError { addr, source })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    Ok((local, async move {
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let tracker = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                () = cancel.cancelled() => break,
+                p = permits.clone().acquire_owned() => p,
+            };
+            let Ok(permit) = permit else { break };
+            let (tcp, peer) = tokio::select! {
+                () = cancel.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(error) => {
+                        tracing::warn!(%error, backoff = ?ACCEPT_BACKOFF, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let service = TowerToHyperService::new(service.clone());
+            let cancel = cancel.clone();
+            let limits = limits.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                if !authorized(limits.client_auth, peer, tls.get_ref().1) {
+                    tracing::info!(%peer, "refused: no client certificate from the trust anchors");
+                    return;
+                }
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(limits.max_streams_per_connection)
+                    .keep_alive_interval(limits.keep_alive_interval)
+                    .keep_alive_timeout(limits.keep_alive_interval)
+                    .serve_connection(TokioIo::new(tls), service);
+                let mut conn = std::pin::pin!(conn);
+                let lifetime = limits.connection_lifetime;
+                let deadline = tokio::time::sleep(lifetime.unwrap_or(Duration::MAX / 4));
+                tokio::pin!(deadline);
+                let mut draining = false;
+                loop {
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(error) = res {
+                                tracing::debug!(%peer, %error, "connection ended");
+                            }
+                            return;
+                        }
+                        () = cancel.cancelled(), if !draining => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        () = &mut deadline, if !draining && lifetime.is_some() => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }))
+}
+
+/// Whether a client that completed its handshake may go on.
+fn authorized(
+    auth: ClientAuth,
+    peer: SocketAddr,
+    conn: &tokio_rustls::rustls::ServerConnection,
+) -> bool {
+    match auth {
+        ClientAuth::Optional => true,
+        ClientAuth::RequiredExceptLoopback => {
+            peer.ip().to_canonical().is_loopback() || proxy_identity::tls::client_id(conn).is_some()
+        }
+    }
+}
