@@ -83,7 +83,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
         .identity
         .spawn_certify(creds.clone(), &mut registry, cancel.clone());
     let discovery = Discovery::default();
-    let ready = ready(creds.watch(), discovery.synced());
+    let ready = proxy_admin::all_ready(vec![creds.valid(), discovery.synced()]);
     let admin_tls = proxy_identity::tls::server_config(&creds, &[b"http/1.1"]);
     let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready)
         .metrics_access(proxy_admin::MetricsAccess::restricted(
@@ -112,22 +112,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     }
     let _ = tokio::join!(admin, watch, certify);
     Ok(())
-}
-
-/// Ready once a certificate is held and discovery has listed everything.
-fn ready(
-    mut cert: tokio::sync::watch::Receiver<Option<std::time::SystemTime>>,
-    mut synced: tokio::sync::watch::Receiver<bool>,
-) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let _ = cert.wait_for(Option::is_some).await;
-        let _ = synced.wait_for(|s| *s).await;
-        tracing::info!("ready");
-        let _ = tx.send(true);
-        tx.closed().await;
-    });
-    rx
 }
 
 /// Every connection is a file descriptor: the soft limit (often 1024) is raised to the hard

@@ -228,6 +228,31 @@ impl Admin {
     }
 }
 
+/// Ready while every one of `conditions` is true (a certificate in date, watches synced, ...);
+/// follows them for as long as the result is watched.
+pub fn all_ready(conditions: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut conditions = conditions;
+        loop {
+            let now = conditions.iter_mut().all(|c| *c.borrow_and_update());
+            if tx.send_if_modified(|v| std::mem::replace(v, now) != now) {
+                tracing::info!(ready = now, "readiness changed");
+            }
+            if conditions.is_empty() {
+                return tx.closed().await;
+            }
+            let changed =
+                futures::future::select_all(conditions.iter_mut().map(|c| Box::pin(c.changed())));
+            tokio::select! {
+                (res, _, _) = changed => if res.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
 /// Resolves on SIGTERM (kubelet stopping the pod) or Ctrl-C: when every meshlink process starts
 /// draining.
 pub async fn shutdown_signal() {

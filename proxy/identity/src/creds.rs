@@ -107,6 +107,35 @@ impl Credentials {
         self.expiry.subscribe()
     }
 
+    /// True while a certificate is held and in date: it turns false when the certificate
+    /// expires without a renewal, so that readiness follows what the process can prove, not
+    /// only whether it was ever certified. Spawns a task (ended when every receiver is gone).
+    pub fn valid(&self) -> watch::Receiver<bool> {
+        let mut expiry = self.watch();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let left = expiry
+                    .borrow_and_update()
+                    .and_then(|e| e.duration_since(SystemTime::now()).ok())
+                    .filter(|d| !d.is_zero());
+                tx.send_if_modified(|v| std::mem::replace(v, left.is_some()) != left.is_some());
+                let expired = async {
+                    match left {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = expiry.changed() => if r.is_err() { return },
+                    () = expired => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        rx
+    }
+
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.current
             .read()
