@@ -21,6 +21,7 @@ help:
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
 	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
 	@echo "make bench-gateway  the gateway against direct TCP and HAProxy (root; GATEWAY_BENCH_ARGS)"
+	@echo "make bench-destination  update latency, memory per stream and CPU of the destination service"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
 	@echo "make fuzz           fuzz the transport-header decoder (FUZZ_SECONDS=600)"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
@@ -70,6 +71,15 @@ bench: prerequisites kube-binaries
 	$(CARGO) build --release --workspace --bins --locked
 	@# --workspace: the same feature set as the build above, so nothing is compiled twice.
 	$(CARGO) bench --locked --workspace --bench mirror -- --services $(SERVICES)
+
+.PHONY: bench-destination
+# The destination service: 1,000 Services of 10 endpoints, 1,000 streams, 100 Services changing
+# each second for 20 s, beside a plain watch of the same writes (DESTINATION_BENCH_ARGS, e.g.
+# "--services 5000 --streams 5000 --seconds 60").
+DESTINATION_BENCH_ARGS ?=
+bench-destination: prerequisites kube-binaries
+	$(CARGO) build --release --workspace --bins --locked
+	$(CARGO) bench --locked --workspace --bench destination -- $(DESTINATION_BENCH_ARGS)
 
 .PHONY: bench-gateway
 # The gateway beside direct TCP and HAProxy (Debian's, on the same mTLS) in one topology: HTTP

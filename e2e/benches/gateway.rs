@@ -54,6 +54,7 @@ use bytes::Bytes;
 use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
+    measure::{percentile, status_kib},
     mesh::{self, GATEWAY_ID, GatewaySettings, start_gateway, start_identity},
     meshlink::{Program, free_port, labels},
     netns::Host,
@@ -687,32 +688,12 @@ async fn upload(mut io: Stream, until: Instant) -> Result<(u64, Instant)> {
     Ok((received, Instant::now()))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
 // ---------------------------------------------------------------------------------------------
 // Memory
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
 
 fn mib(kib: Option<u64>) -> f64 {
     kib.unwrap_or(0) as f64 * 1024.0 / MIB

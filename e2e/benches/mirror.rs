@@ -15,15 +15,15 @@
 //! Results are printed and written to `target/bench/mirror.json`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    io::Write as _,
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use e2e::{
-    Cluster, Component, create_namespace, create_ready_pod, install_link_crd,
+    Cluster, Component,
+    measure::{arg, cpu_seconds, percentile, status_kib}, create_namespace, create_ready_pod, install_link_crd,
     meshlink::{
         Program, apply_link, labels, put_credentials, remote_access_kubeconfig, start_mirror,
     },
@@ -43,23 +43,6 @@ const BENCH_NS: &str = "bench";
 const CONCURRENCY: usize = 32;
 /// Changes sampled for the steady-state lag.
 const LAG_SAMPLES: usize = 100;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 /// How many mirrors have Endpoints with addresses, kept up to date from one watch: listing
 /// every mirror's Endpoints again and again would itself load the API server the controller
@@ -99,38 +82,6 @@ fn count_mirrored(
         }
     });
     (rx, task)
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The CPU time process `pid` has used (user and system, every thread), in seconds.
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    // Fields 14 and 15 of /proc/<pid>/stat, in clock ticks of 1/100 s (USER_HZ on Linux),
-    // counted after the command name, which is in parentheses and may hold spaces.
-    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-    else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn writes(p: &Program) -> Result<f64> {
@@ -309,7 +260,7 @@ async fn main() -> Result<()> {
     let before = writes(&controller).await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_writes = writes(&controller).await? - before;
-    let rss_mirroring = controller.pid().and_then(peak_rss_kib).unwrap_or(0);
+    let rss_mirroring = controller.pid().and_then(|p| status_kib(p, "VmHWM")).unwrap_or(0);
     // A full resync with nothing changed: a new controller lists and reconciles all N.
     drop(controller);
     let resync_start = Instant::now();
@@ -339,7 +290,7 @@ async fn main() -> Result<()> {
             eprintln!("resync wrote: {line}");
         }
     }
-    let rss_resync = second.pid().and_then(peak_rss_kib).unwrap_or(0);
+    let rss_resync = second.pid().and_then(|p| status_kib(p, "VmHWM")).unwrap_or(0);
     let peak_rss = rss_mirroring.max(rss_resync);
 
     let results = json!({
@@ -359,21 +310,6 @@ async fn main() -> Result<()> {
         "peak_rss_mirroring_mib": rss_mirroring as f64 / 1024.0,
         "peak_rss_resync_mib": rss_resync as f64 / 1024.0,
     });
-    let table: BTreeMap<&str, String> = results
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.as_str(), v.to_string()))
-        .collect();
-    let mut stdout = std::io::stdout().lock();
-    for (k, v) in &table {
-        writeln!(stdout, "{k:>24}  {v}")?;
-    }
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(
-        out.join("mirror.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
+    e2e::measure::report("mirror", &results)?;
     Ok(())
 }

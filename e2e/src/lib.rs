@@ -16,7 +16,9 @@
 mod binaries;
 pub mod checks;
 mod cluster;
+pub mod destination;
 pub mod dns;
+pub mod measure;
 pub mod mesh;
 pub mod meshlink;
 pub mod netns;

@@ -204,6 +204,7 @@ fn binary_name(binary: &str) -> &'static str {
         "meshlink-mirror" => "meshlink-mirror",
         "meshlink-gateway" => "meshlink-gateway",
         "meshlink-identity" => "meshlink-identity",
+        "meshlink-destination" => "meshlink-destination",
         _ => "meshlink-program",
     }
 }
@@ -228,7 +229,7 @@ pub async fn remote_access_kubeconfig(target: &Cluster, namespace: &str) -> Resu
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": { "name": REMOTE_ACCESS_ACCOUNT },
         "rules": [
-            { "apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"] },
+            { "apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"] },
             { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] },
         ],
     }))?;

@@ -245,29 +245,39 @@ impl Destination for Api {
         let mut sub = self.store.subscribe();
         let profile = self.store.profile(&mut sub, &target).map_err(invalid)?;
         let store = self.store.clone();
-        let updates = self
-            .metrics
-            .updates
-            .get_or_create(&ApiLabel { api: "get_profile" })
-            .clone();
-        Ok(Response::new(follow(
-            sub,
-            profile.clone(),
-            vec![profile],
+        Ok(Response::new(self.latest(
+            "get_profile",
             guard,
-            updates,
-            move |sub, last: &mut DestinationProfile| match store.profile(sub, &target) {
-                Ok(p) if p != *last => {
-                    *last = p.clone();
-                    vec![p]
-                }
-                _ => Vec::new(),
-            },
+            sub,
+            profile,
+            move |sub| store.profile(sub, &target).ok(),
         )))
     }
 }
 
 impl Api {
+    /// A stream of whole answers (a profile, a policy): the first, then each one that differs
+    /// from the last sent; a moment without an answer (an object briefly gone) sends nothing.
+    fn latest<T: Clone + PartialEq + Send + 'static>(
+        &self,
+        api: &'static str,
+        guard: StreamGuard,
+        sub: Subscription,
+        first: T,
+        mut answer: impl FnMut(&mut Subscription) -> Option<T> + Send + 'static,
+    ) -> Stream_<T> {
+        let updates = self.metrics.updates.get_or_create(&ApiLabel { api }).clone();
+        follow(sub, first.clone(), vec![first], guard, updates, move |sub, last: &mut T| {
+            match answer(sub) {
+                Some(v) if v != *last => {
+                    *last = v.clone();
+                    vec![v]
+                }
+                _ => Vec::new(),
+            }
+        })
+    }
+
     fn outbound_answer(
         &self,
         sub: &mut Subscription,
@@ -333,25 +343,9 @@ impl OutboundPolicies for Api {
         let mut sub = self.store.subscribe();
         let first = self.outbound_answer(&mut sub, &target)?;
         let this = self.clone();
-        let updates = self
-            .metrics
-            .updates
-            .get_or_create(&ApiLabel { api: "outbound" })
-            .clone();
-        Ok(Response::new(follow(
-            sub,
-            first.clone(),
-            vec![first],
-            guard,
-            updates,
-            move |sub, last: &mut OutboundPolicy| match this.outbound_answer(sub, &target) {
-                Ok(p) if p != *last => {
-                    *last = p.clone();
-                    vec![p]
-                }
-                _ => Vec::new(),
-            },
-        )))
+        Ok(Response::new(self.latest("outbound", guard, sub, first, move |sub| {
+            this.outbound_answer(sub, &target).ok()
+        })))
     }
 }
 
@@ -377,25 +371,9 @@ impl InboundServerPolicies for Api {
         let mut sub = self.store.subscribe();
         let first = self.inbound_answer(&mut sub, &pod, spec.port)?;
         let this = self.clone();
-        let updates = self
-            .metrics
-            .updates
-            .get_or_create(&ApiLabel { api: "inbound" })
-            .clone();
-        Ok(Response::new(follow(
-            sub,
-            first.clone(),
-            vec![first],
-            guard,
-            updates,
-            move |sub, last: &mut Server| match this.inbound_answer(sub, &pod, spec.port) {
-                Ok(s) if s != *last => {
-                    *last = s.clone();
-                    vec![s]
-                }
-                _ => Vec::new(),
-            },
-        )))
+        Ok(Response::new(self.latest("inbound", guard, sub, first, move |sub| {
+            this.inbound_answer(sub, &pod, spec.port).ok()
+        })))
     }
 }
 

@@ -236,6 +236,22 @@ impl std::fmt::Debug for Watches {
 }
 
 impl Watches {
+    fn local<K: Watched>(
+        &self,
+        synced: Option<watch::Sender<bool>>,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = ()> + use<K> {
+        run::<K>(
+            Api::all(self.client.clone()),
+            watcher::Config::default(),
+            self.store.clone(),
+            None,
+            synced,
+            None,
+            cancel.clone(),
+        )
+    }
+
     /// Starts every watch; the receiver turns true once each local watch has listed once.
     pub fn spawn(
         self,
@@ -248,44 +264,12 @@ impl Watches {
             synced.push(rx);
             Some(tx)
         };
+        // One watch per kind, each listing everything once before the service is ready.
+        tasks.spawn(self.local::<Service>(flag(), &cancel));
+        tasks.spawn(self.local::<EndpointSlice>(flag(), &cancel));
+        tasks.spawn(self.local::<Pod>(flag(), &cancel));
+        tasks.spawn(self.local::<Namespace>(flag(), &cancel));
         let client = &self.client;
-        let cfg = watcher::Config::default;
-        tasks.spawn(run::<Service>(
-            Api::all(client.clone()),
-            cfg(),
-            self.store.clone(),
-            None,
-            flag(),
-            None,
-            cancel.clone(),
-        ));
-        tasks.spawn(run::<EndpointSlice>(
-            Api::all(client.clone()),
-            cfg(),
-            self.store.clone(),
-            None,
-            flag(),
-            None,
-            cancel.clone(),
-        ));
-        tasks.spawn(run::<Pod>(
-            Api::all(client.clone()),
-            cfg(),
-            self.store.clone(),
-            None,
-            flag(),
-            None,
-            cancel.clone(),
-        ));
-        tasks.spawn(run::<Namespace>(
-            Api::all(client.clone()),
-            cfg(),
-            self.store.clone(),
-            None,
-            flag(),
-            None,
-            cancel.clone(),
-        ));
         let links = Links {
             client: client.clone(),
             namespace: self.multicluster_namespace.clone(),
