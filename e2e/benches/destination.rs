@@ -10,7 +10,8 @@
 //! - the time from an EndpointSlice write until the update reaches a subscriber, p50 and p99,
 //!   beside the baseline of the same run: the time until the same write reaches a plain watch of
 //!   EndpointSlices held by the benchmark itself (the API server's own delivery);
-//! - memory: RSS with everything listed and no stream, with M idle streams (and per stream),
+//! - memory: RSS with everything listed and no stream, with M idle streams, and with 4M more
+//!   (the marginal bytes per idle stream),
 //!   and the peak while `--churn` Services change once a second for `--seconds`;
 //! - the CPU time the service used during that churn.
 //!
@@ -50,12 +51,22 @@ const PODS: usize = 10;
 
 /// The address of endpoint `e` of Service `s`.
 fn endpoint_ip(s: usize, e: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 40 + (s / 250) as u8, (s % 250) as u8, e as u8 + 1))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        40 + (s / 250) as u8,
+        (s % 250) as u8,
+        e as u8 + 1,
+    ))
 }
 
 /// A unique marker address for change `n`: 10.100.0.0/14, never used otherwise.
 fn marker(n: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 100 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        100 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
 }
 
 fn is_marker(ip: IpAddr) -> bool {
@@ -116,13 +127,23 @@ async fn main() -> Result<()> {
     let meshed = labels(&[("linkerd.io/control-plane-ns", "linkerd")]);
     for p in 0..PODS {
         let ip = IpAddr::V4(Ipv4Addr::new(10, 30, 0, p as u8 + 1));
-        create_ready_pod(&client, NS, &format!("pod-{p}"), &meshed, ip, &cluster.node_name()).await?;
+        create_ready_pod(
+            &client,
+            NS,
+            &format!("pod-{p}"),
+            &meshed,
+            ip,
+            &cluster.node_name(),
+        )
+        .await?;
     }
 
     // N Services, each with one slice of E endpoints (written as a controller writes them).
     let started = Instant::now();
-    let (services, slices): (Api<Service>, Api<EndpointSlice>) =
-        (Api::namespaced(client.clone(), NS), Api::namespaced(client.clone(), NS));
+    let (services, slices): (Api<Service>, Api<EndpointSlice>) = (
+        Api::namespaced(client.clone(), NS),
+        Api::namespaced(client.clone(), NS),
+    );
     stream::iter(0..n)
         .map(|s| {
             let (services, slices) = (services.clone(), slices.clone());
@@ -147,7 +168,15 @@ async fn main() -> Result<()> {
     let _identity = start_identity(&cluster, identity_addr, &anchors, "24h", dir.path()).await?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let started = Instant::now();
-    let dst = start_destination(&cluster, addr, identity_addr, &anchors, dir.path(), &["--log=warn".into()]).await?;
+    let dst = start_destination(
+        &cluster,
+        addr,
+        identity_addr,
+        &anchors,
+        dir.path(),
+        &["--log=warn".into()],
+    )
+    .await?;
     let ready_time = started.elapsed();
     let pid = dst.pid().context("the destination service's pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -168,13 +197,32 @@ async fn main() -> Result<()> {
     for i in 0..m {
         let path = format!("svc-{}.{NS}.svc.cluster.local:80", i % n);
         let mut f = Followed::get(channels[i % CONNECTIONS].clone(), &path).await?;
-        f.until("the first answer", Duration::from_secs(60), |f| f.endpoints.len() == e).await?;
+        f.until("the first answer", Duration::from_secs(60), |f| {
+            f.endpoints.len() == e
+        })
+        .await?;
         streams.push(f);
     }
     let open_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = status_kib(pid, "VmRSS").unwrap_or(0);
-    let per_stream = (rss_idle.saturating_sub(rss_listed) * 1024) as f64 / m.max(1) as f64;
+    // The first streams reuse heap the listing freed, so their RSS says little; four times as
+    // many more, on the same Services, give the marginal cost of a stream.
+    let extra = 4 * m;
+    let mut idle = Vec::new();
+    for i in 0..extra {
+        let path = format!("svc-{}.{NS}.svc.cluster.local:80", i % n);
+        let mut f = Followed::get(channels[i % CONNECTIONS].clone(), &path).await?;
+        f.until("the first answer", Duration::from_secs(60), |f| {
+            f.endpoints.len() == e
+        })
+        .await?;
+        idle.push(f);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_more = status_kib(pid, "VmRSS").unwrap_or(0);
+    let per_stream = (rss_more.saturating_sub(rss_idle) * 1024) as f64 / extra.max(1) as f64;
+    drop(idle);
 
     // Subscribers record when each marker arrives.
     let mut readers = Vec::new();
@@ -184,7 +232,10 @@ async fn main() -> Result<()> {
             while let Ok(Some(u)) = f.next_update().await {
                 if let Some(update::Update::Add(set)) = u.update {
                     for a in set.addrs {
-                        if let Some(ip) = a.addr.and_then(|a| SocketAddr::try_from(a).ok()).map(|a| a.ip())
+                        if let Some(ip) = a
+                            .addr
+                            .and_then(|a| SocketAddr::try_from(a).ok())
+                            .map(|a| a.ip())
                             && is_marker(ip)
                         {
                             arrived(&arrivals, ip);
@@ -200,7 +251,8 @@ async fn main() -> Result<()> {
         let baseline = baseline.clone();
         let slices = slices.clone();
         tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(slices, watcher::Config::default()).applied_objects());
+            let mut events =
+                std::pin::pin!(watcher(slices, watcher::Config::default()).applied_objects());
             while let Some(Ok(s)) = events.next().await {
                 for ep in s.endpoints.iter().flatten() {
                     for ip in ep.addresses.iter().filter_map(|a| a.parse().ok()) {
@@ -227,7 +279,11 @@ async fn main() -> Result<()> {
                     let ip = marker(round * churn + s);
                     let at = Instant::now();
                     slices
-                        .patch(&format!("svc-{s}-x"), &PatchParams::default(), &Patch::Merge(slice(s, e, Some(ip))))
+                        .patch(
+                            &format!("svc-{s}-x"),
+                            &PatchParams::default(),
+                            &Patch::Merge(slice(s, e, Some(ip))),
+                        )
                         .await?;
                     anyhow::Ok((ip, at))
                 }
@@ -245,7 +301,10 @@ async fn main() -> Result<()> {
     let peak = status_kib(pid, "VmHWM").unwrap_or(0);
 
     let lags = |arrivals: &Arrivals| {
-        let got = arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let got = arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut lags: Vec<Duration> = written
             .iter()
             .filter_map(|(ip, at)| got.get(ip).map(|t| t.saturating_duration_since(*at)))
@@ -284,6 +343,7 @@ async fn main() -> Result<()> {
         "p99_over_baseline": ms(d99) / ms(b99).max(0.001),
         "rss_listed_mib": rss_listed as f64 / 1024.0,
         "rss_idle_streams_mib": rss_idle as f64 / 1024.0,
+        "rss_5x_idle_streams_mib": rss_more as f64 / 1024.0,
         "bytes_per_idle_stream": per_stream,
         "peak_rss_mib": peak as f64 / 1024.0,
         "cpu_seconds_during_churn": cpu,

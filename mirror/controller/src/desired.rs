@@ -135,14 +135,31 @@ pub fn is_excluded(key: &str, rules: &[String]) -> bool {
     })
 }
 
-/// The labels of `s` a mirror or federated Service copies: all but the `mirror.linkerd.io` keys
+/// Whether `key` is one the controller itself sets on what it writes (every
+/// `mirror.linkerd.io` key, and the `multicluster.linkerd.io` discovery keys). A remote
+/// Service's own value of such a key must never reach a local object: a remote Service
+/// annotated `multicluster.linkerd.io/remote-discovery` would otherwise turn its mirror into a
+/// federated Service that a destination service resolves to other clusters' endpoints, and a
+/// `remote-gateway-identity` of its choosing would name the identity callers expect.
+pub fn is_controller_key(key: &str) -> bool {
+    key.strip_prefix(keys::SERVICE_MIRROR_PREFIX)
+        .is_some_and(|rest| rest.starts_with('/'))
+        || [
+            keys::REMOTE_DISCOVERY_KEY,
+            keys::REMOTE_SERVICE_LABEL,
+            keys::LOCAL_DISCOVERY_ANNOTATION,
+        ]
+        .contains(&key)
+}
+
+/// The labels of `s` a mirror or federated Service copies: all but the controller's own keys
 /// and the `excluded` ones.
 fn copied_labels(s: &Service, excluded: &[String]) -> BTreeMap<String, String> {
     s.metadata
         .labels
         .iter()
         .flatten()
-        .filter(|(k, _)| !k.starts_with(keys::SERVICE_MIRROR_PREFIX) && !is_excluded(k, excluded))
+        .filter(|(k, _)| !is_controller_key(k) && !is_excluded(k, excluded))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -157,6 +174,7 @@ fn copied_annotations(s: &Service, excluded: &[String]) -> BTreeMap<String, Stri
         .flatten()
         .filter(|(k, _)| {
             !DROPPED_ANNOTATIONS.contains(&k.as_str())
+                && !is_controller_key(k)
                 && (k.as_str() == keys::OPAQUE_PORTS_ANNOTATION || !is_excluded(k, excluded))
         })
         .map(|(k, v)| (k.clone(), v.clone()))

@@ -105,6 +105,8 @@ pub struct PodInfo {
     pub default_inbound_policy: Option<String>,
     /// The owner as metric labels name it: (`deployment`, `web`), (`statefulset`, `db`), ...
     pub owner: Option<(String, String)>,
+    /// `pod-template-hash`, a metric label when present (as in Linkerd).
+    pub template_hash: Option<String>,
     /// The proxy's inbound port, for opaque transport.
     pub inbound_port: u16,
     /// Pods on the host network share the node's address: never indexed by IP.
@@ -306,6 +308,7 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
         opaque_ports: opaque_ports(annotations),
         default_inbound_policy: annotation(annotations, DEFAULT_INBOUND_POLICY_ANNOTATION).cloned(),
         owner: owner(pod),
+        template_hash: annotation(labels, POD_TEMPLATE_HASH_LABEL).cloned(),
         inbound_port,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
     }

@@ -303,6 +303,12 @@ fn pod_endpoint(
         ("pod", name.to_owned()),
         ("serviceaccount", pod.service_account.clone()),
     ]);
+    if let Some(cp) = &pod.control_plane_ns {
+        labels.insert("control_plane_ns", cp.clone());
+    }
+    if let Some(hash) = &pod.template_hash {
+        labels.insert("pod_template_hash", hash.clone());
+    }
     if let Some((kind, owner)) = &pod.owner {
         let key = match kind.as_str() {
             "deployment" => "deployment",

@@ -43,7 +43,9 @@ use crate::{
 };
 
 /// A kind of object the index holds.
-pub trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + 'static {
+pub trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static
+{
     const KIND: Kind;
     const NAME: &'static str;
     /// Stores (or, with `None`, removes) the object under `key`.

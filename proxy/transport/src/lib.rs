@@ -101,6 +101,8 @@ where
                     }
                 },
             };
+            // gRPC messages are small and latency-bound: no Nagle delay behind a delayed ACK.
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(service.clone());
             let cancel = cancel.clone();

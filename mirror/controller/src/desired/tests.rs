@@ -21,8 +21,15 @@ fn web() -> Service {
                 "team.example.com/owner": "alice",
                 "team.example.com.au/owner": "bob",
                 "tier": "front",
+                // The remote's own values of keys the controller sets: never copied.
+                "multicluster.linkerd.io/remote-discovery": "north",
+                "multicluster.linkerd.io/remote-service": "other",
             },
             "annotations": {
+                "mirror.linkerd.io/remote-gateway-identity": "attacker.example",
+                "mirror.linkerd.io/remote-svc-fq-name": "other.ns.svc.cluster.local",
+                "multicluster.linkerd.io/remote-discovery": "db@north",
+                "multicluster.linkerd.io/local-discovery": "db",
                 "config.linkerd.io/opaque-ports": "5432",
                 "service.kubernetes.io/topology-mode": "Auto",
                 "kubectl.kubernetes.io/last-applied-configuration": "{}",
@@ -172,6 +179,46 @@ fn mirror_service_metadata_and_ports() {
         ports[1].target_port,
         Some(IntOrString::String("grpc".into()))
     );
+}
+
+#[test]
+fn keys_the_controller_sets_never_come_from_the_remote() {
+    for key in [
+        "mirror.linkerd.io/remote-gateway-identity",
+        "mirror.linkerd.io/cluster-name",
+        "multicluster.linkerd.io/remote-discovery",
+        "multicluster.linkerd.io/remote-service",
+        "multicluster.linkerd.io/local-discovery",
+    ] {
+        assert!(is_controller_key(key), "{key}");
+    }
+    for key in [
+        "mirror.linkerd.io.example/x",
+        "multicluster.linkerd.io/other",
+        "app",
+    ] {
+        assert!(!is_controller_key(key), "{key}");
+    }
+    // Neither mode's mirror carries the remote's values.
+    for mode in [Mode::Gateway, Mode::RemoteDiscovery] {
+        let svc = mirror_service(&target(), &web(), mode).unwrap();
+        let annotations = svc.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations
+                .get("mirror.linkerd.io/remote-svc-fq-name")
+                .map(String::as_str),
+            Some("web.shop.svc.cluster.local")
+        );
+        assert!(!annotations.contains_key("mirror.linkerd.io/remote-gateway-identity"));
+        assert!(!annotations.contains_key("multicluster.linkerd.io/remote-discovery"));
+        assert!(!annotations.contains_key("multicluster.linkerd.io/local-discovery"));
+        let labels = svc.metadata.labels.unwrap();
+        let discovery = labels.get("multicluster.linkerd.io/remote-discovery");
+        match mode {
+            Mode::Gateway => assert_eq!(discovery, None),
+            Mode::RemoteDiscovery => assert_eq!(discovery.map(String::as_str), Some("east")),
+        }
+    }
 }
 
 #[test]
