@@ -56,6 +56,9 @@ fn main() -> ExitCode {
         ("exported_service_is_mirrored_with_gateway_endpoints", |e| {
             Box::pin(exported_service_is_mirrored(e))
         }),
+        ("a_second_link_of_a_served_target_name_is_refused", |e| {
+            Box::pin(duplicate_target_name(e))
+        }),
         ("unexport_and_remote_delete_remove_only_that_mirror", |e| {
             Box::pin(unexport_and_delete(e))
         }),
@@ -173,6 +176,71 @@ async fn remote_reachable(w: &Client) -> Option<(String, String)> {
 async fn mirror_status(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
     let c = service_condition(client, NS, "east", false, ns, name).await?;
     Some((format!("{:?}", c.status), c.reason))
+}
+
+/// A second Link naming `east` is refused with a condition that names the first, mirrors
+/// nothing, and deleting it leaves the first Link's mirrors alone.
+async fn duplicate_target_name(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    // Created after "east", so "east" holds the name.
+    apply_link(
+        w,
+        NS,
+        "east-again",
+        GATEWAY_IP,
+        json!({ "targetClusterName": "east", "clusterCredentialsSecret": "cluster-credentials-east" }),
+    )
+    .await?;
+    let (status, reason) = wait_for("the duplicate Link refused", WAIT, || async {
+        e2e::meshlink::link_condition(w, NS, "east-again", "Accepted")
+            .await
+            .filter(|(s, _)| s == "False")
+    })
+    .await?;
+    ensure!(reason == "DuplicateTargetCluster", "{status} {reason}");
+    let links: Api<Link> = Api::namespaced(w.clone(), NS);
+    let refused = links.get("east-again").await?;
+    let message = refused
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == "Accepted")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(message.contains("Link east"), "{message}");
+    ensure!(
+        refused
+            .status
+            .as_ref()
+            .is_none_or(|s| s.mirror_services.is_empty()),
+        "a refused Link lists mirrors"
+    );
+    // Deleting it (its finalizer runs: a positive sign) deletes none of east's mirrors: the
+    // same object is there after, not one the holder's worker made again.
+    let uid = |s: Option<Service>| s.and_then(|s| s.metadata.uid);
+    let before = uid(get::<Service>(w, "shop", "web-east").await).context("shop/web-east")?;
+    links.delete("east-again", &DeleteParams::default()).await?;
+    wait_for("the refused Link gone", WAIT, || async {
+        links
+            .get_opt("east-again")
+            .await
+            .ok()
+            .and_then(|l| l.is_none().then_some(()))
+    })
+    .await?;
+    ensure!(
+        uid(get::<Service>(w, "shop", "web-east").await) == Some(before),
+        "deleting a refused duplicate deleted the holder's mirror"
+    );
+    ensure!(
+        e2e::meshlink::link_condition(w, NS, "east", "Ready")
+            .await
+            .map(|(s, _)| s)
+            .as_deref()
+            == Some("True"),
+        "the holder is still Ready"
+    );
+    Ok(())
 }
 
 async fn exported_service_is_mirrored(env: Arc<Env>) -> Result<()> {

@@ -9,12 +9,12 @@ pub mod naming;
 mod versions;
 
 pub use self::link::{
-    CONDITION_GATEWAY_ALIVE, CONDITION_MIRRORED, CONDITION_READY, CONDITION_REMOTE_REACHABLE,
-    ConditionStatus, DEFAULT_PROBE_FAILURE_THRESHOLD, DEFAULT_PROBE_TIMEOUT, GROUP, GatewayStatus,
-    LabelSelector, LabelSelectorRequirement, Link, LinkCondition, LinkSpec, LinkStatus, ObjectRef,
-    ProbeSpec, STORAGE_VERSION, SelectorParseError, ServiceStatus, ServiceSummary,
-    default_federated_service_selector, default_remote_discovery_selector, default_selector,
-    operator, rules,
+    CONDITION_ACCEPTED, CONDITION_GATEWAY_ALIVE, CONDITION_MIRRORED, CONDITION_READY,
+    CONDITION_REMOTE_REACHABLE, ConditionStatus, DEFAULT_PROBE_FAILURE_THRESHOLD,
+    DEFAULT_PROBE_TIMEOUT, GROUP, GatewayStatus, LabelSelector, LabelSelectorRequirement, Link,
+    LinkCondition, LinkSpec, LinkStatus, ObjectRef, ProbeSpec, STORAGE_VERSION, SelectorParseError,
+    ServiceStatus, ServiceSummary, default_federated_service_selector,
+    default_remote_discovery_selector, default_selector, operator, rules,
 };
 pub use self::naming::NameError;
 pub use self::versions::{LinkVersion, api_resource, crd, crd_yaml};

@@ -34,6 +34,9 @@ pub const DEFAULT_PROBE_TIMEOUT: &str = "30s";
 pub const CONDITION_REMOTE_REACHABLE: &str = "RemoteReachable";
 /// Link-level condition type: the remote gateway answers its probe.
 pub const CONDITION_GATEWAY_ALIVE: &str = "GatewayAlive";
+/// Link-level condition type: the Link is the one serving its `targetClusterName` (a second
+/// Link of a name already served is refused and mirrors nothing).
+pub const CONDITION_ACCEPTED: &str = "Accepted";
 /// Link-level condition type: the Link is fully working; shown in the READY printer column.
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type of each `mirrorServices` / `federatedServices` entry (Linkerd's).

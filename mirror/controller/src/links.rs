@@ -23,10 +23,14 @@ use kube::{
         events::{Event, EventType, Recorder},
         finalizer::{Event as Finalizer, finalizer},
         reflector::ObjectRef,
+        reflector::Store,
         watcher,
     },
 };
-use link_crd::{CONDITION_GATEWAY_ALIVE, CONDITION_REMOTE_REACHABLE, ConditionStatus, Link, keys};
+use link_crd::{
+    CONDITION_ACCEPTED, CONDITION_GATEWAY_ALIVE, CONDITION_REMOTE_REACHABLE, ConditionStatus, Link,
+    keys,
+};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +60,39 @@ struct Ctx {
     running: Mutex<HashMap<String, Running>>,
     /// Federated Services, when this controller serves every Link.
     federation: Option<Federation>,
+    /// Every Link of the namespace, to tell which one serves a target cluster name.
+    links: Store<Link>,
+}
+
+/// The Link that serves target cluster `cluster` among `links`: the oldest, then the first by
+/// name. Mirrors, labels and federated entries are keyed by the target's name, so two Links of
+/// one name would write over each other; only this one runs.
+pub fn claim_holder<'a>(
+    links: impl IntoIterator<Item = &'a Link>,
+    cluster: &str,
+) -> Option<&'a Link> {
+    links
+        .into_iter()
+        .filter(|l| l.spec.target_cluster_name == cluster)
+        .min_by(|a, b| {
+            let created = |l: &Link| l.metadata.creation_timestamp.clone().map(|t| t.0);
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| a.name_any().cmp(&b.name_any()))
+        })
+}
+
+impl Ctx {
+    /// The other Link that serves `link`'s target cluster name, when it is not `link`.
+    fn holder_other_than(&self, link: &Link) -> Option<String> {
+        let cluster = &link.spec.target_cluster_name;
+        if cluster.is_empty() {
+            return None;
+        }
+        let links = self.links.state();
+        let holder = claim_holder(links.iter().map(|l| &**l).chain([link]), cluster)?;
+        (holder.name_any() != link.name_any()).then(|| holder.name_any())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +118,7 @@ pub async fn run(
         watcher::Config::default().fields(&format!("type={}", keys::REMOTE_KUBECONFIG_SECRET_TYPE));
     let controller = Controller::new(links, link_config);
     let store = controller.store();
+    let links_store = store.clone();
     let federation = match &options.link {
         None => Some(Federation::start(
             client.clone(),
@@ -101,6 +139,7 @@ pub async fn run(
         secrets: secrets.clone(),
         running: Mutex::new(HashMap::new()),
         federation,
+        links: links_store,
     });
     controller
         // A credentials Secret's change re-reconciles the Links that name it.
@@ -142,6 +181,9 @@ async fn reconcile(link: Arc<Link>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Starts the Link's worker, or restarts it when the spec or the credentials changed.
 async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     let name = link.name_any();
+    if let Some(holder) = ctx.holder_other_than(link) {
+        return refuse_duplicate(link, &holder, ctx).await;
+    }
     let secret = match ctx
         .secrets
         .get_opt(&link.spec.cluster_credentials_secret)
@@ -290,6 +332,47 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     Ok(Action::await_change())
 }
 
+/// A Link whose target cluster name another Link already serves: its worker (if it had one)
+/// stops, it mirrors nothing, and its status says which Link holds the name. It is looked at
+/// again every few seconds, so it takes over once the holder is deleted or renamed.
+async fn refuse_duplicate(link: &Link, holder: &str, ctx: &Ctx) -> Result<Action, kube::Error> {
+    let name = link.name_any();
+    let cluster = &link.spec.target_cluster_name;
+    let mut running = ctx.running.lock().await;
+    let was_running = running.remove(&name).map(|r| r.cancel.cancel()).is_some();
+    drop(running);
+    let status = StatusHandle::new(link.status.as_ref());
+    let message = format!(
+        "targetClusterName {cluster:?} is already served by Link {holder}; this Link mirrors nothing until that Link is deleted or this one names another cluster"
+    );
+    status.set_link_condition(
+        CONDITION_ACCEPTED,
+        ConditionStatus::False,
+        "DuplicateTargetCluster",
+        &message,
+    );
+    let said = link.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == CONDITION_ACCEPTED
+                && c.status == ConditionStatus::False
+                && c.message == message
+        })
+    });
+    if was_running || !said {
+        tracing::warn!(link = %name, target = %cluster, %holder, "refusing a Link whose target cluster name another Link serves");
+    }
+    if !said {
+        let api: Api<Link> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status.document_json()),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(5)))
+}
+
 /// Starts the gateway probe of a Link, reporting transitions as the `GatewayAlive` condition and
 /// as Events.
 fn start_probe(
@@ -375,6 +458,11 @@ async fn cleanup(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     if cluster.is_empty() {
         return Ok(Action::await_change());
     }
+    // A refused duplicate owns nothing: the mirrors of its cluster name are the holder's.
+    if let Some(holder) = ctx.holder_other_than(link) {
+        tracing::info!(link = %name, target = %cluster, %holder, "deleting a refused duplicate Link: the mirrors stay with the Link that serves the name");
+        return Ok(Action::await_change());
+    }
     if let Some(f) = &ctx.federation {
         f.leave(cluster);
     }
@@ -399,4 +487,42 @@ async fn cleanup(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, cluster: &str, created: Option<i64>) -> Link {
+        let mut l = Link::new(
+            name,
+            link_crd::LinkSpec {
+                target_cluster_name: cluster.into(),
+                ..Default::default()
+            },
+        );
+        l.metadata.creation_timestamp = created.map(|s| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(s).unwrap(),
+            )
+        });
+        l
+    }
+
+    #[test]
+    fn the_oldest_link_of_a_target_name_holds_it() {
+        let links = [
+            link("east-b", "east", Some(200)),
+            link("east-a", "east", Some(100)),
+            link("north", "north", Some(50)),
+            // Same creation second: the first by name.
+            link("west-2", "west", Some(300)),
+            link("west-1", "west", Some(300)),
+        ];
+        let holder = |c| claim_holder(&links, c).map(ResourceExt::name_any);
+        assert_eq!(holder("east").as_deref(), Some("east-a"));
+        assert_eq!(holder("north").as_deref(), Some("north"));
+        assert_eq!(holder("west").as_deref(), Some("west-1"));
+        assert_eq!(holder("south"), None);
+    }
 }

@@ -451,6 +451,11 @@ impl StatusHandle {
         }
     }
 
+    /// The status document as it would be written now, as JSON (for a one-off write).
+    pub fn document_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.document()).unwrap_or_default()
+    }
+
     /// What is due to be written, given what was: the document and its text, and the text of
     /// its Link-level conditions.
     fn due(&self, written: &(String, String)) -> Option<(Document, (String, String))> {
