@@ -59,6 +59,9 @@ fn main() -> ExitCode {
         ("a_second_link_of_a_served_target_name_is_refused", |e| {
             Box::pin(duplicate_target_name(e))
         }),
+        ("a_local_service_holding_a_mirror_name_is_left_alone", |e| {
+            Box::pin(name_taken(e))
+        }),
         ("unexport_and_remote_delete_remove_only_that_mirror", |e| {
             Box::pin(unexport_and_delete(e))
         }),
@@ -240,6 +243,111 @@ async fn duplicate_target_name(env: Arc<Env>) -> Result<()> {
             == Some("True"),
         "the holder is still Ready"
     );
+    Ok(())
+}
+
+/// `west`'s own `safe/victim-east` (a selector, a Ready pod) is neither written nor deleted
+/// when `east` exports and then deletes `safe/victim`; the mirror appears once the name is free.
+async fn name_taken(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let ns = "safe";
+    create_namespace(w, ns).await?;
+    let own: Service = serde_json::from_value(json!({
+        "metadata": { "name": "victim-east", "labels": { "team": "payments" } },
+        "spec": { "selector": { "app": "victim" }, "ports": [{ "name": "http", "port": 80 }] },
+    }))?;
+    let local: Api<Service> = Api::namespaced(w.clone(), ns);
+    local.create(&PostParams::default(), &own).await?;
+    create_ready_pod(
+        w,
+        ns,
+        "victim-0",
+        &labels(&[("app", "victim")]),
+        IpAddr::V4(Ipv4Addr::new(10, 2, 0, 9)),
+        &env.west.node_name(),
+    )
+    .await?;
+    let ready_ip = || async {
+        get::<Endpoints>(w, ns, "victim-east")
+            .await
+            .map(|e| endpoint_ips(&e).0)
+            .filter(|ips| ips == &["10.2.0.9".to_owned()])
+    };
+    wait_for("west's own Endpoints", WAIT, ready_ip).await?;
+    let uid = local.get("victim-east").await?.metadata.uid;
+
+    export(&env, ns, "victim", "true", Ipv4Addr::new(10, 1, 9, 9)).await?;
+    let (status, reason) = wait_for("the NameTaken entry", WAIT, || async {
+        mirror_status(w, ns, "victim")
+            .await
+            .filter(|(_, r)| r == "NameTaken")
+    })
+    .await?;
+    ensure!(status == "False", "{status} {reason}");
+    let events: Api<Event> = Api::namespaced(w.clone(), NS);
+    wait_for("a NameTaken Event", WAIT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("NameTaken"))
+    })
+    .await?;
+    let after = local.get("victim-east").await?;
+    ensure!(after.metadata.uid == uid, "west's Service was replaced");
+    ensure!(
+        !after
+            .labels()
+            .contains_key("mirror.linkerd.io/cluster-name"),
+        "west's Service was taken over: {:?}",
+        after.labels()
+    );
+    ensure!(ready_ip().await.is_some(), "west's Endpoints were changed");
+
+    // east deletes its Service: the entry goes (the controller acted), west's stays as it was.
+    let remote: Api<Service> = Api::namespaced(env.east_client.clone(), ns);
+    remote.delete("victim", &DeleteParams::default()).await?;
+    wait_for("the entry to go", WAIT, || async {
+        mirror_status(w, ns, "victim").await.is_none().then_some(())
+    })
+    .await?;
+    ensure!(
+        local.get("victim-east").await?.metadata.uid == uid,
+        "west's Service was deleted"
+    );
+    ensure!(ready_ip().await.is_some(), "west's Endpoints were changed");
+
+    // While a Service of west holds a mirror's name, nothing is mirrored; once it is freed, the
+    // mirror appears.
+    let spare: Service = serde_json::from_value(json!({
+        "metadata": { "name": "spare-east" },
+        "spec": { "ports": [{ "port": 80 }] },
+    }))?;
+    let spare_uid = local
+        .create(&PostParams::default(), &spare)
+        .await?
+        .metadata
+        .uid;
+    export(&env, ns, "spare", "true", Ipv4Addr::new(10, 1, 9, 10)).await?;
+    wait_for("NameTaken for spare", WAIT, || async {
+        mirror_status(w, ns, "spare")
+            .await
+            .filter(|(_, r)| r == "NameTaken")
+    })
+    .await?;
+    local.delete("spare-east", &DeleteParams::default()).await?;
+    let mirror = wait_for("the mirror once the name is free", WAIT, || async {
+        get::<Service>(w, ns, "spare-east").await.filter(|s| {
+            s.labels()
+                .get("mirror.linkerd.io/cluster-name")
+                .map(String::as_str)
+                == Some("east")
+        })
+    })
+    .await?;
+    ensure!(mirror.metadata.uid != spare_uid);
     Ok(())
 }
 

@@ -144,6 +144,14 @@ pub(crate) enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading {kind} {namespace}/{name}: {source}")]
+    Read {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("deleting {kind} {namespace}/{name}: {source}")]
     Delete {
         kind: &'static str,
@@ -159,6 +167,7 @@ impl Error {
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Self::Write { .. } => "write",
+            Self::Read { .. } => "read",
             Self::Delete { .. } => "delete",
         }
     }

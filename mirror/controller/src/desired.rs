@@ -17,6 +17,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use kube::ResourceExt;
 use link_crd::{LinkSpec, NameError, keys, naming};
 
 pub mod federated;
@@ -150,6 +151,18 @@ pub fn is_controller_key(key: &str) -> bool {
             keys::LOCAL_DISCOVERY_ANNOTATION,
         ]
         .contains(&key)
+}
+
+/// Whether local Service `svc` is a mirror this controller made for target `cluster` (it carries
+/// the mirror labels of that cluster). Anything else, whoever made it, is never written or
+/// deleted.
+pub fn made_by(svc: &Service, cluster: &str) -> bool {
+    let labels = svc.labels();
+    labels
+        .get(keys::MIRRORED_RESOURCE_LABEL)
+        .map(String::as_str)
+        == Some("true")
+        && labels.get(keys::CLUSTER_NAME_LABEL).map(String::as_str) == Some(cluster)
 }
 
 /// The labels of `s` a mirror or federated Service copies: all but the controller's own keys

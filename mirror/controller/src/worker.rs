@@ -662,6 +662,9 @@ struct Loop<'a> {
 /// side by side is what lets thousands of Services be mirrored in seconds.
 const CONCURRENCY: usize = 32;
 
+/// How often a mirror whose name another Service holds is looked at again.
+const NAME_TAKEN_RECHECK: Duration = Duration::from_secs(10);
+
 /// Keys reconciled before the worker looks at its triggers again. A first listing of 10,000
 /// Services is many batches, not one: the watch events of the writes (three per Service) are
 /// taken in as they come instead of piling up in the channel, the writes in flight are matched
@@ -995,6 +998,29 @@ impl Loop<'_> {
                 return Ok(false);
             }
         };
+        // The local watch sees only this controller's mirrors: a name it does not know may be
+        // another team's Service, which is never written over (nor, later, deleted).
+        if local.is_none() && self.foreign(ns, &mirror_name).await? {
+            let first = self.worker.status.reason(key).as_deref() != Some("NameTaken");
+            self.worker.status.set(
+                key,
+                Outcome::failed(
+                    "NameTaken",
+                    format!("Service {ns}/{mirror_name} exists and was not made by this Link: it is left alone, and the Service is mirrored once that name is free"),
+                ),
+            );
+            if first {
+                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %name, mirror = %mirror_name, "mirror name taken by a Service this Link did not make; leaving it alone");
+                self.event(
+                    EventType::Warning,
+                    "NameTaken",
+                    format!("Service {ns}/{name} of cluster {} is not mirrored: {ns}/{mirror_name} exists and is not its mirror", self.target.cluster),
+                )
+                .await;
+            }
+            self.recheck(key.clone(), NAME_TAKEN_RECHECK);
+            return Ok(false);
+        }
         let was_headless = local.as_ref().is_some_and(desired::is_headless);
         if let Some(l) = &local
             && was_headless != headless
@@ -1147,6 +1173,10 @@ impl Loop<'_> {
                 tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, taken_by = %name, "pod not mirrored: its mirror's name is taken");
                 continue;
             }
+            if live.is_none() && self.foreign(&ns, &name).await? {
+                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, taken_by = %name, "pod not mirrored: a Service this Link did not make has its mirror's name");
+                continue;
+            }
             keep.insert(name.clone());
             want.metadata.owner_references = owner.clone().map(|o| vec![o]);
             let svc = match self.writer.apply("Service", &want, live.as_ref()).await? {
@@ -1202,6 +1232,30 @@ impl Loop<'_> {
             wrote = true;
         }
         Ok(wrote)
+    }
+
+    /// Whether a Service `ns/name` exists here that this Link did not make. Asked only before
+    /// the first write of a name the local watch does not know (a Service this Link made but
+    /// the watch has not delivered yet counts as its own).
+    async fn foreign(&self, ns: &str, name: &str) -> Result<bool, Error> {
+        let api: Api<Service> = Api::namespaced(self.worker.local.clone(), ns);
+        let found = api.get_opt(name).await.map_err(|source| Error::Read {
+            kind: "Service",
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(found.is_some_and(|s| !desired::made_by(&s, &self.target.cluster)))
+    }
+
+    /// Looks at `key` again after `delay` (a name held by a Service this controller does not
+    /// watch cannot wake it when it is freed).
+    fn recheck(&self, key: Key, delay: Duration) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Trigger::Key(key, None));
+        });
     }
 
     /// Records an Event on the Link; a failure to record is only logged.
