@@ -50,12 +50,22 @@ const PODS: usize = 10;
 
 /// The address of endpoint `e` of Service `s`.
 fn endpoint_ip(s: usize, e: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 40 + (s / 250) as u8, (s % 250) as u8, e as u8 + 1))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        40 + (s / 250) as u8,
+        (s % 250) as u8,
+        e as u8 + 1,
+    ))
 }
 
 /// A unique marker address for change `n`: 10.100.0.0/14, never used otherwise.
 fn marker(n: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 100 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        100 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
 }
 
 fn is_marker(ip: IpAddr) -> bool {
@@ -116,13 +126,23 @@ async fn main() -> Result<()> {
     let meshed = labels(&[("linkerd.io/control-plane-ns", "linkerd")]);
     for p in 0..PODS {
         let ip = IpAddr::V4(Ipv4Addr::new(10, 30, 0, p as u8 + 1));
-        create_ready_pod(&client, NS, &format!("pod-{p}"), &meshed, ip, &cluster.node_name()).await?;
+        create_ready_pod(
+            &client,
+            NS,
+            &format!("pod-{p}"),
+            &meshed,
+            ip,
+            &cluster.node_name(),
+        )
+        .await?;
     }
 
     // N Services, each with one slice of E endpoints (written as a controller writes them).
     let started = Instant::now();
-    let (services, slices): (Api<Service>, Api<EndpointSlice>) =
-        (Api::namespaced(client.clone(), NS), Api::namespaced(client.clone(), NS));
+    let (services, slices): (Api<Service>, Api<EndpointSlice>) = (
+        Api::namespaced(client.clone(), NS),
+        Api::namespaced(client.clone(), NS),
+    );
     stream::iter(0..n)
         .map(|s| {
             let (services, slices) = (services.clone(), slices.clone());
@@ -147,7 +167,15 @@ async fn main() -> Result<()> {
     let _identity = start_identity(&cluster, identity_addr, &anchors, "24h", dir.path()).await?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let started = Instant::now();
-    let dst = start_destination(&cluster, addr, identity_addr, &anchors, dir.path(), &["--log=warn".into()]).await?;
+    let dst = start_destination(
+        &cluster,
+        addr,
+        identity_addr,
+        &anchors,
+        dir.path(),
+        &["--log=warn".into()],
+    )
+    .await?;
     let ready_time = started.elapsed();
     let pid = dst.pid().context("the destination service's pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -168,7 +196,10 @@ async fn main() -> Result<()> {
     for i in 0..m {
         let path = format!("svc-{}.{NS}.svc.cluster.local:80", i % n);
         let mut f = Followed::get(channels[i % CONNECTIONS].clone(), &path).await?;
-        f.until("the first answer", Duration::from_secs(60), |f| f.endpoints.len() == e).await?;
+        f.until("the first answer", Duration::from_secs(60), |f| {
+            f.endpoints.len() == e
+        })
+        .await?;
         streams.push(f);
     }
     let open_time = started.elapsed();
@@ -184,7 +215,10 @@ async fn main() -> Result<()> {
             while let Ok(Some(u)) = f.next_update().await {
                 if let Some(update::Update::Add(set)) = u.update {
                     for a in set.addrs {
-                        if let Some(ip) = a.addr.and_then(|a| SocketAddr::try_from(a).ok()).map(|a| a.ip())
+                        if let Some(ip) = a
+                            .addr
+                            .and_then(|a| SocketAddr::try_from(a).ok())
+                            .map(|a| a.ip())
                             && is_marker(ip)
                         {
                             arrived(&arrivals, ip);
@@ -200,7 +234,8 @@ async fn main() -> Result<()> {
         let baseline = baseline.clone();
         let slices = slices.clone();
         tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(slices, watcher::Config::default()).applied_objects());
+            let mut events =
+                std::pin::pin!(watcher(slices, watcher::Config::default()).applied_objects());
             while let Some(Ok(s)) = events.next().await {
                 for ep in s.endpoints.iter().flatten() {
                     for ip in ep.addresses.iter().filter_map(|a| a.parse().ok()) {
@@ -227,7 +262,11 @@ async fn main() -> Result<()> {
                     let ip = marker(round * churn + s);
                     let at = Instant::now();
                     slices
-                        .patch(&format!("svc-{s}-x"), &PatchParams::default(), &Patch::Merge(slice(s, e, Some(ip))))
+                        .patch(
+                            &format!("svc-{s}-x"),
+                            &PatchParams::default(),
+                            &Patch::Merge(slice(s, e, Some(ip))),
+                        )
                         .await?;
                     anyhow::Ok((ip, at))
                 }
@@ -245,7 +284,10 @@ async fn main() -> Result<()> {
     let peak = status_kib(pid, "VmHWM").unwrap_or(0);
 
     let lags = |arrivals: &Arrivals| {
-        let got = arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let got = arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut lags: Vec<Duration> = written
             .iter()
             .filter_map(|(ip, at)| got.get(ip).map(|t| t.saturating_duration_since(*at)))

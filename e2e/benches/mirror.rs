@@ -22,8 +22,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use e2e::{
-    Cluster, Component,
-    measure::{arg, cpu_seconds, percentile, status_kib}, create_namespace, create_ready_pod, install_link_crd,
+    Cluster, Component, create_namespace, create_ready_pod, install_link_crd,
+    measure::{arg, cpu_seconds, percentile, status_kib},
     meshlink::{
         Program, apply_link, labels, put_credentials, remote_access_kubeconfig, start_mirror,
     },
@@ -260,7 +260,10 @@ async fn main() -> Result<()> {
     let before = writes(&controller).await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_writes = writes(&controller).await? - before;
-    let rss_mirroring = controller.pid().and_then(|p| status_kib(p, "VmHWM")).unwrap_or(0);
+    let rss_mirroring = controller
+        .pid()
+        .and_then(|p| status_kib(p, "VmHWM"))
+        .unwrap_or(0);
     // A full resync with nothing changed: a new controller lists and reconciles all N.
     drop(controller);
     let resync_start = Instant::now();
@@ -290,7 +293,10 @@ async fn main() -> Result<()> {
             eprintln!("resync wrote: {line}");
         }
     }
-    let rss_resync = second.pid().and_then(|p| status_kib(p, "VmHWM")).unwrap_or(0);
+    let rss_resync = second
+        .pid()
+        .and_then(|p| status_kib(p, "VmHWM"))
+        .unwrap_or(0);
     let peak_rss = rss_mirroring.max(rss_resync);
 
     let results = json!({

@@ -1,13 +1,7 @@
 //! The destination service in end-to-end tests: starting it as its manifest's ServiceAccount, a
 //! gRPC channel to it over mTLS, and a client-side view of a `Get` stream.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use hyper_util::rt::TokioIo;
@@ -94,17 +88,26 @@ pub async fn certified(
 
 /// A gRPC channel to the destination service at `addr` over TLS 1.3, checking its identity and
 /// presenting `creds`' certificate (if it has one).
-pub async fn channel(addr: SocketAddr, creds: &Arc<Credentials>) -> Result<tonic::transport::Channel> {
+pub async fn channel(
+    addr: SocketAddr,
+    creds: &Arc<Credentials>,
+) -> Result<tonic::transport::Channel> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let stream = tls::connect(tls::client_config(creds, &[b"h2"]), tcp, &Id::parse(DESTINATION_ID)?)
-        .await?;
+    let stream = tls::connect(
+        tls::client_config(creds, &[b"h2"]),
+        tcp,
+        &Id::parse(DESTINATION_ID)?,
+    )
+    .await?;
     let mut io = Some(TokioIo::new(stream));
-    Ok(tonic::transport::Endpoint::from_static("http://destination.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let io = io.take();
-            async move { io.ok_or_else(|| std::io::Error::other("connection already used")) }
-        }))
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_static("http://destination.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let io = io.take();
+                async move { io.ok_or_else(|| std::io::Error::other("connection already used")) }
+            }))
+            .await?,
+    )
 }
 
 /// What a client of a `Get` stream knows: the endpoints, and whether the Service exists.
@@ -120,16 +123,15 @@ pub struct Followed {
 impl Followed {
     /// Opens `Get(path)`.
     pub async fn get(channel: tonic::transport::Channel, path: &str) -> Result<Self> {
-        let stream = linkerd2_proxy_api::destination::destination_client::DestinationClient::new(
-            channel,
-        )
-        .get(linkerd2_proxy_api::destination::GetDestination {
-            scheme: "k8s".into(),
-            path: path.into(),
-            context_token: String::new(),
-        })
-        .await?
-        .into_inner();
+        let stream =
+            linkerd2_proxy_api::destination::destination_client::DestinationClient::new(channel)
+                .get(linkerd2_proxy_api::destination::GetDestination {
+                    scheme: "k8s".into(),
+                    path: path.into(),
+                    context_token: String::new(),
+                })
+                .await?
+                .into_inner();
         Ok(Self {
             stream,
             endpoints: BTreeMap::new(),
@@ -174,7 +176,12 @@ impl Followed {
         while !ok(self) {
             let next = tokio::time::timeout_at(deadline, self.stream.message())
                 .await
-                .with_context(|| format!("timed out waiting for {what}; endpoints now: {:?}", self.endpoints.keys().collect::<Vec<_>>()))??;
+                .with_context(|| {
+                    format!(
+                        "timed out waiting for {what}; endpoints now: {:?}",
+                        self.endpoints.keys().collect::<Vec<_>>()
+                    )
+                })??;
             match next {
                 Some(u) => self.apply(u)?,
                 None => bail!("the stream ended while waiting for {what}"),

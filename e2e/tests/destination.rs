@@ -37,8 +37,7 @@ use linkerd2_proxy_api::{
     destination::{GetDestination, destination_client::DestinationClient, tls_identity},
     inbound::{PortSpec, inbound_server_policies_client::InboundServerPoliciesClient},
     outbound::{
-        TrafficSpec, outbound_policies_client::OutboundPoliciesClient, proxy_protocol,
-        traffic_spec,
+        TrafficSpec, outbound_policies_client::OutboundPoliciesClient, proxy_protocol, traffic_spec,
     },
 };
 use proxy_identity::Credentials;
@@ -127,7 +126,8 @@ async fn setup() -> Result<Env> {
     let mirror = start_mirror(west.kubeconfig_path(), &[format!("--namespace={NS}")]).await?;
 
     let addr = SocketAddr::new(host, free_port()?);
-    let destination = start_destination(west, addr, identity_addr, &anchors, dir.path(), &[]).await?;
+    let destination =
+        start_destination(west, addr, identity_addr, &anchors, dir.path(), &[]).await?;
 
     // The test calls as a meshed workload: default/default's identity.
     let token = dir.path().join("client.token");
@@ -166,7 +166,10 @@ impl Env {
 }
 
 async fn put(client: &Client, ns: &str, value: serde_json::Value) -> Result<()> {
-    let name = value["metadata"]["name"].as_str().context("a name")?.to_owned();
+    let name = value["metadata"]["name"]
+        .as_str()
+        .context("a name")?
+        .to_owned();
     let kind = value["kind"].as_str().context("a kind")?;
     let params = PatchParams::apply("e2e").force();
     match kind {
@@ -185,7 +188,13 @@ async fn put(client: &Client, ns: &str, value: serde_json::Value) -> Result<()> 
     Ok(())
 }
 
-fn service(name: &str, app: &str, labels: serde_json::Value, annotations: serde_json::Value, ports: serde_json::Value) -> serde_json::Value {
+fn service(
+    name: &str,
+    app: &str,
+    labels: serde_json::Value,
+    annotations: serde_json::Value,
+    ports: serde_json::Value,
+) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": { "name": name, "labels": labels, "annotations": annotations },
@@ -209,8 +218,10 @@ async fn set_ready(client: &Client, ns: &str, pod: &str, ready: bool) -> Result<
 async fn client_certificates(env: Arc<Env>) -> Result<()> {
     // With a certificate: served (a Get of anything answers).
     let mut ok = env.get("kubernetes.default.svc.cluster.local:443").await?;
-    ok.until("an answer for the kubernetes Service", WAIT, |f| f.exists.is_some())
-        .await?;
+    ok.until("an answer for the kubernetes Service", WAIT, |f| {
+        f.exists.is_some()
+    })
+    .await?;
     // Without one, from an address that is not loopback: the connection is closed after the
     // handshake, before any call.
     let anchors = env.creds.anchors().clone();
@@ -228,7 +239,9 @@ async fn client_certificates(env: Arc<Env>) -> Result<()> {
             .await?;
         anyhow::Ok(())
     };
-    let result = tokio::time::timeout(WAIT, refused).await.context("no answer at all")?;
+    let result = tokio::time::timeout(WAIT, refused)
+        .await
+        .context("no answer at all")?;
     ensure!(result.is_err(), "a client without a certificate was served");
     Ok(())
 }
@@ -239,13 +252,35 @@ async fn follows(env: Arc<Env>) -> Result<()> {
     let path = format!("web.{ns}.svc.cluster.local:80");
     // Asked before the Service exists: no endpoints, and it does not exist.
     let mut web = env.get(&path).await?;
-    web.until("NoEndpoints{exists: false}", WAIT, |f| f.exists == Some(false))
-        .await?;
+    web.until("NoEndpoints{exists: false}", WAIT, |f| {
+        f.exists == Some(false)
+    })
+    .await?;
 
-    put(&env.west, ns, service("web", "web", json!({}), json!({}), json!([{ "name": "http", "port": 80, "targetPort": 8080 }]))).await?;
+    put(
+        &env.west,
+        ns,
+        service(
+            "web",
+            "web",
+            json!({}),
+            json!({}),
+            json!([{ "name": "http", "port": 80, "targetPort": 8080 }]),
+        ),
+    )
+    .await?;
     let pod_labels = labels(&[("app", "web"), MESHED]);
-    create_ready_pod(&env.west, ns, "web-1", &pod_labels, "10.10.0.1".parse()?, &env.west_node).await?;
-    web.until("web-1 added", WAIT, |f| f.addrs() == ["10.10.0.1:8080"]).await?;
+    create_ready_pod(
+        &env.west,
+        ns,
+        "web-1",
+        &pod_labels,
+        "10.10.0.1".parse()?,
+        &env.west_node,
+    )
+    .await?;
+    web.until("web-1 added", WAIT, |f| f.addrs() == ["10.10.0.1:8080"])
+        .await?;
     let ep = &web.endpoints[&"10.10.0.1:8080".parse()?];
     let id = format!("default.{ns}.serviceaccount.identity.linkerd.cluster.local");
     ensure!(
@@ -255,34 +290,81 @@ async fn follows(env: Arc<Env>) -> Result<()> {
         ),
         "identity of a meshed pod: {ep:?}"
     );
-    ensure!(ep.metric_labels.get("pod").map(String::as_str) == Some("web-1"), "{ep:?}");
+    ensure!(
+        ep.metric_labels.get("pod").map(String::as_str) == Some("web-1"),
+        "{ep:?}"
+    );
 
     // Not ready, ready again.
     set_ready(&env.west, ns, "web-1", false).await?;
-    web.until("web-1 removed when not ready", WAIT, |f| f.endpoints.is_empty())
-        .await?;
+    web.until("web-1 removed when not ready", WAIT, |f| {
+        f.endpoints.is_empty()
+    })
+    .await?;
     set_ready(&env.west, ns, "web-1", true).await?;
-    web.until("web-1 back when ready", WAIT, |f| f.addrs() == ["10.10.0.1:8080"]).await?;
+    web.until("web-1 back when ready", WAIT, |f| {
+        f.addrs() == ["10.10.0.1:8080"]
+    })
+    .await?;
 
     // The Service's target port changes: the old address goes, the new one comes.
-    put(&env.west, ns, service("web", "web", json!({}), json!({}), json!([{ "name": "http", "port": 80, "targetPort": 9090 }]))).await?;
-    web.until("the new target port", WAIT, |f| f.addrs() == ["10.10.0.1:9090"]).await?;
-    ensure!(web.removed.contains(&"10.10.0.1:8080".parse()?), "{:?}", web.removed);
+    put(
+        &env.west,
+        ns,
+        service(
+            "web",
+            "web",
+            json!({}),
+            json!({}),
+            json!([{ "name": "http", "port": 80, "targetPort": 9090 }]),
+        ),
+    )
+    .await?;
+    web.until("the new target port", WAIT, |f| {
+        f.addrs() == ["10.10.0.1:9090"]
+    })
+    .await?;
+    ensure!(
+        web.removed.contains(&"10.10.0.1:8080".parse()?),
+        "{:?}",
+        web.removed
+    );
 
     // The Pod deleted: no endpoints, the Service still exists.
     Api::<Pod>::namespaced(env.west.clone(), ns)
         .delete("web-1", &DeleteParams::default().grace_period(0))
         .await?;
-    web.until("no endpoints once the pod is gone", WAIT, |f| f.endpoints.is_empty() && f.exists == Some(true))
-        .await?;
+    web.until("no endpoints once the pod is gone", WAIT, |f| {
+        f.endpoints.is_empty() && f.exists == Some(true)
+    })
+    .await?;
     Ok(())
 }
 
 async fn profiles_and_policies(env: Arc<Env>) -> Result<()> {
     let ns = "dst-policy";
     create_namespace(&env.west, ns).await?;
-    put(&env.west, ns, service("db", "db", json!({}), json!({ "config.linkerd.io/opaque-ports": "3306" }), json!([{ "name": "mysql", "port": 3306 }, { "name": "http", "port": 80 }]))).await?;
-    create_ready_pod(&env.west, ns, "db-0", &labels(&[("app", "db"), MESHED]), "10.10.1.1".parse()?, &env.west_node).await?;
+    put(
+        &env.west,
+        ns,
+        service(
+            "db",
+            "db",
+            json!({}),
+            json!({ "config.linkerd.io/opaque-ports": "3306" }),
+            json!([{ "name": "mysql", "port": 3306 }, { "name": "http", "port": 80 }]),
+        ),
+    )
+    .await?;
+    create_ready_pod(
+        &env.west,
+        ns,
+        "db-0",
+        &labels(&[("app", "db"), MESHED]),
+        "10.10.1.1".parse()?,
+        &env.west_node,
+    )
+    .await?;
     let channel = channel(env.addr, &env.creds).await?;
 
     // Profiles: the Service's name, opaque on its opaque port only.
@@ -290,28 +372,47 @@ async fn profiles_and_policies(env: Arc<Env>) -> Result<()> {
     let profile = |path: String| {
         let mut dst = dst.clone();
         async move {
-            dst.get_profile(GetDestination { path, ..Default::default() })
-                .await?
-                .into_inner()
-                .message()
-                .await?
-                .context("no profile")
+            dst.get_profile(GetDestination {
+                path,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .message()
+            .await?
+            .context("no profile")
         }
     };
     let p = profile(format!("db.{ns}.svc.cluster.local:3306")).await?;
-    ensure!(p.fully_qualified_name == format!("db.{ns}.svc.cluster.local") && p.opaque_protocol, "{p:?}");
-    ensure!(!profile(format!("db.{ns}.svc.cluster.local:80")).await?.opaque_protocol);
+    ensure!(
+        p.fully_qualified_name == format!("db.{ns}.svc.cluster.local") && p.opaque_protocol,
+        "{p:?}"
+    );
+    ensure!(
+        !profile(format!("db.{ns}.svc.cluster.local:80"))
+            .await?
+            .opaque_protocol
+    );
     // A name outside the cluster is not resolvable.
     let err = dst
-        .get_profile(GetDestination { path: "example.com:443".into(), ..Default::default() })
+        .get_profile(GetDestination {
+            path: "example.com:443".into(),
+            ..Default::default()
+        })
         .await
         .err()
         .context("a profile for example.com")?;
     ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
 
     // Outbound: the ClusterIP is the Service, balanced over its endpoints.
-    let svc = Api::<Service>::namespaced(env.west.clone(), ns).get("db").await?;
-    let ip: IpAddr = svc.spec.and_then(|s| s.cluster_ip).context("a ClusterIP")?.parse()?;
+    let svc = Api::<Service>::namespaced(env.west.clone(), ns)
+        .get("db")
+        .await?;
+    let ip: IpAddr = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("a ClusterIP")?
+        .parse()?;
     let policy = OutboundPoliciesClient::new(channel.clone())
         .get(TrafficSpec {
             source_workload: format!("{ns}:client"),
@@ -324,7 +425,10 @@ async fn profiles_and_policies(env: Arc<Env>) -> Result<()> {
     };
     let route = &detect.http1.context("http1")?.routes[0].rules[0];
     let backend = format!("{:?}", route.backends);
-    ensure!(backend.contains(&format!("db.{ns}.svc.cluster.local:80")), "{backend}");
+    ensure!(
+        backend.contains(&format!("db.{ns}.svc.cluster.local:80")),
+        "{backend}"
+    );
     ensure!(backend.contains("PeakEwma"), "{backend}");
 
     // Inbound: the default policy follows the namespace's annotation, on a watch.
@@ -336,14 +440,23 @@ async fn profiles_and_policies(env: Arc<Env>) -> Result<()> {
         .await?
         .into_inner();
     let first = inbound.message().await?.context("a server")?;
-    ensure!(first.labels.get("name").map(String::as_str) == Some("all-unauthenticated"), "{first:?}");
+    ensure!(
+        first.labels.get("name").map(String::as_str) == Some("all-unauthenticated"),
+        "{first:?}"
+    );
     put(&env.west, "", json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": { "name": ns, "annotations": { "config.linkerd.io/default-inbound-policy": "deny" } },
     }))
     .await?;
-    let next = tokio::time::timeout(WAIT, inbound.message()).await??.context("an update")?;
-    ensure!(next.labels.get("name").map(String::as_str) == Some("deny") && next.authorizations.is_empty(), "{next:?}");
+    let next = tokio::time::timeout(WAIT, inbound.message())
+        .await??
+        .context("an update")?;
+    ensure!(
+        next.labels.get("name").map(String::as_str) == Some("deny")
+            && next.authorizations.is_empty(),
+        "{next:?}"
+    );
     Ok(())
 }
 
@@ -351,14 +464,44 @@ async fn gateway_mirror(env: Arc<Env>) -> Result<()> {
     let ns = "dst-mirror";
     create_namespace(&env.east, ns).await?;
     create_namespace(&env.west, ns).await?;
-    put(&env.east, ns, service("web", "web", json!({ "mirror.linkerd.io/exported": "true" }), json!({}), json!([{ "name": "http", "port": 80, "targetPort": 8080 }]))).await?;
-    create_ready_pod(&env.east, ns, "web-1", &labels(&[("app", "web"), MESHED]), "10.20.0.1".parse()?, &env.east_node).await?;
-    let mut web = env.get(&format!("web-east.{ns}.svc.cluster.local:80")).await?;
+    put(
+        &env.east,
+        ns,
+        service(
+            "web",
+            "web",
+            json!({ "mirror.linkerd.io/exported": "true" }),
+            json!({}),
+            json!([{ "name": "http", "port": 80, "targetPort": 8080 }]),
+        ),
+    )
+    .await?;
+    create_ready_pod(
+        &env.east,
+        ns,
+        "web-1",
+        &labels(&[("app", "web"), MESHED]),
+        "10.20.0.1".parse()?,
+        &env.east_node,
+    )
+    .await?;
+    let mut web = env
+        .get(&format!("web-east.{ns}.svc.cluster.local:80"))
+        .await?;
     let gateway: SocketAddr = format!("{EAST_GATEWAY}:4143").parse()?;
-    web.until("the east gateway", WAIT, |f| f.endpoints.contains_key(&gateway)).await?;
+    web.until("the east gateway", WAIT, |f| {
+        f.endpoints.contains_key(&gateway)
+    })
+    .await?;
     let ep = &web.endpoints[&gateway];
-    let authority = ep.authority_override.as_ref().map(|a| a.authority_override.as_str());
-    ensure!(authority == Some(&format!("web.{ns}.svc.cluster.local:80")), "{ep:?}");
+    let authority = ep
+        .authority_override
+        .as_ref()
+        .map(|a| a.authority_override.as_str());
+    ensure!(
+        authority == Some(&format!("web.{ns}.svc.cluster.local:80")),
+        "{ep:?}"
+    );
     ensure!(
         matches!(
             ep.tls_identity.as_ref().and_then(|t| t.strategy.clone()),
@@ -373,16 +516,44 @@ async fn federated(env: Arc<Env>) -> Result<()> {
     let ns = "dst-fed";
     create_namespace(&env.east, ns).await?;
     create_namespace(&env.west, ns).await?;
-    let member = || service("api", "api", json!({ "mirror.linkerd.io/federated": "member" }), json!({}), json!([{ "name": "http", "port": 80, "targetPort": 8080 }]));
+    let member = || {
+        service(
+            "api",
+            "api",
+            json!({ "mirror.linkerd.io/federated": "member" }),
+            json!({}),
+            json!([{ "name": "http", "port": 80, "targetPort": 8080 }]),
+        )
+    };
     put(&env.east, ns, member()).await?;
     put(&env.west, ns, member()).await?;
     let pod = labels(&[("app", "api"), MESHED]);
-    create_ready_pod(&env.east, ns, "api-e", &pod, "10.20.1.1".parse()?, &env.east_node).await?;
-    create_ready_pod(&env.west, ns, "api-w", &pod, "10.10.2.1".parse()?, &env.west_node).await?;
+    create_ready_pod(
+        &env.east,
+        ns,
+        "api-e",
+        &pod,
+        "10.20.1.1".parse()?,
+        &env.east_node,
+    )
+    .await?;
+    create_ready_pod(
+        &env.west,
+        ns,
+        "api-w",
+        &pod,
+        "10.10.2.1".parse()?,
+        &env.west_node,
+    )
+    .await?;
 
-    let mut api = env.get(&format!("api-federated.{ns}.svc.cluster.local:80")).await?;
-    api.until("members of both clusters", WAIT, |f| f.addrs() == ["10.10.2.1:8080", "10.20.1.1:8080"])
+    let mut api = env
+        .get(&format!("api-federated.{ns}.svc.cluster.local:80"))
         .await?;
+    api.until("members of both clusters", WAIT, |f| {
+        f.addrs() == ["10.10.2.1:8080", "10.20.1.1:8080"]
+    })
+    .await?;
     // east's endpoint has east's identity (its trust domain, from the Link's gateway identity).
     let remote = &api.endpoints[&"10.20.1.1:8080".parse()?];
     let want = format!("default.{ns}.serviceaccount.identity.linkerd.east");
@@ -398,22 +569,50 @@ async fn federated(env: Arc<Env>) -> Result<()> {
     env.clusters.lock().await[0].kill(Component::ApiServer);
     let dst = env.destination.lock().await;
     wait_for("east reported unreachable", WAIT, || async {
-        (dst.metric("destination_remote_cluster_reachable", "cluster=\"east\"").await.ok()? == 0.0).then_some(())
+        (dst.metric("destination_remote_cluster_reachable", "cluster=\"east\"")
+            .await
+            .ok()?
+            == 0.0)
+            .then_some(())
     })
     .await?;
     drop(dst);
     // ...then a change in west arrives while east's endpoint stays.
-    create_ready_pod(&env.west, ns, "api-w2", &pod, "10.10.2.2".parse()?, &env.west_node).await?;
-    api.until("a new west member", WAIT, |f| f.endpoints.contains_key(&"10.10.2.2:8080".parse().unwrap()))
-        .await?;
-    ensure!(api.addrs() == ["10.10.2.1:8080", "10.10.2.2:8080", "10.20.1.1:8080"], "{:?}", api.addrs());
-    ensure!(api.removed.is_empty(), "removed while east was down: {:?}", api.removed);
+    create_ready_pod(
+        &env.west,
+        ns,
+        "api-w2",
+        &pod,
+        "10.10.2.2".parse()?,
+        &env.west_node,
+    )
+    .await?;
+    api.until("a new west member", WAIT, |f| {
+        f.endpoints.contains_key(&"10.10.2.2:8080".parse().unwrap())
+    })
+    .await?;
+    ensure!(
+        api.addrs() == ["10.10.2.1:8080", "10.10.2.2:8080", "10.20.1.1:8080"],
+        "{:?}",
+        api.addrs()
+    );
+    ensure!(
+        api.removed.is_empty(),
+        "removed while east was down: {:?}",
+        api.removed
+    );
 
     // east comes back: reported reachable again.
-    env.clusters.lock().await[0].start_component(Component::ApiServer).await?;
+    env.clusters.lock().await[0]
+        .start_component(Component::ApiServer)
+        .await?;
     let dst = env.destination.lock().await;
     wait_for("east reachable again", Duration::from_secs(60), || async {
-        (dst.metric("destination_remote_cluster_reachable", "cluster=\"east\"").await.ok()? == 1.0).then_some(())
+        (dst.metric("destination_remote_cluster_reachable", "cluster=\"east\"")
+            .await
+            .ok()?
+            == 1.0)
+            .then_some(())
     })
     .await?;
     Ok(())

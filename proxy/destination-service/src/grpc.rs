@@ -266,16 +266,25 @@ impl Api {
         first: T,
         mut answer: impl FnMut(&mut Subscription) -> Option<T> + Send + 'static,
     ) -> Stream_<T> {
-        let updates = self.metrics.updates.get_or_create(&ApiLabel { api }).clone();
-        follow(sub, first.clone(), vec![first], guard, updates, move |sub, last: &mut T| {
-            match answer(sub) {
+        let updates = self
+            .metrics
+            .updates
+            .get_or_create(&ApiLabel { api })
+            .clone();
+        follow(
+            sub,
+            first.clone(),
+            vec![first],
+            guard,
+            updates,
+            move |sub, last: &mut T| match answer(sub) {
                 Some(v) if v != *last => {
                     *last = v.clone();
                     vec![v]
                 }
                 _ => Vec::new(),
-            }
-        })
+            },
+        )
     }
 
     fn outbound_answer(
@@ -343,9 +352,13 @@ impl OutboundPolicies for Api {
         let mut sub = self.store.subscribe();
         let first = self.outbound_answer(&mut sub, &target)?;
         let this = self.clone();
-        Ok(Response::new(self.latest("outbound", guard, sub, first, move |sub| {
-            this.outbound_answer(sub, &target).ok()
-        })))
+        Ok(Response::new(self.latest(
+            "outbound",
+            guard,
+            sub,
+            first,
+            move |sub| this.outbound_answer(sub, &target).ok(),
+        )))
     }
 }
 
@@ -371,9 +384,13 @@ impl InboundServerPolicies for Api {
         let mut sub = self.store.subscribe();
         let first = self.inbound_answer(&mut sub, &pod, spec.port)?;
         let this = self.clone();
-        Ok(Response::new(self.latest("inbound", guard, sub, first, move |sub| {
-            this.inbound_answer(sub, &pod, spec.port).ok()
-        })))
+        Ok(Response::new(self.latest(
+            "inbound",
+            guard,
+            sub,
+            first,
+            move |sub| this.inbound_answer(sub, &pod, spec.port).ok(),
+        )))
     }
 }
 
