@@ -983,12 +983,12 @@ impl Topology {
     }
 }
 
-/// Service `bench/web` (ports 8080 and 7001) and a Ready Pod at the backend's address.
+/// Service `bench/web` (ports 8080 and 7001, exported) and a Ready Pod at the backend's address.
 async fn create_backend_service(cluster: &Cluster, ip: IpAddr) -> Result<()> {
     let client = cluster.client();
     create_namespace(&client, NS).await?;
     let svc: Service = serde_json::from_value(json!({
-        "metadata": { "name": SERVICE },
+        "metadata": { "name": SERVICE, "labels": { "mirror.linkerd.io/exported": "true" } },
         "spec": {
             "selector": { "app": SERVICE },
             "ports": [

@@ -122,6 +122,9 @@ fn main() -> ExitCode {
         ("a_client_of_a_foreign_anchor_is_refused", |e| {
             Box::pin(foreign_anchor(e))
         }),
+        ("an_unexported_service_is_refused", |e| {
+            Box::pin(not_exported(e))
+        }),
         (
             "admin_serves_probes_to_all_and_metrics_to_loopback_only",
             |e| Box::pin(admin(e)),
@@ -166,19 +169,26 @@ async fn setup() -> Result<Env> {
     let client_net = Host::create()?;
     let e = east.client();
     create_namespace(&e, "shop").await?;
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": { "name": "echo" },
-        "spec": {
-            "selector": { "app": "echo" },
-            "ports": [
-                { "name": "tcp", "port": 7000, "targetPort": 7000 },
-                { "name": "http", "port": 8080, "targetPort": 8080 },
-            ],
-        },
-    }))?;
-    Api::<Service>::namespaced(e.clone(), "shop")
-        .create(&PostParams::default(), &svc)
-        .await?;
+    // `echo` is exported; `private` selects the same Pod but is not, so the gateway must refuse
+    // it although it could reach it.
+    for (name, labels) in [
+        ("echo", json!({ "mirror.linkerd.io/exported": "true" })),
+        ("private", json!({ "app": "private" })),
+    ] {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "selector": { "app": "echo" },
+                "ports": [
+                    { "name": "tcp", "port": 7000, "targetPort": 7000 },
+                    { "name": "http", "port": 8080, "targetPort": 8080 },
+                ],
+            },
+        }))?;
+        Api::<Service>::namespaced(e.clone(), "shop")
+            .create(&PostParams::default(), &svc)
+            .await?;
+    }
     create_ready_pod(
         &e,
         "shop",
@@ -399,6 +409,42 @@ async fn foreign_anchor(env: Arc<Env>) -> Result<()> {
         .await
         .ok()
         .filter(|n| *n > before)
+    })
+    .await?;
+    Ok(())
+}
+
+async fn not_exported(env: Arc<Env>) -> Result<()> {
+    let refused = async || {
+        env.gateway
+            .lock()
+            .await
+            .metric(
+                "gateway_refused_connections_total",
+                "reason=\"not_exported\"",
+            )
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = refused().await;
+    // The exported Service answers (the gateway reaches the Pod) ...
+    let echo = env.client("tcp", TARGET_TCP, &[])?;
+    ensure!(echo == "ping", "opaque TCP echo: {echo:?}");
+    // ... and the unexported one in front of the same Pod does not, with its reason counted.
+    for mode in ["tcp", "http1"] {
+        let target = if mode == "tcp" {
+            "private.shop.svc.cluster.local:7000"
+        } else {
+            "private.shop.svc.cluster.local:8080"
+        };
+        let result = env.client(mode, target, &[]);
+        ensure!(
+            !result.as_ref().is_ok_and(|out| out.starts_with("200")),
+            "an unexported Service was reached ({mode}): {result:?}"
+        );
+    }
+    wait_for("the not_exported refusals to be counted", WAIT, || async {
+        Some(refused().await).filter(|n| *n >= before + 2.0)
     })
     .await?;
     Ok(())

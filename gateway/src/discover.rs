@@ -1,9 +1,12 @@
 //! Where a target lives: one watch of Services and one of EndpointSlices per gateway (not per
 //! connection), kept as a small index from `(namespace, service)` to its ports and its ready
 //! endpoints. A lookup is a read of that index.
+//!
+//! Only exported Services are reachable by default ([`Export`]): a workload of a linked cluster
+//! must not reach what this cluster never offered it (its identity service, its API server).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, RwLock,
@@ -17,6 +20,7 @@ use kube::{
     ResourceExt,
     runtime::{WatchStreamExt, watcher},
 };
+use link_crd::LabelSelector;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +33,51 @@ type Key = (String, String);
 struct ServiceInfo {
     /// (port, port name)
     ports: Vec<(u16, Option<String>)>,
+    /// Its labels, for the export policy.
+    labels: BTreeMap<String, String>,
+}
+
+/// Which Services the gateway forwards to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Export {
+    /// Any Service in any namespace (Linkerd's gateway).
+    Any,
+    /// Only Services whose labels match the selector.
+    Selected(LabelSelector),
+}
+
+impl Default for Export {
+    /// The Link's default selectors together: `mirror.linkerd.io/exported` is `true` (gateway
+    /// mirrors) or `remote-discovery`.
+    fn default() -> Self {
+        Self::Selected(default_export_selector())
+    }
+}
+
+/// `mirror.linkerd.io/exported in (true,remote-discovery)`.
+pub fn default_export_selector() -> LabelSelector {
+    use link_crd::keys;
+    LabelSelector {
+        match_labels: BTreeMap::new(),
+        match_expressions: vec![link_crd::LabelSelectorRequirement {
+            key: keys::EXPORTED_LABEL.to_owned(),
+            operator: link_crd::operator::IN.to_owned(),
+            values: vec![
+                keys::EXPORTED_VALUE_GATEWAY.to_owned(),
+                keys::EXPORTED_VALUE_REMOTE_DISCOVERY.to_owned(),
+            ],
+        }],
+    }
+}
+
+impl Export {
+    /// Whether a Service with `labels` may be reached through the gateway.
+    pub fn allows(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Selected(selector) => selector.matches(labels),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,6 +101,8 @@ struct Index {
 pub enum Unresolved {
     #[error("no Service {namespace}/{name}")]
     NoService { namespace: String, name: String },
+    #[error("Service {namespace}/{name} is not exported")]
+    NotExported { namespace: String, name: String },
     #[error("Service {namespace}/{name} has no port {port}")]
     NoPort {
         namespace: String,
@@ -101,8 +152,14 @@ impl Default for Discovery {
 }
 
 impl Discovery {
-    /// The ready endpoints of `namespace/name` port `port`.
-    pub fn resolve(&self, namespace: &str, name: &str, port: u16) -> Result<Endpoints, Unresolved> {
+    /// The ready endpoints of `namespace/name` port `port`, if `export` offers that Service.
+    pub fn resolve(
+        &self,
+        export: &Export,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<Endpoints, Unresolved> {
         let index = self
             .index
             .read()
@@ -115,6 +172,13 @@ impl Discovery {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
             })?;
+        // Before the port, so that a client learns nothing about a Service it may not reach.
+        if !export.allows(&svc.labels) {
+            return Err(Unresolved::NotExported {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
+        }
         let (_, port_name) =
             svc.ports
                 .iter()
@@ -173,7 +237,10 @@ impl Discovery {
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|p| Some((u16::try_from(p.port).ok()?, p.name.clone())))
             .collect();
-        self.write().services.insert(key, ServiceInfo { ports });
+        let labels = svc.labels().clone();
+        self.write()
+            .services
+            .insert(key, ServiceInfo { ports, labels });
     }
 
     pub fn delete_service(&self, svc: &Service) {
@@ -334,6 +401,7 @@ mod tests {
             metadata: ObjectMeta {
                 namespace: Some(ns.into()),
                 name: Some(name.into()),
+                labels: Some([("mirror.linkerd.io/exported".into(), "true".into())].into()),
                 ..ObjectMeta::default()
             },
             spec: Some(ServiceSpec {
@@ -410,7 +478,7 @@ mod tests {
             ("admin", 9999),
             &[("10.0.0.4", Some(true))],
         ));
-        let eps = d.resolve("shop", "web", 80).unwrap();
+        let eps = d.resolve(&Export::default(), "shop", "web", 80).unwrap();
         assert_eq!(
             eps.addrs,
             vec![
@@ -423,22 +491,98 @@ mod tests {
         let b: Vec<_> = eps.ordered().collect();
         assert_ne!(a[0], b[0]);
         assert_eq!(
-            d.resolve("shop", "web", 9000).unwrap().addrs,
+            d.resolve(&Export::default(), "shop", "web", 9000)
+                .unwrap()
+                .addrs,
             vec!["10.0.0.4:9999".parse().unwrap()]
         );
         assert!(matches!(
-            d.resolve("shop", "web", 81),
+            d.resolve(&Export::default(), "shop", "web", 81),
             Err(Unresolved::NoPort { .. })
         ));
         assert!(matches!(
-            d.resolve("shop", "db", 80),
+            d.resolve(&Export::default(), "shop", "db", 80),
             Err(Unresolved::NoService { .. })
         ));
         d.delete_slice(&slice("shop", "web", "web-a", ("http", 8080), &[]));
         assert!(matches!(
-            d.resolve("shop", "web", 80),
+            d.resolve(&Export::default(), "shop", "web", 80),
             Err(Unresolved::NoEndpoints { .. })
         ));
+    }
+
+    #[test]
+    fn export_policy() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let exported = "mirror.linkerd.io/exported";
+        let custom: LabelSelector = "team=shop,tier in (web)".parse().unwrap();
+        for (export, pairs, allowed) in [
+            (Export::default(), vec![(exported, "true")], true),
+            (
+                Export::default(),
+                vec![(exported, "remote-discovery")],
+                true,
+            ),
+            (Export::default(), vec![(exported, "false")], false),
+            (Export::default(), vec![(exported, "TRUE")], false),
+            (Export::default(), vec![("app", "web")], false),
+            (Export::default(), vec![], false),
+            (Export::Any, vec![], true),
+            (Export::Any, vec![(exported, "false")], true),
+            (
+                Export::Selected(custom.clone()),
+                vec![("team", "shop"), ("tier", "web")],
+                true,
+            ),
+            (
+                Export::Selected(custom.clone()),
+                vec![(exported, "true")],
+                false,
+            ),
+            // An empty selector matches nothing (as a Link's does), never everything.
+            (Export::Selected(LabelSelector::default()), vec![], false),
+        ] {
+            assert_eq!(
+                export.allows(&labels(&pairs)),
+                allowed,
+                "{export:?} {pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unexported_services_are_not_resolved() {
+        let d = Discovery::default();
+        let mut svc = service("kube-system", "secret", &[(80, "http")]);
+        svc.metadata.labels = None;
+        d.apply_service(&svc);
+        d.apply_slice(&slice(
+            "kube-system",
+            "secret",
+            "secret-a",
+            ("http", 8080),
+            &[("10.0.0.9", Some(true))],
+        ));
+        // Not even the port is checked: an unknown port says the same.
+        for port in [80, 81] {
+            assert!(matches!(
+                d.resolve(&Export::default(), "kube-system", "secret", port),
+                Err(Unresolved::NotExported { .. })
+            ));
+        }
+        assert!(d.resolve(&Export::Any, "kube-system", "secret", 80).is_ok());
+        // Labelled later: reachable from then on.
+        svc.metadata.labels = Some([("mirror.linkerd.io/exported".into(), "true".into())].into());
+        d.apply_service(&svc);
+        assert!(
+            d.resolve(&Export::default(), "kube-system", "secret", 80)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -15,12 +15,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
+use proxy_http::{
+    MAX_HTTP1_HEAD, OrigProto, forwarded_by, http1_server, set_client_id, strip_hop_by_hop,
+};
 use proxy_transport_header::SessionProtocol;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -135,11 +138,17 @@ impl Clients {
 struct Http1Conns(Mutex<HashMap<SocketAddr, http1::SendRequest<Incoming>>>);
 
 impl Http1Conns {
+    /// Sends on the kept connection to `addr`, or a new one. With `wait`, a kept connection
+    /// still busy with the previous response is waited for (a client connection speaking
+    /// HTTP/1 sends one request at a time, so it is nearly done); without (many requests of one
+    /// HTTP/2 client, downgraded), a busy one is left to its request and another is opened, so
+    /// that one slow response does not hold up the others.
     async fn send(
         &self,
         clients: &Clients,
         addr: SocketAddr,
         req: Request<Incoming>,
+        wait: bool,
     ) -> Result<Response<Incoming>, SendError> {
         let cached = self
             .0
@@ -147,20 +156,28 @@ impl Http1Conns {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&addr);
         let mut req = req;
-        if let Some(mut sender) = cached.filter(|s| !s.is_closed()) {
-            // Ready once the previous response's body is done.
-            if sender.ready().await.is_ok() {
-                let sent = sender.try_send_request(req);
-                self.put(addr, sender);
-                match sent.await {
-                    Ok(rsp) => return Ok(rsp),
-                    // Not sent (the endpoint closed the idle connection): once more on a new one.
-                    Err(mut e) => {
-                        req = e.take_message().ok_or_else(|| SendError::Http {
-                            addr,
-                            source: e.into_error(),
-                        })?;
-                    }
+        let reusable = match cached.filter(|s| !s.is_closed()) {
+            Some(sender) if wait || sender.is_ready() => Some(sender),
+            Some(busy) => {
+                self.put(addr, busy);
+                None
+            }
+            None => None,
+        };
+        // Ready once the previous response's body is done.
+        if let Some(mut sender) = reusable
+            && sender.ready().await.is_ok()
+        {
+            let sent = sender.try_send_request(req);
+            self.put(addr, sender);
+            match sent.await {
+                Ok(rsp) => return Ok(rsp),
+                // Not sent (the endpoint closed the idle connection): once more on a new one.
+                Err(mut e) => {
+                    req = e.take_message().ok_or_else(|| SendError::Http {
+                        addr,
+                        source: e.into_error(),
+                    })?;
                 }
             }
         }
@@ -327,64 +344,19 @@ async fn http<IO>(
     }
     match protocol {
         SessionProtocol::Http1 => drive!(
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+            http1_server()
                 .header_read_timeout(inner.options.header_timeout)
-                .max_buf_size(64 * 1024)
                 .serve_connection(io, service)
         ),
         SessionProtocol::Http2 => drive!(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(1000)
-                .max_header_list_size(64 * 1024)
+                .max_header_list_size(u32::try_from(MAX_HTTP1_HEAD).unwrap_or(u32::MAX))
                 .keep_alive_interval(Duration::from_secs(30))
                 .serve_connection(io, service)
         ),
     }
-}
-
-/// Headers that belong to one hop and are never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    // `te: trailers` is the one TE value that may cross hops, and gRPC needs it.
-    let trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    headers.remove("proxy-connection");
-}
-
-/// Whether a `Forwarded` header already names this gateway as `by`: the request has been here.
-fn forwarded_by(headers: &HeaderMap, own: &str) -> bool {
-    headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([',', ';']))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .any(|(k, v)| k.trim().eq_ignore_ascii_case("by") && v.trim().trim_matches('"') == own)
 }
 
 async fn proxy(
@@ -410,12 +382,16 @@ async fn proxy(
             true,
         );
     }
+    // An HTTP/1 request a Linkerd proxy carried as HTTP/2 goes to the backend as HTTP/1.
+    let orig = OrigProto::downgrade(&mut req);
     let authority = format!("{}:{}", target.name, target.header.port);
     let forwarded = format!(
         "by={own};for={};host={authority};proto=https",
         target.client
     );
     strip_hop_by_hop(req.headers_mut());
+    // The backend learns who called from the certificate, never from the client's own claim.
+    set_client_id(req.headers_mut(), target.client.as_str());
     if let Ok(v) = HeaderValue::try_from(forwarded) {
         req.headers_mut().append(header::FORWARDED, v);
     }
@@ -443,6 +419,8 @@ async fn proxy(
     // HTTP/2 needs the absolute form (it becomes :scheme and :authority); HTTP/1 sends the path.
     let uri = if http2 {
         http::Uri::try_from(format!("http://{addr}{path}"))
+    } else if orig.is_some_and(|o| o.absolute_form) {
+        http::Uri::try_from(format!("http://{authority}{path}"))
     } else {
         http::Uri::try_from(path)
     };
@@ -460,12 +438,17 @@ async fn proxy(
     let sent = if http2 {
         inner.clients.send_http2(addr, req).await
     } else {
-        http1.send(&inner.clients, addr, req).await
+        http1.send(&inner.clients, addr, req, orig.is_none()).await
     };
     match sent {
         Ok(rsp) => {
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            if orig.is_some() {
+                let mut head = Response::from_parts(parts, ());
+                OrigProto::upgrade_response(&mut head);
+                parts = head.into_parts().0;
+            }
             inner
                 .metrics
                 .http_responses
@@ -642,46 +625,5 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_loop_detection() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::FORWARDED,
-            HeaderValue::from_static("for=a;by=gw.east"),
-        );
-        assert!(forwarded_by(&h, "gw.east"));
-        assert!(!forwarded_by(&h, "gw.west"));
-        let mut h = HeaderMap::new();
-        h.append(
-            header::FORWARDED,
-            HeaderValue::from_static("by=\"other\", By=\"gw.east\";proto=https"),
-        );
-        assert!(forwarded_by(&h, "gw.east"));
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("gzip"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
-        // gRPC's `te: trailers` is the exception.
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h[header::TE], "trailers");
     }
 }

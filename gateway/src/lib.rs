@@ -17,7 +17,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use proxy_identity::Id;
 
-pub use self::discover::{Discovery, Endpoints, Unresolved, split_target};
+pub use self::discover::{
+    Discovery, Endpoints, Export, Unresolved, default_export_selector, split_target,
+};
 pub use self::metrics::Metrics;
 pub use self::server::{BindError, Gateway};
 
@@ -52,6 +54,10 @@ pub enum Refusal {
     HeaderTimeout,
     /// The header named no target, or a Service that does not exist or lacks that port.
     UnknownTarget,
+    /// The target Service exists but the export policy does not offer it to linked clusters.
+    NotExported,
+    /// An opaque connection from the gateway's own identity, or to the gateway's own address.
+    Loop,
     /// The target is outside the gateway's suffixes.
     OutsideSuffix,
     /// The target has no ready endpoints, or none accepted a connection.
@@ -77,6 +83,8 @@ impl Refusal {
             Self::BadHeader => "bad_header",
             Self::HeaderTimeout => "header_timeout",
             Self::UnknownTarget => "unknown_target",
+            Self::NotExported => "not_exported",
+            Self::Loop => "loop",
             Self::OutsideSuffix => "outside_suffix",
             Self::NoEndpoints => "no_endpoints",
             Self::Overloaded => "overloaded",
@@ -145,12 +153,32 @@ pub struct Options {
         default_value_t = 10_000
     )]
     pub max_connections: usize,
+    /// Only Services whose labels match this selector are reachable (`kubectl -l` syntax). The
+    /// default is what a Link selects by default, for gateway mirrors or remote discovery.
+    #[arg(
+        long,
+        env = "MESHLINK_GATEWAY_EXPORT_SELECTOR",
+        default_value = "mirror.linkerd.io/exported in (true,remote-discovery)"
+    )]
+    pub export_selector: link_crd::LabelSelector,
+    /// Forward to any Service in any namespace, exported or not, as Linkerd's gateway does.
+    #[arg(long, env = "MESHLINK_GATEWAY_FORWARD_ANY_SERVICE")]
+    pub forward_any_service: bool,
     /// Connections still in their TLS handshake at once; when full, the oldest is dropped.
     #[arg(long, env = "MESHLINK_GATEWAY_MAX_HANDSHAKES", default_value_t = 1024)]
     pub max_handshakes: usize,
 }
 
 impl Options {
+    /// Which Services may be reached.
+    pub fn export(&self) -> Export {
+        if self.forward_any_service {
+            Export::Any
+        } else {
+            Export::Selected(self.export_selector.clone())
+        }
+    }
+
     pub fn authorization(&self) -> Authorization {
         Authorization {
             identities: self.allow_identities.clone(),

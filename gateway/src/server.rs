@@ -17,7 +17,7 @@ use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Authorization, Discovery, Endpoints, Metrics, Options, Refusal, Unresolved,
+    Authorization, Discovery, Endpoints, Export, Metrics, Options, Refusal, Unresolved,
     discover::split_target,
     forward,
     metrics::{DirectionLabels, HeaderLabels},
@@ -47,6 +47,7 @@ pub(crate) struct Inner {
     pub discovery: Discovery,
     pub metrics: Metrics,
     pub authz: Authorization,
+    pub export: Export,
     pub clients: forward::Clients,
 }
 
@@ -68,6 +69,7 @@ impl Gateway {
     ) -> Self {
         let tls = tls::server_config(&creds, &[header::PROTOCOL]);
         let authz = options.authorization();
+        let export = options.export();
         let clients = forward::Clients::new(options.connect_timeout);
         Self {
             inner: Arc::new(Inner {
@@ -77,6 +79,7 @@ impl Gateway {
                 discovery,
                 metrics,
                 authz,
+                export,
                 clients,
             }),
             workers: Vec::new(),
@@ -115,6 +118,7 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let pending = Arc::new(Pending::new(inner.options.max_handshakes));
         let established = Arc::new(Semaphore::new(inner.options.max_connections));
+        let listener_addr = listener.local_addr().unwrap_or(inner.options.addr);
         loop {
             let (tcp, peer) = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -129,9 +133,13 @@ impl Gateway {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            // Where the client reached us (the listener may be bound to 0.0.0.0): an endpoint
+            // at this address is the gateway itself.
+            let local = tcp.local_addr().unwrap_or(listener_addr);
             let conn = Connection {
                 inner: inner.clone(),
                 peer,
+                local,
                 cancel: cancel.clone(),
             };
             let (pending, established) = (pending.clone(), established.clone());
@@ -167,6 +175,7 @@ impl Gateway {
 struct Connection {
     inner: Arc<Inner>,
     peer: SocketAddr,
+    local: SocketAddr,
     cancel: CancellationToken,
 }
 
@@ -306,14 +315,27 @@ impl Connection {
         let endpoints = self
             .inner
             .discovery
-            .resolve(ns, svc, header.port)
+            .resolve(&self.inner.export, ns, svc, header.port)
             .map_err(|e| {
                 tracing::info!(client = %client, target = %name, port = header.port, error = %e, "target not found");
                 Some(match e {
                     Unresolved::NoEndpoints { .. } => Refusal::NoEndpoints,
-                    _ => Refusal::UnknownTarget,
+                    Unresolved::NotExported { .. } => Refusal::NotExported,
+                    Unresolved::NoService { .. } | Unresolved::NoPort { .. } => {
+                        Refusal::UnknownTarget
+                    }
                 })
             })?;
+        if let Some(reason) = loop_reason(
+            header.protocol.is_none(),
+            &client,
+            self.inner.creds.id(),
+            &endpoints.addrs,
+            self.local,
+        ) {
+            tracing::info!(client = %client, target = %name, reason, "gateway loop refused");
+            return Err(Some(Refusal::Loop));
+        }
         self.inner
             .metrics
             .header_connections
@@ -332,6 +354,26 @@ impl Connection {
             client,
         })
     }
+}
+
+/// Why a connection that would come back into this gateway is refused, if it would: an opaque
+/// one from the gateway's own identity (HTTP ones get a 508 per request instead, as Linkerd's
+/// gateway answers), or any whose target has an endpoint at the address the client reached.
+fn loop_reason(
+    opaque: bool,
+    client: &Id,
+    own: &Id,
+    endpoints: &[SocketAddr],
+    local: SocketAddr,
+) -> Option<&'static str> {
+    if opaque && client == own {
+        return Some("client is this gateway");
+    }
+    let local = (local.ip().to_canonical(), local.port());
+    endpoints
+        .iter()
+        .any(|e| (e.ip().to_canonical(), e.port()) == local)
+        .then_some("target is this gateway")
 }
 
 /// Connections in their TLS handshake. When full, the oldest is evicted: a legitimate client

@@ -253,6 +253,75 @@ async fn client_and_server_over_tls() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A leaf that expires while the identity service cannot be reached is renewed once it can:
+/// the Certify client presents no expired certificate (the service's verifier would refuse the
+/// handshake), the token is the credential.
+#[tokio::test]
+async fn an_expired_leaf_is_renewed() {
+    let mut f = fixture();
+    f.settings.leaf_lifetime = Duration::from_secs(3);
+    let svc = Identity::new(
+        f.settings.clone(),
+        f.issuer.clone(),
+        table(),
+        Metrics::default(),
+    );
+    let cancel = CancellationToken::new();
+    let (addr, serve) = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        svc.into_service(),
+        f.creds.clone(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(serve);
+    // Not under tempfile_dir(): another test removes that one when it ends.
+    let dir = std::env::temp_dir().join(format!(
+        "meshlink-identity-expired-test-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "web-token").unwrap();
+    let client = Credentials::new(
+        Id::parse(WEB).unwrap(),
+        TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap(),
+    );
+    let config = certify::Config {
+        addr: addr.to_string(),
+        server_id: f.own.clone(),
+        token_file,
+        min_refresh: certify::MIN_REFRESH,
+        max_refresh: certify::MAX_REFRESH,
+    };
+    let (csr, key) = ca::new_csr(client.id()).unwrap();
+    let first = certify::certify(&config, &client, &csr, &key)
+        .await
+        .unwrap();
+    // No renewal (the outage): the leaf runs out, and readiness says so.
+    let mut valid = client.valid();
+    tokio::time::timeout(Duration::from_secs(10), valid.wait_for(|v| *v))
+        .await
+        .expect("valid once certified")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), valid.wait_for(|v| !*v))
+        .await
+        .expect("the 3 s leaf expires")
+        .unwrap();
+    // The service is back: the next call is served and a fresh leaf installed.
+    let second = certify::certify(&config, &client, &csr, &key)
+        .await
+        .expect("an expired leaf is renewed");
+    assert!(second > first);
+    tokio::time::timeout(Duration::from_secs(10), valid.wait_for(|v| *v))
+        .await
+        .expect("ready again with the new leaf")
+        .unwrap();
+    cancel.cancel();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn tempfile_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("meshlink-identity-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -190,9 +190,15 @@ pub async fn certify(
         addr: config.addr.clone(),
         source,
     })?;
-    // Before the first certificate the client presents none (`Credentials` has none to
-    // resolve); afterwards it presents its current one, as Linkerd's does.
-    let stream = tls::connect(tls::client_config(creds, &[b"h2"]), tcp, &config.server_id).await?;
+    // Before the first certificate the client presents none; afterwards its current one while
+    // it is in date, as Linkerd's does, and none once it has expired (the token is the
+    // credential), so that a renewal gap longer than the certificate's life heals itself.
+    let stream = tls::connect(
+        tls::certify_client_config(creds, &[b"h2"]),
+        tcp,
+        &config.server_id,
+    )
+    .await?;
     let mut io = Some(TokioIo::new(stream));
     // tonic dials through a connector; this one hands over the single connection made above.
     let channel = tonic::transport::Endpoint::from_static("http://identity.invalid")

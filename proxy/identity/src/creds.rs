@@ -136,7 +136,7 @@ impl Credentials {
         rx
     }
 
-    fn current(&self) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

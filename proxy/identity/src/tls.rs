@@ -149,6 +149,50 @@ pub fn server_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ServerConf
 /// A TLS 1.3 client config that presents `creds`' certificate (when it has one) and verifies
 /// the server's chain against the anchors; [`connect`] then checks the server's identity.
 pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    client_config_with(creds, creds.clone(), alpn)
+}
+
+/// The client config of a Certify call: it presents the current certificate only while it is
+/// in date. The ServiceAccount token is Certify's credential; a certificate that expired during
+/// an identity-service outage would only make the service's verifier refuse the handshake, and
+/// every renewal with it, for ever.
+pub fn certify_client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    client_config_with(creds, Arc::new(InDate(creds.clone())), alpn)
+}
+
+/// Presents the certificate of the credentials only while it is in date.
+#[derive(Debug)]
+struct InDate(Arc<Credentials>);
+
+/// Whether a certificate that expires at `expiry` may still be presented at `now` (with a
+/// second's margin for the time the handshake takes to reach the verifier).
+fn presentable(expiry: Option<std::time::SystemTime>, now: std::time::SystemTime) -> bool {
+    expiry.is_some_and(|e| e > now + std::time::Duration::from_secs(1))
+}
+
+impl rustls::client::ResolvesClientCert for InDate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        if presentable(self.0.expiry(), std::time::SystemTime::now()) {
+            self.0.current()
+        } else {
+            None
+        }
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn client_config_with(
+    creds: &Arc<Credentials>,
+    resolver: Arc<dyn rustls::client::ResolvesClientCert>,
+    alpn: &[&[u8]],
+) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the provider supports TLS 1.3")
@@ -156,7 +200,7 @@ pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConf
         .with_custom_certificate_verifier(Arc::new(AnchorVerifier {
             roots: creds.anchors().roots().clone(),
         }))
-        .with_client_cert_resolver(creds.clone());
+        .with_client_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = Resumption::disabled();
     Arc::new(config)
@@ -306,6 +350,22 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn only_an_in_date_certificate_is_presented_to_certify() {
+        use std::time::{Duration, SystemTime};
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for (expiry, presented) in [
+            (None, false),
+            (Some(now + Duration::from_secs(3600)), true),
+            (Some(now + Duration::from_secs(2)), true),
+            (Some(now + Duration::from_millis(500)), false),
+            (Some(now), false),
+            (Some(now - Duration::from_secs(60)), false),
+        ] {
+            assert_eq!(presentable(expiry, now), presented, "{expiry:?}");
+        }
+    }
     use crate::ca;
 
     fn creds(signer: &ca::Signer, anchor: &ca::CertKey, id: &str) -> Arc<Credentials> {
