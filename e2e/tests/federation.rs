@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Result, anyhow, ensure};
 use e2e::{
-    Cluster,
+    Cluster, Component,
     checks::Check,
     create_namespace, create_ready_pod, create_ready_pod_in,
     dns::DnsServer,
@@ -31,7 +31,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use link_crd::Link;
 use serde_json::json;
@@ -52,8 +52,8 @@ struct Env {
     controller: Mutex<Program>,
     /// The remote-access kubeconfig of `north`.
     north_kubeconfig: String,
-    /// east, north, west.
-    clusters: Vec<Cluster>,
+    /// east, north, west (locked by the check that stops north's API server).
+    clusters: Mutex<Vec<Cluster>>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +73,10 @@ fn main() -> ExitCode {
         ("one_named_link_served_with_namespace_creation", |e| {
             Box::pin(one_named_link(e))
         }),
+        (
+            "a_departure_while_the_controller_is_stopped_is_not_lost",
+            |e| Box::pin(departure_while_stopped(e)),
+        ),
         (
             "restart_keeps_federated_services_and_link_deletion_removes_members",
             |e| Box::pin(restart_and_link_deletion(e)),
@@ -122,7 +126,7 @@ async fn setup() -> Result<Env> {
         dns,
         controller: Mutex::new(controller),
         north_kubeconfig,
-        clusters,
+        clusters: Mutex::new(clusters),
     })
 }
 
@@ -132,6 +136,8 @@ async fn start_controller(west: &Cluster, dns: &DnsServer, args: &[String]) -> R
     args.extend([
         "--log=info,mirror_controller=debug".to_owned(),
         format!("--dns-server={}", dns.addr()),
+        // This cluster's members' private keys stay out of federated Services.
+        "--local-excluded-labels=private.example.com/*".to_owned(),
     ]);
     Ok(start_mirror(west.kubeconfig_path(), &args).await?)
 }
@@ -247,12 +253,19 @@ async fn federated(env: Arc<Env>) -> Result<()> {
     }
 
     // This cluster's own member comes first.
-    put_service(&env.west, "fed", "api", member("west"), &[("admin", 8080)]).await?;
+    let mut west_labels = member("west");
+    west_labels["private.example.com/team"] = json!("payments");
+    put_service(&env.west, "fed", "api", west_labels, &[("admin", 8080)]).await?;
     let s = federated_until(&env, "the local member", |s| {
         annotation(s, LOCAL) == Some("api")
     })
     .await?;
     ensure!(s.labels().get("from").map(String::as_str) == Some("west"));
+    ensure!(
+        !s.labels().contains_key("private.example.com/team"),
+        "an excluded label of the local member was copied: {:?}",
+        s.labels()
+    );
     ensure!(annotation(&s, REMOTE) == Some("api@east,api@north"));
     ensure!(
         ports_of(&s) == BTreeSet::from([80, 8080, 9090]),
@@ -503,6 +516,34 @@ async fn headless(env: Arc<Env>) -> Result<()> {
                 == Some(format!("{pod}.db.hl.svc.cluster.local").as_str())
         );
         ensure!(s.owner_references().iter().any(|o| o.name == "db-east"));
+        // It records the version of the remote EndpointSlice it is made from (Linkerd's remote
+        // Endpoints version), not the remote Service's.
+        let remote_service_version = Api::<Service>::namespaced(e.clone(), "hl")
+            .get("db")
+            .await?
+            .metadata
+            .resource_version;
+        wait_for(
+            &format!("{name} to record the slice's version"),
+            WAIT,
+            || async {
+                let slices = Api::<EndpointSlice>::namespaced(e.clone(), "hl")
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=db"))
+                    .await
+                    .ok()?;
+                let versions: Vec<String> = slices
+                    .items
+                    .into_iter()
+                    .filter_map(|s| s.metadata.resource_version)
+                    .collect();
+                let mirror: Service = get(w, "hl", &name).await?;
+                let recorded =
+                    annotation(&mirror, "mirror.linkerd.io/remote-resource-version")?.to_owned();
+                (versions.contains(&recorded) && Some(&recorded) != remote_service_version.as_ref())
+                    .then_some(())
+            },
+        )
+        .await?;
         let ip = s
             .spec
             .as_ref()
@@ -594,6 +635,75 @@ async fn headless(env: Arc<Env>) -> Result<()> {
     Ok(())
 }
 
+/// Members that leave while the controller is stopped: after the start, `duo-federated` lists
+/// only the member left, and `solo-federated`, whose only member left, is deleted.
+async fn departure_while_stopped(env: Arc<Env>) -> Result<()> {
+    const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
+    let member = json!({ "mirror.linkerd.io/federated": "member" });
+    for c in [&env.east, &env.north, &env.west] {
+        create_namespace(c, "fed3").await?;
+    }
+    put_service(&env.east, "fed3", "duo", member.clone(), &[("http", 80)]).await?;
+    put_service(&env.north, "fed3", "duo", member.clone(), &[("http", 80)]).await?;
+    put_service(&env.north, "fed3", "solo", member, &[("http", 80)]).await?;
+    wait_for("duo-federated and solo-federated", WAIT, || async {
+        let duo = get::<Service>(&env.west, "fed3", "duo-federated").await?;
+        let solo = get::<Service>(&env.west, "fed3", "solo-federated").await?;
+        (annotation(&duo, REMOTE) == Some("duo@east,duo@north")
+            && annotation(&solo, REMOTE) == Some("solo@north"))
+        .then_some(())
+    })
+    .await?;
+
+    // The controller stops; north's Services stop being members. The controller starts while
+    // north's API server is down, so that it lists this cluster's federated Services before
+    // north's members (the order in which a departure used to be lost), and north comes back.
+    let mut controller = env.controller.lock().await;
+    controller.kill();
+    for name in ["duo", "solo"] {
+        put_service(&env.north, "fed3", name, json!({}), &[("http", 80)]).await?;
+    }
+    let mut clusters = env.clusters.lock().await;
+    clusters[1].kill(Component::ApiServer);
+    *controller = start_controller(&clusters[2], &env.dns, &[format!("--namespace={NS}")]).await?;
+    drop(controller);
+    // A positive sign that the federation works again while north is down: a new member of
+    // east gets its federated Service (written only once the local watches are listed).
+    put_service(
+        &env.east,
+        "fed3",
+        "tri",
+        json!({ "mirror.linkerd.io/federated": "member" }),
+        &[("http", 80)],
+    )
+    .await?;
+    wait_for("tri-federated after the start", WAIT, || async {
+        get::<Service>(&env.west, "fed3", "tri-federated").await
+    })
+    .await?;
+    let duo = get::<Service>(&env.west, "fed3", "duo-federated").await;
+    ensure!(
+        duo.as_ref().and_then(|s| annotation(s, REMOTE)) == Some("duo@east,duo@north"),
+        "north's entry must stay while north is unknown: {duo:?}"
+    );
+    clusters[1].start_component(Component::ApiServer).await?;
+    drop(clusters);
+    wait_for("north to leave duo-federated", WAIT, || async {
+        get::<Service>(&env.west, "fed3", "duo-federated")
+            .await
+            .filter(|s| annotation(s, REMOTE) == Some("duo@east"))
+    })
+    .await?;
+    wait_for("solo-federated to be deleted", WAIT, || async {
+        get::<Service>(&env.west, "fed3", "solo-federated")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
     const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
     let member = json!({ "mirror.linkerd.io/federated": "member" });
@@ -621,8 +731,12 @@ async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
     {
         let mut controller = env.controller.lock().await;
         controller.kill();
-        *controller =
-            start_controller(&env.clusters[2], &env.dns, &[format!("--namespace={NS}")]).await?;
+        *controller = start_controller(
+            &env.clusters.lock().await[2],
+            &env.dns,
+            &[format!("--namespace={NS}")],
+        )
+        .await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = get_fed()
@@ -733,7 +847,8 @@ async fn spec_change(env: Arc<Env>) -> Result<()> {
 
 async fn one_named_link(env: Arc<Env>) -> Result<()> {
     const NS2: &str = "mc2";
-    let west = &env.clusters[2];
+    let clusters = env.clusters.lock().await;
+    let west = &clusters[2];
     create_namespace(&env.west, NS2).await?;
     put_credentials(west, NS2, "north", &env.north_kubeconfig).await?;
     for name in ["north2", "ignored"] {

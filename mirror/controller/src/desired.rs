@@ -479,11 +479,15 @@ pub fn headless_mirror_service(
 /// The mirror of one remote pod `hostname` of headless Service `remote`: a ClusterIP Service
 /// `<hostname>-<cluster>` whose endpoints are the gateway, owned by the root mirror (so that it
 /// goes with it, in its namespace only).
+/// `version` is the resourceVersion of the remote EndpointSlice that lists the pod: the object
+/// a per-pod mirror is made from (Linkerd records its remote Endpoints' version here, not the
+/// Service's).
 pub fn endpoint_mirror_service(
     target: &Target,
     remote: &Service,
     root: &str,
     hostname: &str,
+    version: &str,
 ) -> Result<Service, InvalidService> {
     let remote_name = remote.metadata.name.as_deref().unwrap_or_default();
     let namespace = remote.metadata.namespace.clone().unwrap_or_default();
@@ -500,8 +504,11 @@ pub fn endpoint_mirror_service(
         keys::REMOTE_SVC_FQ_NAME_ANNOTATION.to_owned(),
         naming::remote_endpoint_fqdn(hostname, remote_name, &namespace, &target.domain)?,
     );
-    if let Some(rv) = &remote.metadata.resource_version {
-        annotations.insert(keys::REMOTE_RESOURCE_VERSION_ANNOTATION.into(), rv.clone());
+    if !version.is_empty() {
+        annotations.insert(
+            keys::REMOTE_RESOURCE_VERSION_ANNOTATION.into(),
+            version.to_owned(),
+        );
     }
     service.metadata.annotations = Some(annotations);
     Ok(service)

@@ -67,6 +67,9 @@ enum Msg {
     Synced(&'static str),
     /// A namespace appeared (or changed): its federated Services may wait for it.
     Namespace(String),
+    /// A cluster's members were (re)listed: every federated Service is looked at again, since
+    /// one may still name a member that left while nobody watched (a stopped controller).
+    Listed,
 }
 
 /// The handle workers report their members through.
@@ -98,6 +101,8 @@ impl Federation {
             links,
             local_selector: Some(options.local_federated_selector.clone())
                 .filter(|s| !s.is_empty()),
+            local_excluded_labels: options.local_excluded_labels.clone(),
+            local_excluded_annotations: options.local_excluded_annotations.clone(),
             enable_namespace_creation: options.enable_namespace_creation,
         };
         tokio::spawn(cancel.clone().run_until_cancelled_owned(task.run(rx)));
@@ -142,6 +147,7 @@ impl Federation {
         for k in keys {
             let _ = self.tx.send(Msg::Key(k));
         }
+        let _ = self.tx.send(Msg::Listed);
     }
 
     /// One of `cluster`'s members changed (`None`: it left).
@@ -221,6 +227,9 @@ struct Task {
     metrics: Arc<Metrics>,
     links: Store<Link>,
     local_selector: Option<String>,
+    /// Keys of the local member that are not copied.
+    local_excluded_labels: Vec<String>,
+    local_excluded_annotations: Vec<String>,
     enable_namespace_creation: bool,
 }
 
@@ -324,6 +333,7 @@ impl Task {
                     Msg::Namespace(ns) => {
                         pending.extend(self.all_keys(&stores).into_iter().filter(|k| k.0 == ns));
                     }
+                    Msg::Listed => pending.extend(self.all_keys(&stores)),
                     Msg::Synced(w) => {
                         synced.insert(w);
                         if LOCAL_WATCHES.iter().all(|w| synced.contains(w)) {
@@ -496,8 +506,8 @@ impl Task {
                 cluster: None,
                 link_created: None,
                 service: Some(local),
-                excluded_labels: &[],
-                excluded_annotations: &[],
+                excluded_labels: &self.local_excluded_labels,
+                excluded_annotations: &self.local_excluded_annotations,
             });
         }
         for c in &clusters {

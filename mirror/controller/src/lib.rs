@@ -52,6 +52,21 @@ pub struct Options {
     #[arg(long, env = "MESHLINK_LOCAL_FEDERATED_SELECTOR", default_value = "mirror.linkerd.io/federated=member", value_parser = selector)]
     pub local_federated_selector: String,
 
+    /// Label keys of this cluster's own federated members that `<svc>-federated` does not copy
+    /// (comma-separated; `example.com/*` excludes a whole prefix), as Linkerd's local service
+    /// mirror's `-excluded-labels`.
+    #[arg(long, env = "MESHLINK_LOCAL_EXCLUDED_LABELS", value_delimiter = ',')]
+    pub local_excluded_labels: Vec<String>,
+
+    /// Annotation keys of this cluster's own federated members that `<svc>-federated` does not
+    /// copy, as Linkerd's `-excluded-annotations`.
+    #[arg(
+        long,
+        env = "MESHLINK_LOCAL_EXCLUDED_ANNOTATIONS",
+        value_delimiter = ','
+    )]
+    pub local_excluded_annotations: Vec<String>,
+
     /// Mirror headless Services as headless, with a mirror per named pod
     /// (`<hostname>-<cluster>`), so that `<hostname>.<svc>-<cluster>.<ns>.svc` reaches one pod.
     /// On by default (Linkerd's `-enable-headless-services` is off by default); `=false`

@@ -10,7 +10,7 @@
 //! is reconciled against the fresh listing.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -434,17 +434,19 @@ struct SliceSummary {
     headless: Option<Box<HeadlessSlice>>,
 }
 
-/// Of a headless Service's slice: the hostnames of ready endpoints, whether any endpoint (ready
-/// or not) has one, and the endpoints' ports.
-type HeadlessSlice = (BTreeSet<String>, bool, Vec<EndpointPortSpec>);
+/// Of a headless Service's slice: the hostnames of ready endpoints (each with the slice's
+/// resourceVersion, which its per-pod mirror records), whether any endpoint (ready or not) has
+/// one, and the endpoints' ports.
+type HeadlessSlice = (BTreeMap<String, String>, bool, Vec<EndpointPortSpec>);
 
 /// What the controller knows of a remote Service's endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RemoteEndpoints {
     /// At least one endpoint is ready.
     pub ready: bool,
-    /// Headless Services: hostnames of the ready endpoints.
-    pub hostnames: BTreeSet<String>,
+    /// Headless Services: hostnames of the ready endpoints, each with the resourceVersion of the
+    /// remote EndpointSlice that lists it (the object its per-pod mirror is made from).
+    pub hostnames: BTreeMap<String, String>,
     /// Headless Services: some endpoint, ready or not, has a hostname (Linkerd's test for
     /// mirroring a headless Service as headless).
     pub named: bool,
@@ -466,10 +468,11 @@ fn summarize(s: &EndpointSlice) -> Option<(Key, String, SliceSummary)> {
         .labels()
         .contains_key("service.kubernetes.io/headless")
         .then(|| {
+            let version = s.resource_version().unwrap_or_default();
             let hostnames = endpoints
                 .clone()
                 .filter(|e| ready(e))
-                .filter_map(|e| e.hostname.clone())
+                .filter_map(|e| Some((e.hostname.clone()?, version.clone())))
                 .collect();
             let named = endpoints.clone().any(|e| e.hostname.is_some());
             let ports = s
@@ -524,7 +527,8 @@ impl RemoteSlices {
             e.ready |= s.has_ready;
             if let Some(h) = &s.headless {
                 let (hostnames, named, ports) = &**h;
-                e.hostnames.extend(hostnames.iter().cloned());
+                e.hostnames
+                    .extend(hostnames.iter().map(|(h, v)| (h.clone(), v.clone())));
                 e.named |= named;
                 for p in ports {
                     if !e.ports.contains(p) {
@@ -1150,12 +1154,13 @@ impl Loop<'_> {
         let mut wrote = false;
         let mut pods = Vec::new();
         let mut keep = HashSet::new();
-        for hostname in &endpoints.hostnames {
+        for (hostname, version) in &endpoints.hostnames {
             let mut want = match desired::endpoint_mirror_service(
                 &self.target,
                 remote,
                 &root_name,
                 hostname,
+                version,
             ) {
                 Ok(w) => w,
                 Err(error) => {

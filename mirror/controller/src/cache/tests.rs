@@ -99,7 +99,7 @@ fn desired_objects() -> Vec<(&'static str, Value)> {
     };
     let mirror = desired::mirror_service(&t, &r, Mode::Gateway).unwrap();
     let root = desired::headless_mirror_service(&t, &r).unwrap();
-    let pod = desired::endpoint_mirror_service(&t, &r, "web-east", "web-0").unwrap();
+    let pod = desired::endpoint_mirror_service(&t, &r, "web-east", "web-0", "17").unwrap();
     let (pod_ep, pod_slices) = desired::endpoint_mirror_endpoints(&t, &r, &pod, &gateway);
     let pods = [("web-0".to_owned(), IpAddr::V4(Ipv4Addr::new(10, 96, 7, 7)))];
     let ports = [(Some("http".to_owned()), Some(8080), Some("TCP".to_owned()))];

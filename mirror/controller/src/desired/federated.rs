@@ -414,6 +414,31 @@ mod tests {
     }
 
     #[test]
+    fn the_local_members_excluded_keys_are_not_copied() {
+        let local = svc(
+            json!({"app": "api", "private.example.com/team": "payments", "tier": "back"}),
+            json!([{"name": "http", "port": 80}]),
+            false,
+        );
+        let rules = vec!["private.example.com/*".to_owned(), "tier".to_owned()];
+        let members = [Member {
+            cluster: None,
+            link_created: None,
+            service: Some(&local),
+            excluded_labels: &rules,
+            excluded_annotations: &rules,
+        }];
+        let f = federated_service(&members).unwrap();
+        let labels = f.service.unwrap().metadata.labels.unwrap();
+        assert_eq!(labels.get("app").map(String::as_str), Some("api"));
+        assert!(
+            !labels.contains_key("private.example.com/team"),
+            "{labels:?}"
+        );
+        assert!(!labels.contains_key("tier"), "{labels:?}");
+    }
+
+    #[test]
     fn mirrors_do_not_join() {
         let mirror = svc(
             json!({ "mirror.linkerd.io/mirrored-service": "true" }),

@@ -421,7 +421,7 @@ fn headless_root_and_endpoint_mirrors() {
     assert!(is_headless(&root));
     assert_eq!(root.metadata.name.as_deref(), Some("web-east"));
 
-    let pod = endpoint_mirror_service(&t, &remote, "web-east", "web-0").unwrap();
+    let pod = endpoint_mirror_service(&t, &remote, "web-east", "web-0", "8812").unwrap();
     assert_eq!(pod.metadata.name.as_deref(), Some("web-0-east"));
     assert!(
         !is_headless(&pod),
@@ -437,6 +437,11 @@ fn headless_root_and_endpoint_mirrors() {
     assert_eq!(
         annotations["mirror.linkerd.io/remote-svc-fq-name"],
         "web-0.web.shop.svc.cluster.local"
+    );
+    // The version of the remote slice the pod's mirror is made from, not the Service's (4711).
+    assert_eq!(
+        annotations["mirror.linkerd.io/remote-resource-version"],
+        "8812"
     );
     assert_eq!(annotations.len(), 2, "{annotations:?}");
 
