@@ -727,7 +727,8 @@ async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
     })
     .await?;
 
-    // A restarted controller neither deletes nor rewrites it.
+    // A restarted controller neither deletes nor rewrites it (ready means it has listed
+    // everything and reconciled every federated Service once).
     {
         let mut controller = env.controller.lock().await;
         controller.kill();
@@ -738,7 +739,6 @@ async fn restart_and_link_deletion(env: Arc<Env>) -> Result<()> {
         )
         .await?;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let after = get_fed()
         .await
         .ok_or_else(|| anyhow!("cart-federated is gone after a restart"))?;

@@ -718,8 +718,8 @@ async fn controller_restart(env: Arc<Env>) -> Result<()> {
     // Killed outright, mid-flight as far as it knows: the mirrors stay.
     let mut controller = env.controller.lock().await;
     controller.kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
     ensure!(endpoints.get_opt("invoices-east").await?.is_some());
+    // Ready means synced: the Links listed and every Service reconciled once.
     *controller = start_controller(&env.west).await?;
     // Let it list everything and reconcile every key.
     wait_for("the new controller to reconcile", WAIT, || async {
@@ -730,7 +730,6 @@ async fn controller_restart(env: Arc<Env>) -> Result<()> {
         (n >= 3.0).then_some(())
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
         mirror_writes(&controller).await? == 0.0,
         "a restart rewrote mirrors"
@@ -807,8 +806,8 @@ async fn two_replicas(env: Arc<Env>) -> Result<()> {
         leader.metric("service_mirror_leader", "").await? == 1.0,
         "replica a does not lead"
     );
+    // Ready: it has tried the Lease and knows it follows.
     let follower = start_replica(&env.west, "b").await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
     ensure!(
         follower.metric("service_mirror_leader", "").await? == 0.0,
         "two leaders"

@@ -19,7 +19,6 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use futures::{Stream, StreamExt};
@@ -86,6 +85,7 @@ impl Federation {
         options: &Options,
         metrics: Arc<Metrics>,
         links: Store<Link>,
+        readiness: crate::Readiness,
         cancel: &CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -101,6 +101,7 @@ impl Federation {
             links,
             local_selector: Some(options.local_federated_selector.clone())
                 .filter(|s| !s.is_empty()),
+            readiness,
             local_excluded_labels: options.local_excluded_labels.clone(),
             local_excluded_annotations: options.local_excluded_annotations.clone(),
             enable_namespace_creation: options.enable_namespace_creation,
@@ -227,6 +228,7 @@ struct Task {
     metrics: Arc<Metrics>,
     links: Store<Link>,
     local_selector: Option<String>,
+    readiness: crate::Readiness,
     /// Keys of the local member that are not copied.
     local_excluded_labels: Vec<String>,
     local_excluded_annotations: Vec<String>,
@@ -308,14 +310,8 @@ impl Task {
         // Until the Links are listed, a Link not reported yet cannot be told from one that does
         // not exist. The store's readiness wakes only one waiter (a oneshot channel underneath,
         // and the Controller waits on it too), so it is polled rather than awaited.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(100), self.links.wait_until_ready())
-                .await
-            {
-                Ok(Ok(())) => break,
-                Ok(Err(_)) => return,
-                Err(_) => {}
-            }
+        if !crate::links::wait_listed(&self.links).await {
+            return;
         }
 
         let mut pending: BTreeSet<Key> = BTreeSet::new();
@@ -357,6 +353,10 @@ impl Task {
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
+            if pending.is_empty() {
+                // Every federated Service known at the start has been looked at once.
+                self.readiness.federation_done();
+            }
             for (key, result) in results {
                 match result {
                     Ok(()) => {

@@ -55,6 +55,13 @@ enum Role {
     Follower,
 }
 
+/// Where the role is reported: the `leader` gauge and readiness.
+#[derive(Debug)]
+pub struct Report {
+    pub gauge: Gauge,
+    pub readiness: crate::Readiness,
+}
+
 /// Runs `work` whenever this replica holds Lease `namespace/name`, until `cancel` fires; then
 /// releases the Lease so that another replica need not wait for it to expire.
 pub async fn run_while_leader<F, Fut>(
@@ -62,13 +69,17 @@ pub async fn run_while_leader<F, Fut>(
     namespace: &str,
     name: &str,
     options: &LeaseOptions,
-    leader_gauge: Gauge,
+    report: Report,
     cancel: CancellationToken,
     work: F,
 ) where
     F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let Report {
+        gauge: leader_gauge,
+        readiness,
+    } = report;
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let me = options.identity();
     let mut current: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
@@ -92,6 +103,7 @@ pub async fn run_while_leader<F, Fut>(
             (Role::Leader, false) => {
                 tracing::info!(lease = %name, identity = %me, "became the leader");
                 leader_gauge.set(1);
+                readiness.leader();
                 let token = cancel.child_token();
                 current = Some((token.clone(), tokio::spawn(work(token))));
                 last_renewed = tokio::time::Instant::now();
@@ -104,8 +116,9 @@ pub async fn run_while_leader<F, Fut>(
                     token.cancel();
                     let _ = task.await;
                 }
+                readiness.follower();
             }
-            (Role::Follower, false) => {}
+            (Role::Follower, false) => readiness.follower(),
         }
         tokio::select! {
             () = cancel.cancelled() => break,

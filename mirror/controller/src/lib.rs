@@ -13,6 +13,7 @@ pub mod leader;
 mod links;
 mod metrics;
 mod probe;
+mod ready;
 mod status;
 mod worker;
 
@@ -27,6 +28,8 @@ use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 pub use mirror_credentials::CredentialsError;
+
+pub use self::ready::Readiness;
 
 pub use self::{leader::LeaseOptions, links::FINALIZER, metrics::Metrics};
 
@@ -116,6 +119,7 @@ pub async fn run(
     options: Options,
     lease: LeaseOptions,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     cancel: CancellationToken,
 ) {
     // Linkerd's name for a per-Link controller's Lease; one name for a controller of them all.
@@ -129,9 +133,20 @@ pub async fn run(
         &namespace,
         &name,
         &lease,
-        metrics.leader.clone(),
+        leader::Report {
+            gauge: metrics.leader.clone(),
+            readiness: readiness.clone(),
+        },
         cancel,
-        move |token| links::run(client.clone(), options.clone(), metrics.clone(), token),
+        move |token| {
+            links::run(
+                client.clone(),
+                options.clone(),
+                metrics.clone(),
+                readiness.clone(),
+                token,
+            )
+        },
     )
     .await;
 }

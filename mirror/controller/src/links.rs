@@ -62,6 +62,7 @@ struct Ctx {
     federation: Option<Federation>,
     /// Every Link of the namespace, to tell which one serves a target cluster name.
     links: Store<Link>,
+    readiness: crate::Readiness,
 }
 
 /// The Link that serves target cluster `cluster` among `links`: the oldest, then the first by
@@ -106,6 +107,7 @@ pub async fn run(
     client: Client,
     options: Options,
     metrics: Arc<Metrics>,
+    readiness: crate::Readiness,
     cancel: CancellationToken,
 ) {
     let links: Api<Link> = Api::namespaced(client.clone(), &options.namespace);
@@ -125,6 +127,7 @@ pub async fn run(
             &options,
             metrics.clone(),
             store.clone(),
+            readiness.clone(),
             &cancel,
         )),
         Some(link) => {
@@ -139,8 +142,21 @@ pub async fn run(
         secrets: secrets.clone(),
         running: Mutex::new(HashMap::new()),
         federation,
-        links: links_store,
+        links: links_store.clone(),
+        readiness: readiness.clone(),
     });
+    // Once the Links are listed, readiness waits for each of them to be seen through once.
+    let serves_all = ctx.options.link.is_none();
+    tokio::spawn(cancel.clone().run_until_cancelled_owned(async move {
+        if wait_listed(&links_store).await {
+            let names = links_store
+                .state()
+                .iter()
+                .map(|l| l.name_any())
+                .collect::<Vec<_>>();
+            readiness.links_listed(names, serves_all);
+        }
+    }));
     controller
         // A credentials Secret's change re-reconciles the Links that name it.
         .watches(secrets, secret_config, move |secret: Secret| {
@@ -158,6 +174,18 @@ pub async fn run(
         .await;
     for (_, r) in ctx.running.lock().await.drain() {
         r.cancel.cancel();
+    }
+}
+
+/// Waits until `store` has listed once; false if it never will. Its readiness wakes only one
+/// waiter (a oneshot underneath, and the Controller waits on it too), so it is polled.
+pub(crate) async fn wait_listed(store: &Store<Link>) -> bool {
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => {}
+        }
     }
 }
 
@@ -276,7 +304,8 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
                 error.reason(),
                 &error.to_string(),
             );
-            // The Secret's watch brings the Link back here when it appears or changes.
+            // Nothing to sync until the Secret changes; its watch brings the Link back here.
+            ctx.readiness.link_done(&name);
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
     };
@@ -326,6 +355,7 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
         link_ref: link.object_ref(&()),
         federation: ctx.federation.clone(),
         recorder: Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into()),
+        readiness: ctx.readiness.clone(),
     };
     tracing::info!(link = %name, target = %link.spec.target_cluster_name, "serving Link");
     tokio::spawn(worker.run(cancel));
@@ -337,6 +367,7 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
 /// again every few seconds, so it takes over once the holder is deleted or renamed.
 async fn refuse_duplicate(link: &Link, holder: &str, ctx: &Ctx) -> Result<Action, kube::Error> {
     let name = link.name_any();
+    ctx.readiness.link_done(&name);
     let cluster = &link.spec.target_cluster_name;
     let mut running = ctx.running.lock().await;
     let was_running = running.remove(&name).map(|r| r.cancel.cancel()).is_some();
@@ -451,6 +482,7 @@ fn start_probe(
 /// Stops the Link's worker and deletes every mirror it made, before the Link goes.
 async fn cleanup(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     let name = link.name_any();
+    ctx.readiness.link_done(&name);
     if let Some(r) = ctx.running.lock().await.remove(&name) {
         r.cancel.cancel();
     }

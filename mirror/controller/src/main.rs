@@ -45,7 +45,7 @@ async fn main() -> Result<()> {
     metrics.register(&mut registry);
 
     let cancel = CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let (readiness, ready_rx) = mirror_controller::Readiness::new();
     let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready_rx)
         .bind(args.admin_addr, cancel.clone())
         .await?;
@@ -56,9 +56,9 @@ async fn main() -> Result<()> {
         args.options,
         args.lease,
         metrics,
+        readiness,
         cancel.clone(),
     ));
-    let _ = ready_tx.send(true);
 
     proxy_admin::shutdown_signal().await;
     tracing::info!("stopping; mirrors stay in place");

@@ -77,6 +77,8 @@ pub(crate) struct LinkWorker {
     pub recorder: Recorder,
     /// Where this Link's members of federated Services are reported (see [`crate::federation`]).
     pub federation: Option<Federation>,
+    /// Told when this Link's first pass is done.
+    pub readiness: crate::Readiness,
 }
 
 /// Which watches have listed once.
@@ -283,8 +285,10 @@ impl LinkWorker {
             if state.synced() {
                 state.process().await;
                 if state.pending.is_empty() {
-                    // Every Service has been reconciled once: the status may say so.
+                    // Every Service has been reconciled once: the status may say so, and the
+                    // controller is synced as far as this Link goes.
                     self.status.settle();
+                    self.readiness.link_done(&self.link_name);
                 }
             }
         }
@@ -722,6 +726,8 @@ impl Loop<'_> {
                     })
                     .inc();
                 if watch.starts_with("remote") {
+                    // The target cannot be listed: as synced as this Link can be, and said so.
+                    self.worker.readiness.link_done(&self.worker.link_name);
                     self.failing.insert(watch, error);
                     self.update_reachability();
                     // A watch that resumes where it stopped reports no event until something
