@@ -93,13 +93,74 @@ enum Source {
     Namespaces,
 }
 
+impl Source {
+    /// The `watch` label of the restart metric.
+    fn name(self) -> &'static str {
+        match self {
+            Self::RemoteGateway => "remote_services",
+            Self::RemoteDiscovery => "remote_discovery_services",
+            Self::RemoteSlices => "remote_endpointslices",
+            Self::LocalServices => "local_services",
+            Self::LocalEndpoints => "local_endpoints",
+            Self::LocalSlices => "local_endpointslices",
+            Self::Namespaces => "local_namespaces",
+        }
+    }
+
+    /// Whether it watches the target cluster (and so says whether the target is reachable).
+    fn is_remote(self) -> bool {
+        matches!(
+            self,
+            Self::RemoteGateway | Self::RemoteDiscovery | Self::RemoteSlices
+        )
+    }
+}
+
+/// Why a watch failed, as far as the Link's reachability goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The API server refused the credentials (401) or their rights (403).
+    Unauthorized,
+    /// Anything else: connection refused, timeouts, server errors.
+    Unreachable,
+}
+
+impl Failure {
+    /// From the API's own status code, not from the text of the error.
+    fn of(error: &watcher::Error) -> Self {
+        let code = match error {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => match e {
+                kube::Error::Api(status) => Some(status.code),
+                _ => None,
+            },
+            watcher::Error::WatchError(status) => Some(status.code),
+            watcher::Error::NoResourceVersion => None,
+        };
+        match code {
+            Some(401 | 403) => Self::Unauthorized,
+            _ => Self::Unreachable,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "RemoteUnauthorized",
+            Self::Unreachable => "RemoteUnreachable",
+        }
+    }
+}
+
 enum Trigger {
     Key(Key, Option<Instant>),
     Namespace(String),
     Synced(Source),
     /// A watch relisted: reconcile everything against the new listing.
-    Relisted,
-    WatchFailed(&'static str, String),
+    Relisted(Source),
+    WatchFailed(Source, Failure, String),
+    /// A watch that had failed delivers events again.
+    Healthy(Source),
     /// The target's API answers again the calls the failed watches make.
     Recovered,
 }
@@ -140,7 +201,7 @@ impl LinkWorker {
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut expected = HashSet::new();
-        let mut remote_store = |selector: Option<&link_crd::LabelSelector>, source, name| {
+        let mut remote_store = |selector: Option<&link_crd::LabelSelector>, source| {
             let sel = selector.and_then(|s| s.to_selector_string())?;
             let cache = Cache::new(|_| None);
             let stream = remote_services(&self.remote, &sel).modify(cache::trim_service);
@@ -148,20 +209,15 @@ impl LinkWorker {
             tasks.spawn(forward(
                 stream,
                 cache.clone(),
-                (tx.clone(), source, name),
+                (tx.clone(), source),
                 |s: &Service| Some((s.namespace()?, s.name_any())),
             ));
             Some(cache)
         };
-        let gateway = remote_store(
-            self.spec.selector.as_ref(),
-            Source::RemoteGateway,
-            "remote_services",
-        );
+        let gateway = remote_store(self.spec.selector.as_ref(), Source::RemoteGateway);
         let discovery = remote_store(
             self.spec.remote_discovery_selector.as_ref(),
             Source::RemoteDiscovery,
-            "remote_discovery_services",
         );
         if let Some(federation) = &self.federation {
             match self
@@ -187,7 +243,7 @@ impl LinkWorker {
             &self.local,
             &mine,
             &tx,
-            (Source::LocalServices, "local_services"),
+            Source::LocalServices,
             &cluster,
             (cache::trim_service, |s: &Service| Some(s.name_any())),
         );
@@ -196,7 +252,7 @@ impl LinkWorker {
             &self.local,
             &mine,
             &tx,
-            (Source::LocalEndpoints, "local_endpoints"),
+            Source::LocalEndpoints,
             &cluster,
             (cache::trim_endpoints, |e: &Endpoints| Some(e.name_any())),
         );
@@ -205,7 +261,7 @@ impl LinkWorker {
             &self.local,
             &my_slices,
             &tx,
-            (Source::LocalSlices, "local_endpointslices"),
+            Source::LocalSlices,
             &cluster,
             (cache::trim_slice, |s: &EndpointSlice| {
                 s.labels().get("kubernetes.io/service-name").cloned()
@@ -307,7 +363,7 @@ fn watch_local<K>(
     client: &Client,
     labels: &str,
     tx: &mpsc::UnboundedSender<Trigger>,
-    (source, name): (Source, &'static str),
+    source: Source,
     cluster: &str,
     (trim, mirror_name): Local<K>,
 ) -> Cache<K>
@@ -336,7 +392,7 @@ where
     tasks.spawn(forward(
         stream,
         cache.clone(),
-        (tx.clone(), source, name),
+        (tx.clone(), source),
         move |o: &K| {
             // A pod's mirror (and its endpoints) belongs to its headless Service's mirror.
             let mirror = match o.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
@@ -375,7 +431,7 @@ fn remote_services(
 async fn forward<K, S>(
     stream: S,
     cache: Cache<K>,
-    (tx, source, name): (mpsc::UnboundedSender<Trigger>, Source, &'static str),
+    (tx, source): (mpsc::UnboundedSender<Trigger>, Source),
     key: impl Fn(&K) -> Option<Key>,
 ) where
     K: Resource + serde::Serialize + DeserializeOwned,
@@ -383,9 +439,13 @@ async fn forward<K, S>(
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
+    let mut failed = false;
     while let Some(event) = stream.next().await {
         if let Ok(e) = &event {
             cache.apply(e);
+            if std::mem::take(&mut failed) && tx.send(Trigger::Healthy(source)).is_err() {
+                return;
+            }
         }
         let trigger = match event {
             Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
@@ -395,9 +455,12 @@ async fn forward<K, S>(
                 listed = true;
                 Some(Trigger::Synced(source))
             }
-            Ok(watcher::Event::InitDone) => Some(Trigger::Relisted),
+            Ok(watcher::Event::InitDone) => Some(Trigger::Relisted(source)),
             Ok(_) => None,
-            Err(e) => Some(Trigger::WatchFailed(name, e.to_string())),
+            Err(e) => {
+                failed = true;
+                Some(Trigger::WatchFailed(source, Failure::of(&e), e.to_string()))
+            }
         };
         if let Some(t) = trigger
             && tx.send(t).is_err()
@@ -413,16 +476,26 @@ where
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
+    let mut failed = false;
     while let Some(event) = stream.next().await {
+        if event.is_ok()
+            && std::mem::take(&mut failed)
+            && tx.send(Trigger::Healthy(Source::Namespaces)).is_err()
+        {
+            return;
+        }
         let t = match event {
             Ok(watcher::Event::Apply(ns)) => Trigger::Namespace(ns.name_any()),
             Ok(watcher::Event::InitDone) if !listed => {
                 listed = true;
                 Trigger::Synced(Source::Namespaces)
             }
-            Ok(watcher::Event::InitDone) => Trigger::Relisted,
+            Ok(watcher::Event::InitDone) => Trigger::Relisted(Source::Namespaces),
             Ok(_) => continue,
-            Err(e) => Trigger::WatchFailed("local_namespaces", e.to_string()),
+            Err(e) => {
+                failed = true;
+                Trigger::WatchFailed(Source::Namespaces, Failure::of(&e), e.to_string())
+            }
         };
         if tx.send(t).is_err() {
             return;
@@ -558,7 +631,14 @@ async fn watch_remote_readiness(
     let mut slices = RemoteSlices::default();
     let mut relist: Option<RemoteSlices> = None;
     let mut listed = false;
+    let mut failed = false;
     while let Some(event) = stream.next().await {
+        if event.is_ok()
+            && std::mem::take(&mut failed)
+            && tx.send(Trigger::Healthy(Source::RemoteSlices)).is_err()
+        {
+            return;
+        }
         let mut changed: HashSet<Key> = HashSet::new();
         match event {
             Ok(watcher::Event::Apply(s)) => {
@@ -590,7 +670,13 @@ async fn watch_remote_readiness(
                 slices = new;
             }
             Err(e) => {
-                let _ = tx.send(Trigger::WatchFailed("remote_endpointslices", e.to_string()));
+                failed = true;
+                let failure = Failure::of(&e);
+                let _ = tx.send(Trigger::WatchFailed(
+                    Source::RemoteSlices,
+                    failure,
+                    e.to_string(),
+                ));
                 continue;
             }
         }
@@ -660,7 +746,9 @@ struct Loop<'a> {
     attempts: HashMap<Key, u32>,
     synced: HashSet<Source>,
     expected: HashSet<Source>,
-    failing: HashMap<&'static str, String>,
+    /// Each failing watch's failure; only that watch (or a recovery check of the target, for
+    /// remote ones) clears it.
+    failing: HashMap<Source, (Failure, String)>,
     /// Whether a recovery check of the target's API runs (see [`recover`]).
     recovering: bool,
     writer: Writer,
@@ -702,33 +790,38 @@ impl Loop<'_> {
             }
             Trigger::Synced(source) => {
                 self.synced.insert(source);
-                self.failing.clear();
+                self.failing.remove(&source);
                 self.update_reachability();
                 if self.synced() {
                     self.enqueue_all();
                 }
             }
-            Trigger::Relisted => {
+            Trigger::Relisted(source) => {
                 // A relist may skip versions; compare with what the stores now say.
                 self.writer.forget_in_flight();
-                self.failing.clear();
+                self.failing.remove(&source);
                 self.update_reachability();
                 self.enqueue_all();
             }
-            Trigger::WatchFailed(watch, error) => {
-                tracing::warn!(link = %self.worker.link_name, watch, %error, "watch failed; retrying with backoff");
+            Trigger::Healthy(source) => {
+                if self.failing.remove(&source).is_some() {
+                    self.update_reachability();
+                }
+            }
+            Trigger::WatchFailed(source, failure, error) => {
+                tracing::warn!(link = %self.worker.link_name, watch = source.name(), %error, "watch failed; retrying with backoff");
                 self.worker
                     .metrics
                     .watch_restarts
                     .get_or_create(&WatchLabels {
                         target_cluster_name: self.target.cluster.clone(),
-                        watch,
+                        watch: source.name(),
                     })
                     .inc();
-                if watch.starts_with("remote") {
+                self.failing.insert(source, (failure, error));
+                if source.is_remote() {
                     // The target cannot be listed: as synced as this Link can be, and said so.
                     self.worker.readiness.link_done(&self.worker.link_name);
-                    self.failing.insert(watch, error);
                     self.update_reachability();
                     // A watch that resumes where it stopped reports no event until something
                     // changes, so recovery needs a check of its own.
@@ -749,8 +842,9 @@ impl Loop<'_> {
                 }
             }
             Trigger::Recovered => {
+                // The target answers the calls its watches make: their failures are over.
                 self.recovering = false;
-                self.failing.clear();
+                self.failing.retain(|s, _| !s.is_remote());
                 self.update_reachability();
             }
         }
@@ -758,18 +852,16 @@ impl Loop<'_> {
 
     fn update_reachability(&self) {
         let status = &self.worker.status;
-        let (s, reason, message) = match self.failing.values().next() {
-            Some(error) => (
+        let failure = self
+            .failing
+            .iter()
+            .filter(|(s, _)| s.is_remote())
+            .min_by_key(|(s, _)| s.name())
+            .map(|(_, f)| f);
+        let (s, reason, message) = match failure {
+            Some((failure, error)) => (
                 ConditionStatus::False,
-                if error.contains("401")
-                    || error.contains("403")
-                    || error.contains("Unauthorized")
-                    || error.contains("forbidden")
-                {
-                    "RemoteUnauthorized"
-                } else {
-                    "RemoteUnreachable"
-                },
+                failure.reason(),
                 format!(
                     "the target cluster's API server cannot be watched ({error}); existing mirrors are kept"
                 ),
@@ -1326,4 +1418,65 @@ fn owner_reference(service: &Service) -> Option<OwnerReference> {
         controller: Some(true),
         block_owner_deletion: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::*;
+
+    #[test]
+    fn failures_are_judged_by_the_api_status_code_not_by_text() {
+        let api = |code: u16, message: &str| {
+            kube::Error::Api(Status::failure(message, "Reason").with_code(code).boxed())
+        };
+        let cases = [
+            (
+                watcher::Error::InitialListFailed(api(401, "")),
+                Failure::Unauthorized,
+            ),
+            (
+                watcher::Error::WatchStartFailed(api(403, "")),
+                Failure::Unauthorized,
+            ),
+            (
+                watcher::Error::WatchError(Status::failure("", "").with_code(403).boxed()),
+                Failure::Unauthorized,
+            ),
+            // A message that merely mentions 401 is not a refusal of the credentials.
+            (
+                watcher::Error::WatchFailed(api(500, "upstream 401 Unauthorized cache")),
+                Failure::Unreachable,
+            ),
+            (
+                watcher::Error::InitialListFailed(api(410, "")),
+                Failure::Unreachable,
+            ),
+            (watcher::Error::NoResourceVersion, Failure::Unreachable),
+        ];
+        for (error, want) in cases {
+            assert_eq!(Failure::of(&error), want, "{error}");
+        }
+    }
+
+    #[test]
+    fn only_remote_watches_say_whether_the_target_is_reachable() {
+        for s in [
+            Source::RemoteGateway,
+            Source::RemoteDiscovery,
+            Source::RemoteSlices,
+        ] {
+            assert!(s.is_remote(), "{s:?}");
+            assert!(s.name().starts_with("remote_"));
+        }
+        for s in [
+            Source::LocalServices,
+            Source::LocalEndpoints,
+            Source::LocalSlices,
+            Source::Namespaces,
+        ] {
+            assert!(!s.is_remote(), "{s:?}");
+        }
+    }
 }
