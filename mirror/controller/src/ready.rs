@@ -25,6 +25,8 @@ struct State {
     links_listed: bool,
     /// Links listed at the start whose first pass is not done.
     waiting: BTreeSet<String>,
+    /// Links whose first pass is done (a worker may finish before the listing is reported).
+    done: BTreeSet<String>,
     /// Whether this replica writes federated Services...
     federation_expected: bool,
     /// ...and whether it has reconciled them once.
@@ -101,7 +103,7 @@ impl Readiness {
     pub fn links_listed(&self, links: impl IntoIterator<Item = String>, federation: bool) {
         self.update(|s| {
             s.links_listed = true;
-            s.waiting = links.into_iter().collect();
+            s.waiting = links.into_iter().filter(|l| !s.done.contains(l)).collect();
             s.federation_expected = federation;
         });
     }
@@ -110,6 +112,7 @@ impl Readiness {
     pub fn link_done(&self, name: &str) {
         self.update(|s| {
             s.waiting.remove(name);
+            s.done.insert(name.to_owned());
         });
     }
 
@@ -131,6 +134,7 @@ mod tests {
             waiting: waiting.iter().map(|s| (*s).to_owned()).collect(),
             federation_expected: federation.is_some(),
             federation_done: federation == Some(true),
+            done: BTreeSet::new(),
         };
         let cases = [
             (State::default(), false, "no role yet"),
@@ -175,6 +179,12 @@ mod tests {
         assert!(!*rx.borrow(), "north pending");
         r.link_done("north");
         assert!(*rx.borrow());
+        // A Link seen through before the listing is reported counts.
+        r.leader();
+        r.link_done("east");
+        r.federation_done();
+        r.links_listed(["east".to_owned()], true);
+        assert!(*rx.borrow(), "east was done before the listing");
         // Leading again (after losing the Lease) starts over.
         r.leader();
         assert!(!*rx.borrow());
