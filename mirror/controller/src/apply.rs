@@ -152,6 +152,18 @@ pub(crate) enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("not writing {kind} {namespace}/{name}: this replica does not hold the Lease")]
+    NotLeader {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
+    #[error("calling the API for {kind} {namespace}/{name}: no answer within {CALL_DEADLINE:?}")]
+    Timeout {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
     #[error("deleting {kind} {namespace}/{name}: {source}")]
     Delete {
         kind: &'static str,
@@ -168,6 +180,8 @@ impl Error {
         match self {
             Self::Write { .. } => "write",
             Self::Read { .. } => "read",
+            Self::NotLeader { .. } => "not_leader",
+            Self::Timeout { .. } => "timeout",
             Self::Delete { .. } => "delete",
         }
     }
@@ -185,16 +199,37 @@ pub(crate) struct Writer {
     /// store still shows the old object (or none); without this, every trigger in that window
     /// would write the same thing again.
     in_flight: Mutex<InFlight>,
+    /// Checked before every call: only the Lease holder writes.
+    claim: crate::leader::Claim,
 }
 
+/// How long one API call may take before it counts as failed (and is retried with backoff):
+/// kube's default read timeout is 295 s, far longer than a Lease.
+pub(crate) const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Writer {
-    pub(crate) fn new(client: Client, metrics: Arc<Metrics>, cluster: String) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        cluster: String,
+        claim: crate::leader::Claim,
+    ) -> Self {
         Self {
             client,
             metrics,
             cluster,
             in_flight: Mutex::new(HashMap::new()),
+            claim,
         }
+    }
+
+    /// The refusal of a write when this replica does not hold the Lease (`None`: it does).
+    fn gate(&self, kind: &'static str, namespace: &str, name: &str) -> Option<Error> {
+        (!self.claim.holds()).then(|| Error::NotLeader {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
     }
 
     fn flights(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -246,14 +281,22 @@ impl Writer {
         {
             return Ok(None);
         }
+        if let Some(refused) = self.gate(kind, &ns, &name) {
+            return Err(refused);
+        }
         let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
-        let stored = api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(desired),
-            )
+        let (params, patch) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(desired),
+        );
+        let call = api.patch(&name, &params, &patch);
+        let stored = tokio::time::timeout(CALL_DEADLINE, call)
             .await
+            .map_err(|_| Error::Timeout {
+                kind,
+                namespace: ns.clone(),
+                name: name.clone(),
+            })?
             .map_err(|source| Error::Write {
                 kind,
                 namespace: ns.clone(),
@@ -278,6 +321,9 @@ impl Writer {
         let ns = obj.meta().namespace.clone().unwrap_or_default();
         let name = obj.meta().name.clone().unwrap_or_default();
         self.flights().remove(&(kind, ns.clone(), name.clone()));
+        if let Some(refused) = self.gate(kind, &ns, &name) {
+            return Err(refused);
+        }
         let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -286,7 +332,14 @@ impl Writer {
             }),
             ..DeleteParams::default()
         };
-        match api.delete(&name, &dp).await {
+        let deleted = tokio::time::timeout(CALL_DEADLINE, api.delete(&name, &dp))
+            .await
+            .map_err(|_| Error::Timeout {
+                kind,
+                namespace: ns.clone(),
+                name: name.clone(),
+            })?;
+        match deleted {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(source) => {
@@ -320,13 +373,19 @@ impl Writer {
             "metadata": { "name": ns, "labels": labels },
         }))
         .unwrap_or_default();
-        Api::<Namespace>::all(self.client.clone())
-            .patch(
-                ns,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Apply(&namespace),
-            )
+        if let Some(refused) = self.gate("Namespace", "", ns) {
+            return Err(refused);
+        }
+        let api = Api::<Namespace>::all(self.client.clone());
+        let (params, patch) = (PatchParams::apply(FIELD_MANAGER), Patch::Apply(&namespace));
+        let call = api.patch(ns, &params, &patch);
+        tokio::time::timeout(CALL_DEADLINE, call)
             .await
+            .map_err(|_| Error::Timeout {
+                kind: "Namespace",
+                namespace: String::new(),
+                name: ns.to_owned(),
+            })?
             .map_err(|source| Error::Write {
                 kind: "Namespace",
                 namespace: String::new(),
@@ -495,5 +554,110 @@ mod tests {
         assert!(needs_apply(&without_a, &live, FIELD_MANAGER));
         let with_a = json!({ "metadata": { "labels": { "a": "1" } } });
         assert!(!needs_apply(&with_a, &live, FIELD_MANAGER));
+    }
+}
+
+/// The writer's API edge cases against kube's mock service (`tower_test`): what it sends, and
+/// what it makes of the API server's answers.
+#[cfg(test)]
+mod mock {
+    use http::{Request, Response};
+    use k8s_openapi::api::core::v1::Service;
+    use kube::client::Body;
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn writer(claim: crate::leader::Claim) -> (Writer, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::default());
+        (Writer::new(client, metrics, "east".into(), claim), handle)
+    }
+
+    fn mirror() -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "web-east", "namespace": "shop", "uid": "u-1" },
+            "spec": { "ports": [{ "port": 80 }] },
+        }))
+        .unwrap()
+    }
+
+    fn status(code: u16) -> Response<Body> {
+        let body = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "x", "message": "x", "code": code,
+        });
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_the_lease_nothing_is_sent() {
+        let (w, mut handle) = writer(crate::leader::Claim::default());
+        // The mock never answers: a call that went out would hang here.
+        let at_once = std::time::Duration::from_secs(5);
+        let err = tokio::time::timeout(at_once, w.apply("Service", &mirror(), None))
+            .await
+            .expect("refused at once, without a call")
+            .unwrap_err();
+        assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+        let err = tokio::time::timeout(at_once, w.delete(&mirror(), "Service"))
+            .await
+            .expect("refused at once, without a call")
+            .unwrap_err();
+        assert_eq!(err.metric_label(), "not_leader");
+        // The mock saw no request at all.
+        drop(w);
+        assert!(handle.next_request().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn deletes_are_exact_and_a_gone_or_replaced_object_is_done() {
+        for (code, ok) in [(404, true), (409, true), (500, false)] {
+            let (w, mut handle) = writer(crate::leader::Claim::always());
+            let server = tokio::spawn(async move {
+                let (req, send) = handle.next_request().await.expect("a request");
+                assert_eq!(req.method(), http::Method::DELETE);
+                assert_eq!(
+                    req.uri().path(),
+                    "/api/v1/namespaces/shop/services/web-east"
+                );
+                // The uid precondition: a re-created namesake is never deleted.
+                let body = http_body_util::BodyExt::collect(req.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(body["preconditions"]["uid"], "u-1");
+                send.send_response(status(code));
+            });
+            let result = w.delete(&mirror(), "Service").await;
+            server.await.unwrap();
+            assert_eq!(result.is_ok(), ok, "{code}: {result:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_apply_is_an_error_to_retry() {
+        let (w, mut handle) = writer(crate::leader::Claim::always());
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert_eq!(req.method(), http::Method::PATCH);
+            assert!(
+                req.uri()
+                    .query()
+                    .unwrap_or_default()
+                    .contains("fieldManager=")
+            );
+            assert!(req.uri().query().unwrap_or_default().contains("force=true"));
+            send.send_response(status(409));
+        });
+        let err = w.apply("Service", &mirror(), None).await.unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.metric_label(), "write");
     }
 }

@@ -86,6 +86,7 @@ impl Federation {
         metrics: Arc<Metrics>,
         links: Store<Link>,
         readiness: crate::Readiness,
+        (claim, tasks): (crate::leader::Claim, &tokio_util::task::TaskTracker),
         cancel: &CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -95,7 +96,7 @@ impl Federation {
         };
         let task = Task {
             federation: this.clone(),
-            writer: Writer::new(client.clone(), metrics.clone(), String::new()),
+            writer: Writer::new(client.clone(), metrics.clone(), String::new(), claim),
             client,
             metrics,
             links,
@@ -106,7 +107,7 @@ impl Federation {
             local_excluded_annotations: options.local_excluded_annotations.clone(),
             enable_namespace_creation: options.enable_namespace_creation,
         };
-        tokio::spawn(cancel.clone().run_until_cancelled_owned(task.run(rx)));
+        tasks.spawn(cancel.clone().run_until_cancelled_owned(task.run(rx)));
         this
     }
 

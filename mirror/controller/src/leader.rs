@@ -7,7 +7,11 @@
 //! every mirror in place; the new leader starts from the same stores and the Link's existing
 //! status, so nothing is deleted or flaps.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -50,6 +54,43 @@ impl LeaseOptions {
     }
 }
 
+/// Until when this replica may write: its last renewal plus the Lease's duration, less one
+/// renewal period of margin (calls in flight, clocks). Every write checks it first, so a replica
+/// that lost the Lease, or could not renew it, stops writing before another could start.
+#[derive(Clone, Debug, Default)]
+pub struct Claim(Arc<Mutex<Option<tokio::time::Instant>>>);
+
+impl Claim {
+    /// A claim that always holds (a controller with no election: tests).
+    pub fn always() -> Self {
+        let c = Self::default();
+        c.until(tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+        c
+    }
+
+    fn until(&self, t: tokio::time::Instant) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(t);
+    }
+
+    fn revoke(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Whether a write may go out now.
+    pub fn holds(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+}
+
+/// How long a Lease call may take: well inside the Lease, so that a hung API server cannot keep
+/// a replica believing it leads past the time another may take over.
+fn lease_call_deadline(options: &LeaseOptions) -> Duration {
+    (options.lease_duration / 3).max(Duration::from_millis(500))
+}
+
 enum Role {
     Leader,
     Follower,
@@ -73,7 +114,7 @@ pub async fn run_while_leader<F, Fut>(
     cancel: CancellationToken,
     work: F,
 ) where
-    F: Fn(CancellationToken) -> Fut,
+    F: Fn(CancellationToken, Claim) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let Report {
@@ -82,11 +123,29 @@ pub async fn run_while_leader<F, Fut>(
     } = report;
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let me = options.identity();
+    let claim = Claim::default();
+    let deadline = lease_call_deadline(options);
     let mut current: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
     let mut last_renewed = tokio::time::Instant::now();
     loop {
-        let role = match try_acquire(&api, name, &me, options.lease_duration).await {
-            Ok(role) => role,
+        let attempt = tokio::time::Instant::now();
+        let tried = tokio::time::timeout(
+            deadline,
+            try_acquire(&api, name, &me, options.lease_duration),
+        )
+        .await
+        .unwrap_or_else(|_| Err(LeaseError::Timeout(deadline)));
+        let role = match tried {
+            Ok(role) => {
+                if matches!(role, Role::Leader) {
+                    // Counted from before the call: the API server may have renewed it at
+                    // any moment since.
+                    claim.until(
+                        attempt + options.lease_duration.saturating_sub(options.lease_renew),
+                    );
+                }
+                role
+            }
             Err(error) => {
                 tracing::warn!(lease = %name, %error, "Lease update failed");
                 // Keep leading only while the Lease we hold cannot have expired yet.
@@ -105,13 +164,15 @@ pub async fn run_while_leader<F, Fut>(
                 leader_gauge.set(1);
                 readiness.leader();
                 let token = cancel.child_token();
-                current = Some((token.clone(), tokio::spawn(work(token))));
+                current = Some((token.clone(), tokio::spawn(work(token, claim.clone()))));
                 last_renewed = tokio::time::Instant::now();
             }
             (Role::Leader, true) => last_renewed = tokio::time::Instant::now(),
             (Role::Follower, true) => {
                 tracing::warn!(lease = %name, identity = %me, "lost the Lease; stopping (mirrors stay)");
                 leader_gauge.set(0);
+                // No write goes out from here on, even from a batch still running.
+                claim.revoke();
                 if let Some((token, task)) = current.take() {
                     token.cancel();
                     let _ = task.await;
@@ -127,10 +188,21 @@ pub async fn run_while_leader<F, Fut>(
     }
     if let Some((token, task)) = current.take() {
         token.cancel();
+        claim.revoke();
+        // Every worker has stopped (the work awaits them) before another replica may start.
         let _ = task.await;
-        release(&api, name, &me).await;
+        let _ = tokio::time::timeout(deadline, release(&api, name, &me)).await;
     }
     leader_gauge.set(0);
+}
+
+/// Why the Lease could not be renewed or taken.
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 async fn try_acquire(
@@ -138,7 +210,7 @@ async fn try_acquire(
     name: &str,
     me: &str,
     duration: Duration,
-) -> Result<Role, kube::Error> {
+) -> Result<Role, LeaseError> {
     let now = Timestamp::now();
     let seconds = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX).max(1);
     let Some(mut lease) = api.get_opt(name).await? else {
@@ -159,7 +231,7 @@ async fn try_acquire(
         return match api.create(&PostParams::default(), &lease).await {
             Ok(_) => Ok(Role::Leader),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Role::Follower),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
     };
     let spec = lease.spec.get_or_insert_default();
@@ -183,7 +255,7 @@ async fn try_acquire(
     match api.replace(name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(Role::Leader),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Role::Follower),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -199,5 +271,38 @@ async fn release(api: &Api<Lease>, name: &str, me: &str) {
     spec.renew_time = None;
     if let Err(error) = api.replace(name, &PostParams::default(), &lease).await {
         tracing::warn!(lease = %name, %error, "releasing the Lease failed; it expires by itself");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_holds_until_its_time_and_not_after_a_revoke() {
+        let claim = Claim::default();
+        assert!(!claim.holds(), "no claim before the Lease is held");
+        claim.until(tokio::time::Instant::now() + Duration::from_secs(10));
+        assert!(claim.holds());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(
+            !claim.holds(),
+            "a claim ends when the Lease could have expired"
+        );
+        claim.until(tokio::time::Instant::now() + Duration::from_secs(10));
+        claim.revoke();
+        assert!(!claim.holds());
+        assert!(Claim::always().holds());
+    }
+
+    #[test]
+    fn lease_calls_end_well_inside_the_lease() {
+        let o = |d| LeaseOptions {
+            identity: None,
+            lease_duration: Duration::from_secs(d),
+            lease_renew: Duration::from_secs(1),
+        };
+        assert_eq!(lease_call_deadline(&o(15)), Duration::from_secs(5));
+        assert_eq!(lease_call_deadline(&o(1)), Duration::from_millis(500));
     }
 }

@@ -138,12 +138,13 @@ pub async fn run(
             readiness: readiness.clone(),
         },
         cancel,
-        move |token| {
+        move |token, claim| {
             links::run(
                 client.clone(),
                 options.clone(),
                 metrics.clone(),
                 readiness.clone(),
+                claim,
                 token,
             )
         },

@@ -63,6 +63,11 @@ struct Ctx {
     /// Every Link of the namespace, to tell which one serves a target cluster name.
     links: Store<Link>,
     readiness: crate::Readiness,
+    /// Whether this replica may write (the Lease).
+    claim: crate::leader::Claim,
+    /// Every task of every Link: awaited before `run` returns, so that no worker still writes
+    /// when the Lease is released.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// The Link that serves target cluster `cluster` among `links`: the oldest, then the first by
@@ -108,8 +113,10 @@ pub async fn run(
     options: Options,
     metrics: Arc<Metrics>,
     readiness: crate::Readiness,
+    claim: crate::leader::Claim,
     cancel: CancellationToken,
 ) {
+    let tasks = tokio_util::task::TaskTracker::new();
     let links: Api<Link> = Api::namespaced(client.clone(), &options.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &options.namespace);
     let mut link_config = watcher::Config::default();
@@ -128,6 +135,7 @@ pub async fn run(
             metrics.clone(),
             store.clone(),
             readiness.clone(),
+            (claim.clone(), &tasks),
             &cancel,
         )),
         Some(link) => {
@@ -144,6 +152,8 @@ pub async fn run(
         federation,
         links: links_store.clone(),
         readiness: readiness.clone(),
+        claim,
+        tasks: tasks.clone(),
     });
     // Once the Links are listed, readiness waits for each of them to be seen through once.
     let serves_all = ctx.options.link.is_none();
@@ -175,6 +185,8 @@ pub async fn run(
     for (_, r) in ctx.running.lock().await.drain() {
         r.cancel.cancel();
     }
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// Waits until `store` has listed once; false if it never will. Its readiness wakes only one
@@ -268,13 +280,14 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     }
     let metrics = ctx.metrics.clone();
     let cluster = link.spec.target_cluster_name.clone();
-    tokio::spawn(
+    ctx.tasks.spawn(
         cancel
             .clone()
             .run_until_cancelled_owned(status.clone().flush_forever(
                 ctx.client.clone(),
                 ctx.options.namespace.clone(),
                 name.clone(),
+                ctx.claim.clone(),
                 move || {
                     metrics
                         .writes
@@ -328,13 +341,9 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     if let (Some(port), false) = (target.gateway_port, entries.is_empty()) {
         match ctx.options.resolver() {
             Ok(resolver) => {
-                tokio::spawn(
-                    cancel
-                        .clone()
-                        .run_until_cancelled_owned(gateway::resolve_forever(
-                            resolver, entries, port, alive_rx, gateway_tx,
-                        )),
-                );
+                ctx.tasks.spawn(cancel.clone().run_until_cancelled_owned(
+                    gateway::resolve_forever(resolver, entries, port, alive_rx, gateway_tx),
+                ));
             }
             Err(error) => {
                 tracing::error!(link = %name, %error, "no DNS resolver; gateway names cannot be resolved")
@@ -356,9 +365,10 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
         federation: ctx.federation.clone(),
         recorder: Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into()),
         readiness: ctx.readiness.clone(),
+        claim: ctx.claim.clone(),
     };
     tracing::info!(link = %name, target = %link.spec.target_cluster_name, "serving Link");
-    tokio::spawn(worker.run(cancel));
+    ctx.tasks.spawn(worker.run(cancel));
     Ok(Action::await_change())
 }
 
@@ -438,45 +448,47 @@ fn start_probe(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cluster = link.spec.target_cluster_name.clone();
     let latency_status = status.clone();
-    tokio::spawn(cancel.clone().run_until_cancelled_owned(probe::run(
-        spec,
-        cluster,
-        gateway,
-        alive,
-        tx,
-        ctx.metrics.probe.clone(),
-        move |latency| latency_status.set_gateway_latency(latency),
-    )));
+    ctx.tasks
+        .spawn(cancel.clone().run_until_cancelled_owned(probe::run(
+            spec,
+            cluster,
+            gateway,
+            alive,
+            tx,
+            ctx.metrics.probe.clone(),
+            move |latency| latency_status.set_gateway_latency(latency),
+        )));
     let status = status.clone();
     let recorder = Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into());
     let reference = link.object_ref(&());
-    tokio::spawn(cancel.clone().run_until_cancelled_owned(async move {
-        while let Some(t) = rx.recv().await {
-            let (s, reason, type_) = match t.liveness {
-                probe::Liveness::Alive => {
-                    (ConditionStatus::True, "GatewayAlive", EventType::Normal)
+    ctx.tasks
+        .spawn(cancel.clone().run_until_cancelled_owned(async move {
+            while let Some(t) = rx.recv().await {
+                let (s, reason, type_) = match t.liveness {
+                    probe::Liveness::Alive => {
+                        (ConditionStatus::True, "GatewayAlive", EventType::Normal)
+                    }
+                    probe::Liveness::Dead => {
+                        (ConditionStatus::False, "GatewayDead", EventType::Warning)
+                    }
+                };
+                status.set_link_condition(CONDITION_GATEWAY_ALIVE, s, reason, &t.detail);
+                let ev = Event {
+                    type_,
+                    reason: reason.to_owned(),
+                    note: Some(if t.detail.is_empty() {
+                        "the gateway answers its probe again".to_owned()
+                    } else {
+                        t.detail.clone()
+                    }),
+                    action: "Probe".to_owned(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&ev, &reference).await {
+                    tracing::warn!(%error, "recording an Event failed");
                 }
-                probe::Liveness::Dead => {
-                    (ConditionStatus::False, "GatewayDead", EventType::Warning)
-                }
-            };
-            status.set_link_condition(CONDITION_GATEWAY_ALIVE, s, reason, &t.detail);
-            let ev = Event {
-                type_,
-                reason: reason.to_owned(),
-                note: Some(if t.detail.is_empty() {
-                    "the gateway answers its probe again".to_owned()
-                } else {
-                    t.detail.clone()
-                }),
-                action: "Probe".to_owned(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(%error, "recording an Event failed");
             }
-        }
-    }));
+        }));
 }
 
 /// Stops the Link's worker and deletes every mirror it made, before the Link goes.

@@ -484,6 +484,7 @@ impl StatusHandle {
         client: Client,
         namespace: String,
         name: String,
+        claim: crate::leader::Claim,
         writes: impl Fn(),
     ) {
         let api: Api<Link> = Api::namespaced(client, &namespace);
@@ -493,10 +494,20 @@ impl StatusHandle {
         let mut written = texts(&self.document());
         loop {
             if let Some((body, texts)) = self.due(&written) {
-                match api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+                if !claim.holds() {
+                    // Not the Lease holder (any more): the next leader writes the status.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                let (params, patch) = (PatchParams::default(), Patch::Merge(&body));
+                let call = api.patch_status(&name, &params, &patch);
+                match tokio::time::timeout(crate::apply::CALL_DEADLINE, call)
                     .await
-                {
+                    .unwrap_or_else(|_| {
+                        Err(kube::Error::Service(
+                            format!("no answer within {:?}", crate::apply::CALL_DEADLINE).into(),
+                        ))
+                    }) {
                     Ok(_) => {
                         writes();
                         written = texts;

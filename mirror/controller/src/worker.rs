@@ -79,6 +79,8 @@ pub(crate) struct LinkWorker {
     pub federation: Option<Federation>,
     /// Told when this Link's first pass is done.
     pub readiness: crate::Readiness,
+    /// Whether this replica may write.
+    pub claim: crate::leader::Claim,
 }
 
 /// Which watches have listed once.
@@ -315,6 +317,7 @@ impl LinkWorker {
                 self.local.clone(),
                 self.metrics.clone(),
                 self.spec.target_cluster_name.clone(),
+                self.claim.clone(),
             ),
         };
         let mut gateway_rx = self.gateway.clone();
@@ -339,7 +342,12 @@ impl LinkWorker {
                 () = std::future::ready(()), if state.synced() && !state.pending.is_empty() => {}
             }
             if state.synced() {
-                state.process().await;
+                // A batch is abandoned, not finished, when the work is cancelled (the Lease
+                // lost): no new call starts, and the claim stops any that would.
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = state.process() => {}
+                }
                 if state.pending.is_empty() {
                     // Every Service has been reconciled once: the status may say so, and the
                     // controller is synced as far as this Link goes.
@@ -1342,12 +1350,19 @@ impl Loop<'_> {
     /// the watch has not delivered yet counts as its own).
     async fn foreign(&self, ns: &str, name: &str) -> Result<bool, Error> {
         let api: Api<Service> = Api::namespaced(self.worker.local.clone(), ns);
-        let found = api.get_opt(name).await.map_err(|source| Error::Read {
-            kind: "Service",
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            source,
-        })?;
+        let found = tokio::time::timeout(crate::apply::CALL_DEADLINE, api.get_opt(name))
+            .await
+            .map_err(|_| Error::Timeout {
+                kind: "Service",
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+            })?
+            .map_err(|source| Error::Read {
+                kind: "Service",
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                source,
+            })?;
         Ok(found.is_some_and(|s| !desired::made_by(&s, &self.target.cluster)))
     }
 
