@@ -8,6 +8,14 @@
 //! optionally a lifetime per connection (drained gracefully when it ends), and a choice of
 //! whether a client must present a certificate from the trust anchors.
 
+mod accept;
+mod pending;
+
+pub use self::{
+    accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, accept},
+    pending::{Pending, Slot},
+};
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper_util::{
@@ -50,10 +58,6 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-/// How long to wait after a failed `accept` (EMFILE, ENFILE, ENOMEM): the condition passes only
-/// when connections close, and retrying at once would spin a core and flood the log.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 /// Binds `addr`; the returned future serves `service` until `cancel` fires, then drains every
 /// connection gracefully (in-flight calls finish; the caller bounds how long with a timeout).
 pub async fn serve_h2<S, B>(
@@ -92,14 +96,7 @@ where
             let Ok(permit) = permit else { break };
             let (tcp, peer) = tokio::select! {
                 () = cancel.cancelled() => break,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(error) => {
-                        tracing::warn!(%error, backoff = ?ACCEPT_BACKOFF, "accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
+                a = accept(&listener) => a,
             };
             // gRPC messages are small and latency-bound: no Nagle delay behind a delayed ACK.
             let _ = tcp.set_nodelay(true);
