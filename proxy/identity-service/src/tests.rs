@@ -309,6 +309,14 @@ async fn an_expired_leaf_is_renewed() {
         .await
         .expect("the 3 s leaf expires")
         .unwrap();
+    // `valid` turns false at the leaf's notAfter, but webpki refuses a certificate only once the
+    // clock is past notAfter (whole seconds): renewing at once would present a leaf the service
+    // still accepts, and the test would pass without the fix. Wait until the service's verifier
+    // refuses the old leaf.
+    let old_leaf_refused_from = first + Duration::from_secs(1);
+    while let Ok(left) = old_leaf_refused_from.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(10)).await;
+    }
     // The service is back: the next call is served and a fresh leaf installed.
     let second = certify::certify(&config, &client, &csr, &key)
         .await
