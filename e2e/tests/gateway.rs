@@ -317,8 +317,12 @@ async fn certified(env: Arc<Env>) -> Result<()> {
         .await
         .err()
         .context("a token for another audience must be refused")?;
-    ensure!(format!("{err:#}").contains("bad token"), "{err:#}");
-    for reason in ["identity_mismatch", "bad_token"] {
+    ensure!(
+        format!("{err:#}").contains("not issued for audience identity.l5d.io"),
+        "{err:#}"
+    );
+    // ... before any TokenReview, by the token's own claims (counted apart from bad_token).
+    for reason in ["identity_mismatch", "malformed_token"] {
         ensure!(
             env.west_identity
                 .metric(
