@@ -26,9 +26,15 @@ struct Args {
     )]
     admin_addr: std::net::SocketAddr,
     /// Networks (CIDRs, comma-separated) that may read /metrics over plain HTTP, besides
-    /// loopback; clients with a certificate from the trust anchors may always, over TLS.
+    /// loopback.
     #[arg(long, env = "MESHLINK_METRICS_NETWORKS", value_delimiter = ',')]
     metrics_networks: Vec<ipnet::IpNet>,
+    /// Identities (comma-separated) that may read /metrics over mTLS on the admin port; any
+    /// other certificate is refused (403). Default: the Prometheus ServiceAccount of Linkerd
+    /// viz in this install, `prometheus.linkerd-viz.serviceaccount.identity.<the gateway's
+    /// control-plane namespace and trust domain>`.
+    #[arg(long, env = "MESHLINK_METRICS_IDENTITIES", value_delimiter = ',')]
+    metrics_identities: Vec<proxy_identity::Id>,
     /// How long open connections may take to finish on shutdown.
     #[arg(long, env = "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace_period: Duration,
@@ -85,11 +91,13 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     let discovery = Discovery::default();
     let ready = proxy_admin::all_ready(vec![creds.valid(), discovery.synced()]);
     let admin_tls = proxy_identity::tls::server_config(&creds, &[b"http/1.1"]);
+    let metrics_identities = gateway::metrics_identities(&args.metrics_identities, creds.id());
+    tracing::info!(identities = ?metrics_identities, "who may read /metrics over mTLS");
     let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready)
-        .metrics_access(proxy_admin::MetricsAccess::restricted(
-            args.metrics_networks,
-            Some(admin_tls),
-        ))
+        .metrics_access(
+            proxy_admin::MetricsAccess::restricted(args.metrics_networks, Some(admin_tls))
+                .identities(metrics_identities),
+        )
         .bind(args.admin_addr, cancel.clone())
         .await?;
     let watch = tokio::spawn(discovery.clone().run(client, cancel.clone()));

@@ -1,12 +1,9 @@
 //! The accept loop and the checks every connection passes before it is forwarded.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use proxy_identity::{Credentials, Id, tls};
+use proxy_transport::Pending;
 use proxy_transport_header::{self as header, Header, Prefixed};
 use rustls::ServerConfig;
 use tokio::{
@@ -122,15 +119,7 @@ impl Gateway {
         loop {
             let (tcp, peer) = tokio::select! {
                 () = cancel.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        // Out of file descriptors, most likely: back off rather than spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = proxy_transport::accept(&listener) => accepted,
             };
             let _ = tcp.set_nodelay(true);
             // Where the client reached us (the listener may be bound to 0.0.0.0): an endpoint
@@ -374,60 +363,4 @@ fn loop_reason(
         .iter()
         .any(|e| (e.ip().to_canonical(), e.port()) == local)
         .then_some("target is this gateway")
-}
-
-/// Connections in their TLS handshake. When full, the oldest is evicted: a legitimate client
-/// finishes its handshake in milliseconds, so the connections that linger are the idle or
-/// hostile ones, and a flood of them cannot lock others out.
-#[derive(Debug)]
-struct Pending {
-    cap: usize,
-    slots: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
-}
-
-struct Slot<'a> {
-    pending: &'a Pending,
-    id: u64,
-    evicted: CancellationToken,
-}
-
-impl Pending {
-    fn new(cap: usize) -> Self {
-        Self {
-            cap: cap.max(1),
-            slots: Mutex::default(),
-        }
-    }
-
-    fn enter(&self) -> Slot<'_> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slots.1.len() >= self.cap
-            && let Some((_, oldest)) = slots.1.pop_first()
-        {
-            oldest.cancel();
-        }
-        slots.0 += 1;
-        let id = slots.0;
-        let evicted = CancellationToken::new();
-        slots.1.insert(id, evicted.clone());
-        Slot {
-            pending: self,
-            id,
-            evicted,
-        }
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.pending
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1
-            .remove(&self.id);
-    }
 }

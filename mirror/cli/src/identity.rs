@@ -4,6 +4,7 @@
 //! ```text
 //! meshlink identity anchor --out anchor/             # ca.crt, ca.key
 //! meshlink identity issuer --anchor anchor/ --out east/   # issuer.crt, issuer.key
+//! meshlink identity issuer --anchor anchor/ --out east/ --cluster east   # only *.east.cluster.local
 //! meshlink identity manifests --issuer east/ --anchors anchor/ca.crt[,new/ca.crt]
 //! ```
 
@@ -55,9 +56,19 @@ pub struct IssuerArgs {
     /// Directory to write issuer.crt and issuer.key into (created if missing).
     #[arg(long)]
     out: PathBuf,
-    /// Subject common name (Linkerd's: identity.linkerd.<trust-domain>).
-    #[arg(long, default_value = "identity.linkerd.cluster.local")]
-    common_name: String,
+    /// Subject common name (Linkerd's: identity.linkerd.<trust-domain>; with --cluster, that
+    /// of the cluster's trust domain).
+    #[arg(long)]
+    common_name: Option<String>,
+    /// The cluster this issuer is for: it may then only certify identities in the cluster's own
+    /// trust domain (an X.509 name constraint that TLS verifiers enforce), so a compromised
+    /// cluster cannot impersonate another's workloads. Run each cluster's identity service
+    /// with that trust domain (--trust-domain).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// The cluster's trust domain (default with --cluster: <cluster>.cluster.local).
+    #[arg(long, requires = "cluster")]
+    trust_domain: Option<String>,
     /// How long the issuer is valid (e.g. 8760h).
     #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
     lifetime: Duration,
@@ -134,15 +145,39 @@ pub fn run(command: &IdentityCommand) -> Result<(String, Vec<Value>)> {
             };
             std::fs::create_dir_all(&a.out)
                 .with_context(|| format!("creating {}", a.out.display()))?;
-            let issuer = ca::new_issuer(&anchor, &a.common_name, a.lifetime)
-                .context("the anchor directory must hold ca.crt and its ECDSA P-256 ca.key")?;
+            let domain = a.trust_domain.clone().or_else(|| {
+                a.cluster
+                    .as_ref()
+                    .map(|c| format!("{}.cluster.local", c.to_ascii_lowercase()))
+            });
+            if let Some(d) = &domain {
+                // The trust domain ends every identity: it must be a DNS name.
+                proxy_identity::Id::parse(d).with_context(|| format!("trust domain {d:?}"))?;
+            }
+            let common_name = a.common_name.clone().unwrap_or_else(|| {
+                format!(
+                    "identity.linkerd.{}",
+                    domain.as_deref().unwrap_or("cluster.local")
+                )
+            });
+            let issuer = match &domain {
+                Some(d) => ca::new_constrained_issuer(&anchor, &common_name, a.lifetime, d),
+                None => ca::new_issuer(&anchor, &common_name, a.lifetime),
+            }
+            .context("the anchor directory must hold ca.crt and its ECDSA P-256 ca.key")?;
             write(&a.out.join("issuer.crt"), &issuer.cert_pem, false, a.force)?;
             write(&a.out.join("issuer.key"), &issuer.key_pem, true, a.force)?;
             Ok((
-                format!(
-                    "issuer written to {}/issuer.crt and issuer.key\n",
-                    a.out.display()
-                ),
+                match &domain {
+                    Some(d) => format!(
+                        "issuer written to {}/issuer.crt and issuer.key; it certifies identities under {d} only (run the identity service with --trust-domain={d})\n",
+                        a.out.display()
+                    ),
+                    None => format!(
+                        "issuer written to {}/issuer.crt and issuer.key\n",
+                        a.out.display()
+                    ),
+                },
                 Vec::new(),
             ))
         }
@@ -222,6 +257,72 @@ mod tests {
 
     fn run_args(args: &[&str]) -> Result<(String, Vec<Value>)> {
         run(&Cli::try_parse_from(std::iter::once("identity").chain(args.iter().copied()))?.command)
+    }
+
+    /// `--cluster` gives the issuer its cluster's trust domain as a name constraint: a leaf it
+    /// signs for another cluster's identity fails verification.
+    #[test]
+    fn a_cluster_issuer_is_constrained_to_its_trust_domain() {
+        proxy_identity::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        run_args(&["anchor", "--out", &d("a")]).unwrap();
+        let (out, _) = run_args(&[
+            "issuer",
+            "--anchor",
+            &d("a"),
+            "--out",
+            &d("west"),
+            "--cluster",
+            "west",
+        ])
+        .unwrap();
+        assert!(out.contains("--trust-domain=west.cluster.local"), "{out}");
+        let err = run_args(&[
+            "issuer",
+            "--anchor",
+            &d("a"),
+            "--out",
+            &d("bad"),
+            "--cluster",
+            "x",
+            "--trust-domain",
+            "not a domain",
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("trust domain"), "{err:#}");
+        let anchors = proxy_identity::TrustAnchors::from_pem(
+            &std::fs::read_to_string(dir.path().join("a/ca.crt")).unwrap(),
+        )
+        .unwrap();
+        let signer = proxy_identity::ca::Signer::from_pem(
+            &std::fs::read_to_string(dir.path().join("west/issuer.crt")).unwrap(),
+            &std::fs::read_to_string(dir.path().join("west/issuer.key")).unwrap(),
+        )
+        .unwrap();
+        for (id, accepted) in [
+            (
+                "web.shop.serviceaccount.identity.linkerd.west.cluster.local",
+                true,
+            ),
+            (
+                "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.east.cluster.local",
+                false,
+            ),
+            (
+                "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local",
+                false,
+            ),
+        ] {
+            let (leaf, _) = signer
+                .issue(
+                    &proxy_identity::Id::parse(id).unwrap(),
+                    Duration::from_secs(600),
+                )
+                .unwrap();
+            let verified = anchors.verify(&leaf.into(), &[signer.cert_der().to_vec().into()]);
+            assert_eq!(verified.is_ok(), accepted, "{id}: {verified:?}");
+        }
     }
 
     #[test]

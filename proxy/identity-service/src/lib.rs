@@ -10,6 +10,7 @@
 
 mod issuer;
 mod server;
+mod token;
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use proxy_identity::{Id, ca::CsrError};
 use tonic::{Request, Response, Status};
 
 pub use self::issuer::{IssuerStore, IssuerWatch, watch_secret};
-pub use self::server::{ServeError, serve};
+pub use self::server::{DEADLINES, ServeError, limits, serve, serve_with};
 
 /// Who a token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +128,7 @@ enum Outcome {
     Ok,
     InvalidIdentity,
     NoToken,
+    MalformedToken,
     BadToken,
     NotServiceAccount,
     IdentityMismatch,
@@ -142,6 +144,7 @@ impl Outcome {
             Self::Ok => "ok",
             Self::InvalidIdentity => "invalid_identity",
             Self::NoToken => "no_token",
+            Self::MalformedToken => "malformed_token",
             Self::BadToken => "bad_token",
             Self::NotServiceAccount => "not_service_account",
             Self::IdentityMismatch => "identity_mismatch",
@@ -186,6 +189,9 @@ pub struct Settings {
     pub trust_domain: String,
     pub control_plane_namespace: String,
     pub leaf_lifetime: Duration,
+    /// The audience tokens must be issued for (checked cheaply before the TokenReview too);
+    /// `None` accepts any.
+    pub token_audience: Option<String>,
 }
 
 /// The Certify service.
@@ -230,6 +236,16 @@ impl<A: Authenticator> Identity<A> {
             return Err((
                 Outcome::NoToken,
                 Status::invalid_argument("no ServiceAccount token in the request"),
+            ));
+        }
+        // Garbage is refused before it costs a TokenReview (the token is never logged).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(why) = token::precheck(&token, self.settings.token_audience.as_deref(), now) {
+            return Err((
+                Outcome::MalformedToken,
+                Status::unauthenticated(format!("bad token: {why}")),
             ));
         }
         let (namespace, sa) = match self.auth.review(token).await {

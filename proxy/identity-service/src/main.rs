@@ -87,10 +87,12 @@ async fn main() -> Result<()> {
     let pem = std::fs::read_to_string(&args.trust_anchors)
         .with_context(|| format!("reading --trust-anchors {}", args.trust_anchors.display()))?;
     let anchors = TrustAnchors::from_pem(&pem).context("--trust-anchors")?;
+    let audience = Some(args.token_audience).filter(|a| !a.is_empty());
     let settings = Settings {
         trust_domain: args.trust_domain,
         control_plane_namespace: args.control_plane_namespace,
         leaf_lifetime: args.leaf_lifetime,
+        token_audience: audience.clone(),
     };
     let own = proxy_identity_service::service_id(&args.service_account, &settings)
         .context("--service-account, --control-plane-namespace or --trust-domain")?;
@@ -121,7 +123,6 @@ async fn main() -> Result<()> {
         },
         cancel.clone(),
     ));
-    let audience = Some(args.token_audience).filter(|a| !a.is_empty());
     let service = Identity::new(
         settings,
         issuer,

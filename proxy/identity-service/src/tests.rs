@@ -38,6 +38,7 @@ fn fixture() -> Fixture {
         trust_domain: "cluster.local".into(),
         control_plane_namespace: "linkerd".into(),
         leaf_lifetime: Duration::from_secs(600),
+        token_audience: Some(AUDIENCE.into()),
     };
     let own = service_id("linkerd-identity", &settings).unwrap();
     let anchors = TrustAnchors::from_pem(&anchor.cert_pem).unwrap();
@@ -55,16 +56,25 @@ fn fixture() -> Fixture {
     }
 }
 
+const AUDIENCE: &str = "identity.l5d.io";
+
+/// A token shaped like a projected ServiceAccount token for `who` (the table reviews it).
+fn token(who: &str) -> String {
+    // Far in the future, and the same on every call: the table is keyed by the token.
+    const EXP: u64 = 4_000_000_000;
+    token::fake_jwt(&serde_json::json!({"aud": [AUDIENCE], "exp": EXP, "sub": who}))
+}
+
 fn table() -> Table {
     let mut t = HashMap::new();
     t.insert(
-        "web-token".to_owned(),
+        token("web"),
         Reviewed::ServiceAccount {
             namespace: "shop".into(),
             name: "web".into(),
         },
     );
-    t.insert("user-token".to_owned(), Reviewed::Other("alice".into()));
+    t.insert(token("alice"), Reviewed::Other("alice".into()));
     Table(t)
 }
 
@@ -82,6 +92,7 @@ async fn certifies_and_refuses_with_reasons() {
     );
     let id = Id::parse(WEB).unwrap();
     let (csr, key) = ca::new_csr(&id).unwrap();
+    let (web, alice, stolen) = (token("web"), token("alice"), token("stolen"));
     let call = |identity: &str, token: &str, csr: Vec<u8>| {
         Request::new(CertifyRequest {
             identity: identity.into(),
@@ -91,7 +102,7 @@ async fn certifies_and_refuses_with_reasons() {
     };
 
     let rsp = svc
-        .certify(call(WEB, "web-token", csr.clone()))
+        .certify(call(WEB, &web, csr.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -107,7 +118,7 @@ async fn certifies_and_refuses_with_reasons() {
     assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(590));
     assert!(rsp.valid_until.is_some());
 
-    let cases: [(&str, &str, Vec<u8>, tonic::Code, &str); 6] = [
+    let cases: [(&str, &str, Vec<u8>, tonic::Code, &str); 7] = [
         (
             WEB,
             "",
@@ -117,35 +128,42 @@ async fn certifies_and_refuses_with_reasons() {
         ),
         (
             WEB,
-            "stolen",
+            "web-token",
             csr.clone(),
             tonic::Code::Unauthenticated,
-            "bad token",
+            "bad token: a JWT has three dot-separated parts",
         ),
         (
             WEB,
-            "user-token",
+            &stolen,
+            csr.clone(),
+            tonic::Code::Unauthenticated,
+            "bad token: unknown token",
+        ),
+        (
+            WEB,
+            &alice,
             csr.clone(),
             tonic::Code::PermissionDenied,
             "not to a ServiceAccount",
         ),
         (
             "db.shop.serviceaccount.identity.linkerd.cluster.local",
-            "web-token",
+            &web,
             csr.clone(),
             tonic::Code::PermissionDenied,
             "identity mismatch",
         ),
         (
             "not an id",
-            "web-token",
+            &web,
             csr.clone(),
             tonic::Code::InvalidArgument,
             "identity",
         ),
         (
             WEB,
-            "web-token",
+            &web,
             b"garbage".to_vec(),
             tonic::Code::InvalidArgument,
             "malformed CSR",
@@ -163,6 +181,7 @@ async fn certifies_and_refuses_with_reasons() {
     for reason in [
         "ok",
         "no_token",
+        "malformed_token",
         "bad_token",
         "not_service_account",
         "identity_mismatch",
@@ -221,7 +240,7 @@ async fn client_and_server_over_tls() {
 
     let dir = tempfile_dir();
     let token_file = dir.join("token");
-    std::fs::write(&token_file, "web-token").unwrap();
+    std::fs::write(&token_file, token("web")).unwrap();
     let id = Id::parse(WEB).unwrap();
     let client = Credentials::new(id, TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap());
     let mut watch = client.watch();
@@ -283,7 +302,7 @@ async fn an_expired_leaf_is_renewed() {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let token_file = dir.join("token");
-    std::fs::write(&token_file, "web-token").unwrap();
+    std::fs::write(&token_file, token("web")).unwrap();
     let client = Credentials::new(
         Id::parse(WEB).unwrap(),
         TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap(),
@@ -309,6 +328,14 @@ async fn an_expired_leaf_is_renewed() {
         .await
         .expect("the 3 s leaf expires")
         .unwrap();
+    // `valid` turns false at the leaf's notAfter, but webpki refuses a certificate only once the
+    // clock is past notAfter (whole seconds): renewing at once would present a leaf the service
+    // still accepts, and the test would pass without the fix. Wait until the service's verifier
+    // refuses the old leaf.
+    let old_leaf_refused_from = first + Duration::from_secs(1);
+    while let Ok(left) = old_leaf_refused_from.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(10)).await;
+    }
     // The service is back: the next call is served and a fresh leaf installed.
     let second = certify::certify(&config, &client, &csr, &key)
         .await
@@ -318,6 +345,161 @@ async fn an_expired_leaf_is_renewed() {
         .await
         .expect("ready again with the new leaf")
         .unwrap();
+    cancel.cancel();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Certify call whose body never comes, from `from`: TLS, HTTP/2, the request head and
+/// nothing more. Resolves when the connection is refused or the call is in; the returned task
+/// ends when the server answers the call.
+async fn stalled_certify(
+    server: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    f: &Fixture,
+) -> Option<(
+    futures::channel::mpsc::UnboundedSender<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >,
+    tokio::task::JoinHandle<Option<http::Response<hyper::body::Incoming>>>,
+)> {
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind((from, 0).into()).ok()?;
+    let tcp = sock.connect(server).await.ok()?;
+    let nobody = Credentials::new(
+        Id::parse(WEB).unwrap(),
+        TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap(),
+    );
+    let tls = proxy_identity::tls::connect(
+        proxy_identity::tls::certify_client_config(&nobody, &[b"h2"]),
+        tcp,
+        &f.own,
+    )
+    .await
+    .ok()?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let req = http::Request::post("http://identity/io.linkerd.proxy.identity.Identity/Certify")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(rx))
+        .unwrap();
+    send.ready().await.ok()?;
+    let rsp = send.send_request(req);
+    Some((tx, tokio::spawn(async move { rsp.await.ok() })))
+}
+
+/// One pod floods the service with stalled Certify calls (a body that never comes) while
+/// another keeps certifying: the flood gets its address's share of the connections and no
+/// more, each stalled call ends at its deadline, and the legitimate calls succeed.
+#[tokio::test]
+async fn stalled_calls_from_one_address_leave_room_for_others() {
+    let f = fixture();
+    let svc = Identity::new(
+        f.settings.clone(),
+        f.issuer.clone(),
+        table(),
+        Metrics::default(),
+    );
+    let cancel = CancellationToken::new();
+    // 64 connections (the share of an address is 16) and short deadlines keep the test small.
+    let limits = proxy_transport::ServerLimits {
+        max_connections: 64,
+        ..server::limits()
+    };
+    let deadlines = proxy_transport::CallDeadlines {
+        body: Duration::from_secs(1),
+        call: Duration::from_secs(2),
+    };
+    let (addr, serve) = serve_with(
+        "127.0.0.1:0".parse().unwrap(),
+        svc.into_service(),
+        f.creds.clone(),
+        limits,
+        deadlines,
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(serve);
+
+    // The flood, from 127.0.0.2: more stalled calls than the whole server has connections.
+    // Without a share per address they would take every connection for its whole lifetime.
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..80 {
+        // A refused connection fails at once; one left in the backlog (the server full) is
+        // given up after a while.
+        let attempt = stalled_certify(addr, attacker, &f);
+        if let Ok(Some(call)) = tokio::time::timeout(Duration::from_millis(300), attempt).await {
+            stalled.push(call);
+        }
+    }
+    assert!(!stalled.is_empty(), "some stalled calls got in");
+    assert!(
+        stalled.len() <= 16,
+        "{} stalled calls got in, more than the address's share",
+        stalled.len()
+    );
+
+    // Legitimate calls from 127.0.0.1 succeed meanwhile.
+    let dir = std::env::temp_dir().join(format!(
+        "meshlink-identity-flood-test-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token("web")).unwrap();
+    let client = Credentials::new(
+        Id::parse(WEB).unwrap(),
+        TrustAnchors::from_pem(&f.anchor.cert_pem).unwrap(),
+    );
+    let config = certify::Config {
+        addr: addr.to_string(),
+        server_id: f.own.clone(),
+        token_file,
+        min_refresh: certify::MIN_REFRESH,
+        max_refresh: certify::MAX_REFRESH,
+    };
+    let (csr, key) = ca::new_csr(client.id()).unwrap();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            certify::certify(&config, &client, &csr, &key),
+        )
+        .await
+        .expect("a legitimate Certify is served during the flood")
+        .expect("certified");
+        slowest = slowest.max(start.elapsed());
+    }
+    eprintln!("slowest legitimate Certify during the flood: {slowest:?}");
+
+    // Every stalled call that got in is ended by the server at its body deadline (an error
+    // status), not held until its connection's lifetime.
+    let start = std::time::Instant::now();
+    for (_body, answered) in stalled {
+        let rsp = tokio::time::timeout(Duration::from_secs(5), answered)
+            .await
+            .expect("a stalled call is answered at its deadline")
+            .unwrap()
+            .expect("an answer, not a reset");
+        let status = rsp
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert!(status.as_deref().is_some_and(|s| s != "0"), "{rsp:?}");
+    }
+    eprintln!(
+        "stalled calls all answered {:?} after the legitimate ones",
+        start.elapsed()
+    );
     cancel.cancel();
     let _ = std::fs::remove_dir_all(dir);
 }

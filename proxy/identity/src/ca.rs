@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 
@@ -103,6 +103,30 @@ pub fn new_issuer(
     let signer = Signer::from_pem(&anchor.cert_pem, &anchor.key_pem)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = ca_params(common_name, lifetime, Some(0)).signed_by(&key, &signer.issuer)?;
+    Ok(CertKey {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A new issuer signed by `anchor` that may only certify DNS identities under `domain` (an
+/// X.509 name constraint, which rustls/webpki enforce on every chain through it): with one
+/// issuer per cluster, each with its own trust domain, a cluster whose issuer is compromised
+/// cannot mint another cluster's identities.
+pub fn new_constrained_issuer(
+    anchor: &CertKey,
+    common_name: &str,
+    lifetime: Duration,
+    domain: &str,
+) -> Result<CertKey, CaError> {
+    let signer = Signer::from_pem(&anchor.cert_pem, &anchor.key_pem)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(common_name, lifetime, Some(0));
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: vec![GeneralSubtree::DnsName(domain.to_owned())],
+        excluded_subtrees: vec![],
+    });
+    let cert = params.signed_by(&key, &signer.issuer)?;
     Ok(CertKey {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -290,5 +314,68 @@ mod tests {
                 .sign_csr(&tampered, &id, Duration::from_secs(600))
                 .is_err()
         );
+    }
+
+    /// An issuer constrained to its cluster's trust domain signs whatever it is asked (as a
+    /// compromised one would), but webpki refuses its certificates for another cluster's
+    /// identities, while an unconstrained issuer's impostor passes.
+    #[test]
+    fn a_constrained_issuer_cannot_certify_another_clusters_identities() {
+        crate::tls::install_default_provider();
+        let anchor = new_anchor("root", Duration::from_secs(3600)).unwrap();
+        let anchors = crate::TrustAnchors::from_pem(&anchor.cert_pem).unwrap();
+        let constrained = new_constrained_issuer(
+            &anchor,
+            "identity.linkerd.west.example",
+            Duration::from_secs(3600),
+            "west.example",
+        )
+        .unwrap();
+        let plain = new_issuer(
+            &anchor,
+            "identity.linkerd.cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let own =
+            "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.west.example";
+        let impostor =
+            "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.east.example";
+        // A suffix match on labels, not on characters.
+        let lookalike =
+            "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.evilwest.example";
+        let cases = [
+            (&constrained, own, true),
+            (&constrained, impostor, false),
+            (&constrained, lookalike, false),
+            (&plain, impostor, true),
+        ];
+        for (issuer, id, accepted) in cases {
+            let signer = Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap();
+            let (leaf, _key) = signer
+                .issue(&Id::parse(id).unwrap(), Duration::from_secs(600))
+                .unwrap();
+            let result = anchors.verify(
+                &rustls::pki_types::CertificateDer::from(leaf),
+                &[rustls::pki_types::CertificateDer::from(
+                    signer.cert_der().to_vec(),
+                )],
+            );
+            assert_eq!(result.is_ok(), accepted, "{id}: {result:?}");
+            if !accepted {
+                assert!(
+                    matches!(
+                        result,
+                        Err(rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::Other(_)
+                        )) | Err(rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::NotValidForName
+                                | rustls::CertificateError::NotValidForNameContext { .. }
+                        ))
+                    ),
+                    "{id}: refused for its name: {result:?}"
+                );
+            }
+        }
     }
 }

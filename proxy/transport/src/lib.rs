@@ -5,8 +5,22 @@
 //! [`ServerLimits::max_connections`] connections at once (the next client waits in the
 //! kernel's backlog), a deadline on the TLS handshake, a cap on concurrent streams per
 //! connection, back-off when `accept` fails (a process out of file descriptors must not spin),
-//! optionally a lifetime per connection (drained gracefully when it ends), and a choice of
-//! whether a client must present a certificate from the trust anchors.
+//! optionally a lifetime per connection (drained gracefully when it ends), a choice of
+//! whether a client must present a certificate from the trust anchors, and a share per client
+//! address ([`ServerLimits::per_peer_connections`]), so that one pod cannot take every slot.
+//! Servers of short calls add [`WithDeadlines`] so that stalled calls end.
+
+mod accept;
+mod deadline;
+mod peers;
+mod pending;
+
+pub use self::{
+    accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, accept},
+    deadline::{BodyDeadline, CallDeadlines, TimedBody, WithDeadlines},
+    peers::{PeerShare, PeerSlot},
+    pending::{Pending, Slot},
+};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -41,6 +55,16 @@ pub struct ServerLimits {
     pub client_auth: ClientAuth,
 }
 
+impl ServerLimits {
+    /// Connections one client address may hold at once: an eighth of the total (at least 16,
+    /// a node's worth of Linkerd clients behind one address), so that one pod, however many
+    /// connections it opens, leaves seven eighths of the slots to everyone else. Its concurrent
+    /// streams are bounded with it, by `max_streams_per_connection` on each.
+    pub fn per_peer_connections(&self) -> usize {
+        (self.max_connections / 8).max(16).min(self.max_connections)
+    }
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("binding {addr}: {source}")]
@@ -49,10 +73,6 @@ pub struct BindError {
     #[source]
     source: std::io::Error,
 }
-
-/// How long to wait after a failed `accept` (EMFILE, ENFILE, ENOMEM): the condition passes only
-/// when connections close, and retrying at once would spin a core and flood the log.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds `addr`; the returned future serves `service` until `cancel` fires, then drains every
 /// connection gracefully (in-flight calls finish; the caller bounds how long with a timeout).
@@ -83,6 +103,7 @@ where
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     Ok((local, async move {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let peers = Arc::new(PeerShare::new(limits.per_peer_connections()));
         let tracker = TaskTracker::new();
         loop {
             let permit = tokio::select! {
@@ -92,14 +113,12 @@ where
             let Ok(permit) = permit else { break };
             let (tcp, peer) = tokio::select! {
                 () = cancel.cancelled() => break,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(error) => {
-                        tracing::warn!(%error, backoff = ?ACCEPT_BACKOFF, "accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
+                a = accept(&listener) => a,
+            };
+            // Over its address's share: closed at once, so that its permit goes back.
+            let Some(share) = peers.enter(peer.ip()) else {
+                tracing::debug!(%peer, share = peers.share(), "refused: the address holds its share of connections");
+                continue;
             };
             // gRPC messages are small and latency-bound: no Nagle delay behind a delayed ACK.
             let _ = tcp.set_nodelay(true);
@@ -108,7 +127,7 @@ where
             let cancel = cancel.clone();
             let limits = limits.clone();
             tracker.spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, share);
                 let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
                     .await
                 {
