@@ -247,8 +247,13 @@ fn retry_in(
         .saturating_mul(1 << failures.min(6))
         .min(cap);
     let mut wait = rand::rng().random_range(ceiling / 2..=ceiling);
-    if let Some(expiry) = expiry {
-        let left = expiry.duration_since(now).unwrap_or_default();
+    // A certificate about to expire is retried sooner; one already expired gains nothing from
+    // haste, and every expired workload retrying ten times a second would flood the identity
+    // service just as it comes back: it backs off like any other failure.
+    if let Some(left) = expiry
+        .and_then(|e| e.duration_since(now).ok())
+        .filter(|d| !d.is_zero())
+    {
         wait = wait.min(left.mul_f64(0.7).max(Duration::from_millis(100)));
     }
     wait
@@ -304,5 +309,10 @@ mod tests {
         // A certificate about to expire is retried soon, whatever the backoff says.
         let w = retry_in(10, Some(now + Duration::from_secs(2)), now, &c);
         assert!(w <= Duration::from_millis(1400), "{w:?}");
+        // An expired one backs off as any failure does (no retry storm after an outage).
+        for expired in [now, now - Duration::from_secs(60)] {
+            let w = retry_in(10, Some(expired), now, &c);
+            assert!(w >= Duration::from_secs(5), "{w:?}");
+        }
     }
 }
