@@ -60,7 +60,7 @@ pub async fn start_destination(
 }
 
 /// Credentials for `id`, certified by the identity service at `identity_addr` with the token in
-/// `token_file`.
+/// `token_file`, as a workload gets them (used by the gateway and destination tests).
 pub async fn certified(
     id: &str,
     anchors_file: &Path,

@@ -84,6 +84,27 @@ impl Program {
         env: &[(&str, String)],
         bind: SocketAddr,
     ) -> Result<Self, Error> {
+        Self::start_until(binary, args, env, bind, "/ready").await
+    }
+
+    /// Like [`Program::start`], returning once `/live` answers: for a benchmark that measures
+    /// how long the program takes to become ready (synced) itself.
+    pub async fn start_live(
+        binary: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self, Error> {
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Self::start_until(binary, args, env, admin, "/live").await
+    }
+
+    async fn start_until(
+        binary: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        bind: SocketAddr,
+        until: &'static str,
+    ) -> Result<Self, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let admin = if bind.ip().is_unspecified() {
             SocketAddr::from((Ipv4Addr::LOCALHOST, bind.port()))
@@ -115,7 +136,7 @@ impl Program {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if this.get("/ready").await.is_ok_and(|(code, _)| code == 200) {
+            if this.get(until).await.is_ok_and(|(code, _)| code == 200) {
                 return Ok(this);
             }
             if let Some(status) = this.process.exited() {
@@ -131,7 +152,11 @@ impl Program {
                 return Err(Error::NotReady {
                     cluster: String::new(),
                     component: this.process.name(),
-                    what: "/ready to answer 200",
+                    what: if until == "/ready" {
+                        "/ready to answer 200"
+                    } else {
+                        "/live to answer 200"
+                    },
                     secs: 30,
                     log: this.process.log_path().to_owned(),
                     tail: this.process.log_tail(),

@@ -19,17 +19,14 @@ use e2e::{
     Cluster,
     checks::Check,
     create_namespace, create_ready_pod,
-    mesh::{
-        self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, IDENTITY_ID, start_gateway,
-        start_identity,
-    },
+    mesh::{self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
     meshlink::{Program, free_port, labels, service_account_token_for, workspace_binary},
     netns::Host,
     wait_for,
 };
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use kube::{Api, api::PostParams};
-use proxy_identity::{Credentials, Id, TrustAnchors, certify};
+use proxy_identity::{Credentials, Id};
 use proxy_transport_header::{Header, SessionProtocol};
 use serde_json::json;
 use tokio::{
@@ -268,23 +265,13 @@ async fn setup() -> Result<Env> {
 
 /// A client of `west` certified in this process (for checks that hold a connection open).
 async fn certified_client(env: &Env, id: &str, token: &Path) -> Result<Arc<Credentials>> {
-    let anchors = std::fs::read_to_string(env.path("anchor/ca.crt"))?;
-    let creds = Credentials::new(Id::parse(id)?, TrustAnchors::from_pem(&anchors)?);
-    let (csr, key) = proxy_identity::ca::new_csr(creds.id())?;
-    certify::certify(
-        &certify::Config {
-            addr: env.west_identity_addr.to_string(),
-            server_id: Id::parse(IDENTITY_ID)?,
-            token_file: token.to_owned(),
-            min_refresh: certify::MIN_REFRESH,
-            max_refresh: certify::MAX_REFRESH,
-        },
-        &creds,
-        &csr,
-        &key,
+    e2e::destination::certified(
+        id,
+        &env.path("anchor/ca.crt"),
+        env.west_identity_addr,
+        token,
     )
-    .await?;
-    Ok(creds)
+    .await
 }
 
 async fn certified(env: Arc<Env>) -> Result<()> {
