@@ -33,6 +33,7 @@ use link_crd::{
 };
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     Options,
@@ -280,6 +281,7 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     }
     let metrics = ctx.metrics.clone();
     let cluster = link.spec.target_cluster_name.clone();
+    let span = link_span(link);
     ctx.tasks.spawn(
         cancel
             .clone()
@@ -298,7 +300,8 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
                         })
                         .inc();
                 },
-            )),
+            ))
+            .instrument(span.clone()),
     );
 
     let remote = match mirror_credentials::client_from_secret(
@@ -341,9 +344,14 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     if let (Some(port), false) = (target.gateway_port, entries.is_empty()) {
         match ctx.options.resolver() {
             Ok(resolver) => {
-                ctx.tasks.spawn(cancel.clone().run_until_cancelled_owned(
-                    gateway::resolve_forever(resolver, entries, port, alive_rx, gateway_tx),
-                ));
+                ctx.tasks.spawn(
+                    cancel
+                        .clone()
+                        .run_until_cancelled_owned(gateway::resolve_forever(
+                            resolver, entries, port, alive_rx, gateway_tx,
+                        ))
+                        .instrument(span.clone()),
+                );
             }
             Err(error) => {
                 tracing::error!(link = %name, %error, "no DNS resolver; gateway names cannot be resolved")
@@ -368,8 +376,14 @@ async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
         claim: ctx.claim.clone(),
     };
     tracing::info!(link = %name, target = %link.spec.target_cluster_name, "serving Link");
-    ctx.tasks.spawn(worker.run(cancel));
+    ctx.tasks.spawn(worker.run(cancel).instrument(span));
     Ok(Action::await_change())
+}
+
+/// The span every task of a Link runs in: its log lines name the Link and its target without
+/// repeating them.
+fn link_span(link: &Link) -> tracing::Span {
+    tracing::info_span!("link", link = %link.name_any(), target = %link.spec.target_cluster_name)
 }
 
 /// A Link whose target cluster name another Link already serves: its worker (if it had one)
@@ -448,47 +462,55 @@ fn start_probe(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cluster = link.spec.target_cluster_name.clone();
     let latency_status = status.clone();
-    ctx.tasks
-        .spawn(cancel.clone().run_until_cancelled_owned(probe::run(
-            spec,
-            cluster,
-            gateway,
-            alive,
-            tx,
-            ctx.metrics.probe.clone(),
-            move |latency| latency_status.set_gateway_latency(latency),
-        )));
+    ctx.tasks.spawn(
+        cancel
+            .clone()
+            .run_until_cancelled_owned(probe::run(
+                spec,
+                cluster,
+                gateway,
+                alive,
+                tx,
+                ctx.metrics.probe.clone(),
+                move |latency| latency_status.set_gateway_latency(latency),
+            ))
+            .instrument(link_span(link)),
+    );
     let status = status.clone();
     let recorder = Recorder::new(ctx.client.clone(), "meshlink-service-mirror".into());
     let reference = link.object_ref(&());
-    ctx.tasks
-        .spawn(cancel.clone().run_until_cancelled_owned(async move {
-            while let Some(t) = rx.recv().await {
-                let (s, reason, type_) = match t.liveness {
-                    probe::Liveness::Alive => {
-                        (ConditionStatus::True, "GatewayAlive", EventType::Normal)
+    ctx.tasks.spawn(
+        cancel
+            .clone()
+            .run_until_cancelled_owned(async move {
+                while let Some(t) = rx.recv().await {
+                    let (s, reason, type_) = match t.liveness {
+                        probe::Liveness::Alive => {
+                            (ConditionStatus::True, "GatewayAlive", EventType::Normal)
+                        }
+                        probe::Liveness::Dead => {
+                            (ConditionStatus::False, "GatewayDead", EventType::Warning)
+                        }
+                    };
+                    status.set_link_condition(CONDITION_GATEWAY_ALIVE, s, reason, &t.detail);
+                    let ev = Event {
+                        type_,
+                        reason: reason.to_owned(),
+                        note: Some(if t.detail.is_empty() {
+                            "the gateway answers its probe again".to_owned()
+                        } else {
+                            t.detail.clone()
+                        }),
+                        action: "Probe".to_owned(),
+                        secondary: None,
+                    };
+                    if let Err(error) = recorder.publish(&ev, &reference).await {
+                        tracing::warn!(%error, "recording an Event failed");
                     }
-                    probe::Liveness::Dead => {
-                        (ConditionStatus::False, "GatewayDead", EventType::Warning)
-                    }
-                };
-                status.set_link_condition(CONDITION_GATEWAY_ALIVE, s, reason, &t.detail);
-                let ev = Event {
-                    type_,
-                    reason: reason.to_owned(),
-                    note: Some(if t.detail.is_empty() {
-                        "the gateway answers its probe again".to_owned()
-                    } else {
-                        t.detail.clone()
-                    }),
-                    action: "Probe".to_owned(),
-                    secondary: None,
-                };
-                if let Err(error) = recorder.publish(&ev, &reference).await {
-                    tracing::warn!(%error, "recording an Event failed");
                 }
-            }
-        }));
+            })
+            .instrument(link_span(link)),
+    );
 }
 
 /// Stops the Link's worker and deletes every mirror it made, before the Link goes.
