@@ -330,12 +330,33 @@ async fn an_expired_leaf_is_renewed() {
         .unwrap();
     // `valid` turns false at the leaf's notAfter, but webpki refuses a certificate only once the
     // clock is past notAfter (whole seconds): renewing at once would present a leaf the service
-    // still accepts, and the test would pass without the fix. Wait until the service's verifier
-    // refuses the old leaf.
-    let old_leaf_refused_from = first + Duration::from_secs(1);
-    while let Ok(left) = old_leaf_refused_from.duration_since(std::time::SystemTime::now()) {
-        tokio::time::sleep(left + Duration::from_millis(10)).await;
-    }
+    // still accepts, and the test would pass without the fix. Wait until the service itself
+    // refuses a handshake that presents the old leaf.
+    let refuses_old_leaf = || async {
+        use tokio::io::AsyncReadExt as _;
+        let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+            return false;
+        };
+        let presenting = proxy_identity::tls::client_config(&client, &[b"h2"]);
+        let Ok(mut tls) = proxy_identity::tls::connect(presenting, tcp, &f.own).await else {
+            return true;
+        };
+        // TLS 1.3: the verdict on the client's certificate follows its Finished; an accepted
+        // client gets the server's HTTP/2 SETTINGS, a refused one an alert.
+        let mut byte = [0u8; 1];
+        !matches!(tls.read(&mut byte).await, Ok(n) if n > 0)
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            poll.tick().await;
+            if refuses_old_leaf().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the service refuses the expired leaf");
     // The service is back: the next call is served and a fresh leaf installed.
     let second = certify::certify(&config, &client, &csr, &key)
         .await
