@@ -24,18 +24,12 @@ const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 /// `(namespace, name)`.
 pub type Key = (String, String);
 
-/// A Service port: its number, name and target.
+/// A Service port: its number and name (the target port, named ones included, is what the
+/// Service's EndpointSlices say under that name).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     pub port: u16,
     pub name: Option<String>,
-    pub target: TargetPort,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetPort {
-    Number(u16),
-    Name(String),
 }
 
 /// How a Service's endpoints are found.
@@ -59,8 +53,6 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
     pub opaque_ports: Option<PortSet>,
     pub discovery: Discovery,
-    /// A remote-discovery mirror without `multicluster.linkerd.io/remote-service`.
-    pub invalid_remote: bool,
 }
 
 /// One endpoint of an EndpointSlice.
@@ -150,23 +142,9 @@ pub fn service_info(svc: &Service) -> ServiceInfo {
         .into_iter()
         .flatten()
         .filter_map(|p| {
-            let port = u16::try_from(p.port).ok()?;
-            let target = match &p.target_port {
-                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
-                    TargetPort::Number(u16::try_from(*n).ok()?)
-                }
-                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => {
-                    match s.parse::<u16>() {
-                        Ok(n) => TargetPort::Number(n),
-                        Err(_) => TargetPort::Name(s.clone()),
-                    }
-                }
-                None => TargetPort::Number(port),
-            };
             Some(ServicePort {
-                port,
+                port: u16::try_from(p.port).ok()?,
                 name: p.name.clone(),
-                target,
             })
         })
         .collect();
@@ -174,22 +152,19 @@ pub fn service_info(svc: &Service) -> ServiceInfo {
     let annotations = &svc.metadata.annotations;
     let local = annotation(annotations, keys::LOCAL_DISCOVERY_ANNOTATION);
     let remote = annotation(annotations, keys::REMOTE_DISCOVERY_KEY);
-    let mut invalid_remote = false;
     let discovery = if local.is_some() || remote.is_some() {
         Discovery::Federated {
             local: local.filter(|l| !l.is_empty()).cloned(),
             remote: remote.map(|r| federated_members(r)).unwrap_or_default(),
         }
     } else if let Some(cluster) = annotation(labels, keys::REMOTE_DISCOVERY_KEY) {
+        // Without the remote Service's name it can only be looked up here.
         match annotation(labels, keys::REMOTE_SERVICE_LABEL) {
             Some(service) => Discovery::Remote {
                 cluster: cluster.clone(),
                 service: service.clone(),
             },
-            None => {
-                invalid_remote = true;
-                Discovery::Local
-            }
+            None => Discovery::Local,
         }
     } else {
         Discovery::Local
@@ -199,7 +174,6 @@ pub fn service_info(svc: &Service) -> ServiceInfo {
         ports,
         opaque_ports: opaque_ports(annotations),
         discovery,
-        invalid_remote,
     }
 }
 

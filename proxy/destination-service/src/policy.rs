@@ -206,16 +206,21 @@ fn opaque_routes(name: &str, backend: Backend) -> Vec<outbound::OpaqueRoute> {
     }]
 }
 
-fn detect(name: &str, backend: &Backend, matches: Vec<HttpRouteMatch>) -> proxy_protocol::Kind {
+/// Detection with one HTTP route (`http_name`) and one opaque route (`opaque_name`) to `backend`.
+fn detect(
+    (http_name, opaque_name): (&str, &str),
+    backend: &Backend,
+    matches: Vec<HttpRouteMatch>,
+) -> proxy_protocol::Kind {
     let routes = vec![outbound::HttpRoute {
-        metadata: default_meta(name),
+        metadata: default_meta(http_name),
         hosts: Vec::new(),
         rules: vec![first_available_http(backend.clone(), matches)],
     }];
     proxy_protocol::Kind::Detect(proxy_protocol::Detect {
         timeout: Some(duration(DETECT_TIMEOUT)),
         opaque: Some(proxy_protocol::Opaque {
-            routes: opaque_routes(if name == "http" { "opaq" } else { name }, backend.clone()),
+            routes: opaque_routes(opaque_name, backend.clone()),
         }),
         http1: Some(proxy_protocol::Http1 {
             routes: routes.clone(),
@@ -268,7 +273,7 @@ fn service_policy(settings: &Settings, key: &Key, port: u16, opaque: bool) -> Ou
             }),
             ..Default::default()
         };
-        detect("http", &backend, vec![prefix])
+        detect(("http", "opaq"), &backend, vec![prefix])
     };
     OutboundPolicy {
         protocol: Some(ProxyProtocol { kind: Some(kind) }),
@@ -316,7 +321,11 @@ fn forward(addr: SocketAddr, endpoint: Option<WeightedAddr>) -> OutboundPolicy {
     };
     OutboundPolicy {
         protocol: Some(ProxyProtocol {
-            kind: Some(detect("forward", &backend, vec![HttpRouteMatch::default()])),
+            kind: Some(detect(
+                ("forward", "forward"),
+                &backend,
+                vec![HttpRouteMatch::default()],
+            )),
         }),
         metadata: default_meta("forward"),
     }

@@ -229,7 +229,6 @@ mod tests {
             ports: vec![],
             opaque_ports: None,
             discovery: crate::model::Discovery::Local,
-            invalid_remote: false,
         }
     }
 
