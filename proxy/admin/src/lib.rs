@@ -164,6 +164,9 @@ impl Admin {
                 () = cancel.cancelled() => return,
                 accepted = proxy_transport::accept(&listener) => accepted,
             };
+            if let Err(error) = proxy_transport::tcp::configure(&stream) {
+                tracing::debug!(%peer, %error, "setting socket options");
+            }
             let this = self.clone();
             let cancel = cancel.clone();
             let open = open.clone();

@@ -1,5 +1,16 @@
-//! The server plumbing meshlink's control-plane services share: one bounded accept loop that
-//! terminates TLS 1.3 and serves HTTP/2 (gRPC) until cancelled, then drains.
+//! meshlink's transport plumbing, written once for every listener and every dialled connection.
+//!
+//! For the data plane (the gateway, the sidecar): [`serve_connections`] (the accept loop, spread
+//! over worker threads, with drain), [`tcp`] (keepalive and no-delay on every socket accepted
+//! or dialled, dialling with a deadline), [`direct`] (Linkerd's mTLS + transport-header inbound
+//! connection, each refusal with its reason), [`Pending`] (a bounded handshake set in which a
+//! newcomer evicts the oldest), [`Share`] (a share of the connections per client address or
+//! identity), [`copy_bidirectional`] (opaque forwarding that holds no buffer while idle),
+//! [`Tracked`]/[`Activity`] (byte and idle accounting), and [`files`] (the connection limit
+//! fitted under the open-file limit).
+//!
+//! For the control-plane services: [`serve_h2`], one bounded accept loop that terminates TLS 1.3
+//! and serves HTTP/2 (gRPC) until cancelled, then drains.
 //!
 //! Every listener built on it gets the same protections: at most
 //! [`ServerLimits::max_connections`] connections at once (the next client waits in the
@@ -11,15 +22,24 @@
 //! Servers of short calls add [`WithDeadlines`] so that stalled calls end.
 
 mod accept;
+mod activity;
 mod deadline;
-mod peers;
+pub mod direct;
+mod duplex;
+pub mod files;
+mod listen;
 mod pending;
+mod share;
+pub mod tcp;
 
 pub use self::{
     accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, accept},
+    activity::{Activity, Tracked},
     deadline::{BodyDeadline, CallDeadlines, TimedBody, WithDeadlines},
-    peers::{PeerShare, PeerSlot},
+    duplex::{BUFFER, Moved, copy_bidirectional},
+    listen::serve_connections,
     pending::{Pending, Slot},
+    share::{Held, PeerShare, PeerSlot, Share},
 };
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -116,12 +136,15 @@ where
                 a = accept(&listener) => a,
             };
             // Over its address's share: closed at once, so that its permit goes back.
-            let Some(share) = peers.enter(peer.ip()) else {
+            let Some(share) = peers.enter_ip(peer.ip()) else {
                 tracing::debug!(%peer, share = peers.share(), "refused: the address holds its share of connections");
                 continue;
             };
-            // gRPC messages are small and latency-bound: no Nagle delay behind a delayed ACK.
-            let _ = tcp.set_nodelay(true);
+            // gRPC messages are small and latency-bound (no Nagle delay); keepalive frees a
+            // vanished client's slot.
+            if let Err(error) = tcp::configure(&tcp) {
+                tracing::debug!(%peer, %error, "setting socket options");
+            }
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(service.clone());
             let cancel = cancel.clone();

@@ -1,0 +1,136 @@
+//! Linkerd's "direct" inbound connection: mutual TLS whose ClientHello names this proxy's
+//! identity and ALPN `transport.l5d.io/v1`, a client certificate from the trust anchors, then a
+//! transport header within a deadline. The gateway's port 4143 and a sidecar's inbound direct
+//! port accept exactly this; each refusal has its own reason, for the log and the metric.
+
+use std::{sync::Arc, time::Duration};
+
+use proxy_identity::{Id, tls};
+use proxy_transport_header::{self as header, Header, Prefixed};
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, rustls::ServerConfig, server::TlsStream};
+
+/// Why a direct connection was closed before it said where it goes. The label is the metric's
+/// `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refused {
+    /// The first bytes were not a TLS ClientHello.
+    NotTls,
+    /// The TLS handshake did not finish in time.
+    HandshakeTimeout,
+    /// The ClientHello named no server.
+    NoSni,
+    /// The ClientHello named another server than this proxy.
+    WrongSni,
+    /// The client did not offer ALPN `transport.l5d.io/v1`.
+    NoAlpn,
+    /// The client presented no certificate.
+    NoClientCert,
+    /// The client's certificate does not chain to the trust anchors.
+    ForeignAnchor,
+    /// The client's certificate has expired.
+    ExpiredCert,
+    /// The client's certificate is otherwise unacceptable (not yet valid, no identity, ...).
+    BadCert,
+    /// The TLS handshake failed for another reason.
+    TlsError,
+    /// The transport header was malformed, too long, or cut short.
+    BadHeader,
+    /// The transport header did not arrive in time.
+    HeaderTimeout,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotTls => "not_tls",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::NoSni => "no_sni",
+            Self::WrongSni => "wrong_sni",
+            Self::NoAlpn => "no_alpn",
+            Self::NoClientCert => "no_client_cert",
+            Self::ForeignAnchor => "foreign_anchor",
+            Self::ExpiredCert => "expired_cert",
+            Self::BadCert => "bad_cert",
+            Self::TlsError => "tls_error",
+            Self::BadHeader => "bad_header",
+            Self::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
+/// The TLS handshake of a direct connection, within `timeout`, with the checks Linkerd's direct
+/// stack makes: returns the stream and the client's verified identity.
+pub async fn handshake(
+    tcp: TcpStream,
+    own: &Id,
+    config: Arc<ServerConfig>,
+    timeout: Duration,
+) -> Result<(TlsStream<TcpStream>, Id), Refused> {
+    tokio::time::timeout(timeout, handshake_inner(tcp, own, config))
+        .await
+        .unwrap_or(Err(Refused::HandshakeTimeout))
+}
+
+async fn handshake_inner(
+    tcp: TcpStream,
+    own: &Id,
+    config: Arc<ServerConfig>,
+) -> Result<(TlsStream<TcpStream>, Id), Refused> {
+    let start = LazyConfigAcceptor::new(tokio_rustls::rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(|_| Refused::NotTls)?;
+    let hello = start.client_hello();
+    match hello.server_name() {
+        None => return Err(Refused::NoSni),
+        Some(sni) if tls::server_name(own).is_none_or(|n| n.to_str() != sni) => {
+            tracing::info!(sni, "SNI is not this proxy's identity");
+            return Err(Refused::WrongSni);
+        }
+        Some(_) => {}
+    }
+    if !hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == header::PROTOCOL))
+    {
+        return Err(Refused::NoAlpn);
+    }
+    let stream = start.into_stream(config).await.map_err(|e| {
+        let reason = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<tokio_rustls::rustls::Error>())
+            .and_then(tls::certificate_reason);
+        match reason {
+            Some("expired_cert") => Refused::ExpiredCert,
+            Some("foreign_anchor") => Refused::ForeignAnchor,
+            Some("no_client_cert") => Refused::NoClientCert,
+            Some(_) => Refused::BadCert,
+            None => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                Refused::TlsError
+            }
+        }
+    })?;
+    let conn = stream.get_ref().1;
+    if conn.peer_certificates().is_none_or(<[_]>::is_empty) {
+        return Err(Refused::NoClientCert);
+    }
+    let id = tls::client_id(conn).ok_or(Refused::BadCert)?;
+    Ok((stream, id))
+}
+
+/// The transport header, within `timeout`; the stream goes on with what followed it.
+pub async fn read_header(
+    mut tls: TlsStream<TcpStream>,
+    client: &Id,
+    timeout: Duration,
+) -> Result<(Header, Prefixed<TlsStream<TcpStream>>), Refused> {
+    match tokio::time::timeout(timeout, header::read(&mut tls)).await {
+        Err(_) => Err(Refused::HeaderTimeout),
+        Ok(Err(error)) => {
+            tracing::info!(client = %client, %error, "bad transport header");
+            Err(Refused::BadHeader)
+        }
+        Ok(Ok((header, rest))) => Ok((header, Prefixed::new(rest, tls))),
+    }
+}
