@@ -5,12 +5,20 @@
 //!   the verified peer identity only.
 //! - [`orig_proto`]: Linkerd's HTTP/1-over-HTTP/2 upgrade (`l5d-orig-proto`), undone on the
 //!   inbound side so that the application gets the HTTP version its client spoke.
-//! - [`server`]: the HTTP/1 server settings, with an exact request-head limit.
+//! - [`server`]: a proxied connection served until it ends, idles out or is drained; the
+//!   HTTP/1 settings, with an exact request-head limit.
+//! - [`client`]: connections to endpoints: HTTP/2 pooled per endpoint and per client, so that
+//!   no client can stall another's requests; HTTP/1 kept per client connection.
+//! - [`error`]: the responses a proxy writes itself (`l5d-proxy-error`, gRPC statuses).
 
+pub mod client;
+pub mod error;
 pub mod headers;
 pub mod orig_proto;
 pub mod server;
 
+pub use self::client::{Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError};
+pub use self::error::{ProxyBody, ProxyError, is_grpc};
 pub use self::headers::{L5D_CLIENT_ID, forwarded_by, set_client_id, strip_hop_by_hop};
 pub use self::orig_proto::{L5D_ORIG_PROTO, OrigProto};
-pub use self::server::{MAX_HTTP1_HEAD, http1_server};
+pub use self::server::{MAX_HTTP1_HEAD, ServeSettings, Version, http1_server, serve_connection};

@@ -1,7 +1,17 @@
-//! HTTP/1 server settings every meshlink proxy listener uses.
+//! The HTTP server side of a proxied connection: the settings every meshlink proxy listener
+//! uses, and one connection served until it ends, idles out or is drained.
 
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioTimer;
+use std::{error::Error as StdError, time::Duration};
+
+use hyper::{
+    body::{Body, Incoming},
+    server::conn::{http1, http2},
+    service::HttpService,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use proxy_transport::Activity;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 /// The largest HTTP/1 request head a meshlink proxy serves: 64 KiB, as the transport header's
 /// own bound and the HTTP/2 header-list limit.
@@ -21,6 +31,85 @@ pub fn http1_server() -> http1::Builder {
         .max_header_size(MAX_HTTP1_HEAD)
         .max_buf_size(2 * MAX_HTTP1_HEAD);
     builder
+}
+
+/// The HTTP version a connection speaks (known from the transport header or detection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// The bounds of one served connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeSettings {
+    /// Time for an HTTP/1 request head.
+    pub header_timeout: Duration,
+    /// No byte either way for this long: the connection is drained.
+    pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams.
+    pub max_streams: u32,
+}
+
+/// Serves `io` with `service` until the connection ends. When `cancel` fires or nothing has
+/// moved for the idle timeout (read from `activity`, which the caller's stream updates), the
+/// connection is drained: requests in flight finish, no new ones are taken.
+pub async fn serve_connection<IO, S>(
+    io: IO,
+    version: Version,
+    service: S,
+    settings: ServeSettings,
+    activity: &Activity,
+    cancel: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Body + Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let io = TokioIo::new(io);
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let mut conn = std::pin::pin!($conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(error) = res {
+                            tracing::debug!(%error, "HTTP connection ended");
+                        }
+                        break;
+                    }
+                    () = cancel.cancelled(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = activity.idle(settings.idle_timeout), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }};
+    }
+    match version {
+        Version::Http1 => drive!(
+            http1_server()
+                .header_read_timeout(settings.header_timeout)
+                .serve_connection(io, service)
+        ),
+        Version::Http2 => drive!(
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(settings.max_streams)
+                .max_header_list_size(u32::try_from(MAX_HTTP1_HEAD).unwrap_or(u32::MAX))
+                .keep_alive_interval(Duration::from_secs(30))
+                .serve_connection(io, service)
+        ),
+    }
 }
 
 #[cfg(test)]
