@@ -16,6 +16,7 @@ mod server;
 use std::{net::SocketAddr, time::Duration};
 
 use proxy_identity::Id;
+use proxy_transport::direct;
 
 pub use self::discover::{
     Discovery, Endpoints, Export, Unresolved, default_export_selector, split_target,
@@ -26,32 +27,10 @@ pub use self::server::{BindError, Gateway};
 /// Why a connection was closed before it was forwarded. The label is the metric's `reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    /// The first bytes were not a TLS ClientHello.
-    NotTls,
-    /// The TLS handshake did not finish in time.
-    HandshakeTimeout,
-    /// The ClientHello named no server.
-    NoSni,
-    /// The ClientHello named another server than the gateway.
-    WrongSni,
-    /// The client did not offer ALPN `transport.l5d.io/v1`.
-    NoAlpn,
-    /// The client presented no certificate.
-    NoClientCert,
-    /// The client's certificate does not chain to the trust anchors.
-    ForeignAnchor,
-    /// The client's certificate has expired.
-    ExpiredCert,
-    /// The client's certificate is otherwise unacceptable (not yet valid, no identity, ...).
-    BadCert,
-    /// The TLS handshake failed for another reason.
-    TlsError,
+    /// The TLS handshake or the transport header failed one of the direct port's checks.
+    Direct(direct::Refused),
     /// The client's identity is not allowed by the authorization policy.
     Unauthorized,
-    /// The transport header was malformed, too long, or cut short.
-    BadHeader,
-    /// The transport header did not arrive in time.
-    HeaderTimeout,
     /// The header named no target, or a Service that does not exist or lacks that port.
     UnknownTarget,
     /// The target Service exists but the export policy does not offer it to linked clusters.
@@ -62,32 +41,24 @@ pub enum Refusal {
     OutsideSuffix,
     /// The target has no ready endpoints, or none accepted a connection.
     NoEndpoints,
-    /// The gateway was at its connection limit.
+    /// The gateway was at its connection limit, or a newer handshake took this one's place.
     Overloaded,
+    /// The client's identity held its share of the gateway's connections.
+    IdentityShare,
 }
 
 impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::NotTls => "not_tls",
-            Self::HandshakeTimeout => "handshake_timeout",
-            Self::NoSni => "no_sni",
-            Self::WrongSni => "wrong_sni",
-            Self::NoAlpn => "no_alpn",
-            Self::NoClientCert => "no_client_cert",
-            Self::ForeignAnchor => "foreign_anchor",
-            Self::ExpiredCert => "expired_cert",
-            Self::BadCert => "bad_cert",
-            Self::TlsError => "tls_error",
+            Self::Direct(r) => r.as_str(),
             Self::Unauthorized => "unauthorized",
-            Self::BadHeader => "bad_header",
-            Self::HeaderTimeout => "header_timeout",
             Self::UnknownTarget => "unknown_target",
             Self::NotExported => "not_exported",
             Self::Loop => "loop",
             Self::OutsideSuffix => "outside_suffix",
             Self::NoEndpoints => "no_endpoints",
             Self::Overloaded => "overloaded",
+            Self::IdentityShare => "identity_share",
         }
     }
 }
@@ -146,11 +117,16 @@ pub struct Options {
     /// Time to connect to an endpoint.
     #[arg(long, env = "LINKERD2_PROXY_OUTBOUND_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
-    /// Forwarded connections at once; more are refused as overloaded.
+    /// Forwarded connections at once; more are refused as overloaded. The default keeps the
+    /// manifest's 250 MiB memory limit at the limit: `make bench-gateway` measures about 27 KiB
+    /// per idle opaque connection, 31 KiB after traffic and 52 KiB per HTTP/1 connection held
+    /// after a request, so 3,000 connections are about 150 MiB, with room for 1,024 handshakes
+    /// and the process itself. Raise it with the memory limit (and the open-file limit: it is
+    /// lowered at start to fit two files per connection).
     #[arg(
         long,
         env = "MESHLINK_GATEWAY_MAX_CONNECTIONS",
-        default_value_t = 10_000
+        default_value_t = 3_000
     )]
     pub max_connections: usize,
     /// Only Services whose labels match this selector are reachable (`kubectl -l` syntax). The
@@ -167,6 +143,12 @@ pub struct Options {
     /// Connections still in their TLS handshake at once; when full, the oldest is dropped.
     #[arg(long, env = "MESHLINK_GATEWAY_MAX_HANDSHAKES", default_value_t = 1024)]
     pub max_handshakes: usize,
+    /// Forwarded connections one client identity may hold at once; more are refused
+    /// (`identity_share`). Default: a quarter of --max-connections (at least 16), so that one
+    /// workload of a linked cluster, however many connections it opens, leaves three quarters
+    /// of the gateway to the others.
+    #[arg(long, env = "MESHLINK_GATEWAY_MAX_CONNECTIONS_PER_IDENTITY")]
+    pub max_connections_per_identity: Option<usize>,
 }
 
 /// Who may read `/metrics` over mTLS: `configured`, or else the Prometheus of Linkerd viz in
@@ -193,6 +175,20 @@ pub fn metrics_identities(configured: &[Id], own: &Id) -> Vec<Id> {
 }
 
 impl Options {
+    /// Forwarded connections one identity may hold.
+    pub fn identity_share(&self) -> usize {
+        self.max_connections_per_identity
+            .unwrap_or((self.max_connections / 4).max(16))
+            .min(self.max_connections)
+    }
+
+    /// File descriptors the gateway needs besides two per forwarded connection: one per
+    /// connection in its handshake, and room for the admin server's connections, certificate
+    /// renewal, the API watch and the process itself.
+    pub fn reserved_files(&self) -> u64 {
+        self.max_handshakes as u64 + 256
+    }
+
     /// Which Services may be reached.
     pub fn export(&self) -> Export {
         if self.forward_any_service {

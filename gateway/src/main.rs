@@ -74,7 +74,26 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .init();
     proxy_identity::tls::install_default_provider();
-    raise_fd_limit();
+    let mut options = args.gateway;
+    // The connection limit, not the open-file limit, must be what refuses a client: past the
+    // file limit, accept fails for everyone, probes and certificate renewal included.
+    if let Some(files) = proxy_transport::files::raise_open_file_limit() {
+        let fit = proxy_transport::files::fit_connections(
+            options.max_connections,
+            files,
+            2,
+            options.reserved_files(),
+        );
+        if fit < options.max_connections {
+            tracing::warn!(
+                requested = options.max_connections,
+                allowed = fit,
+                open_files = files,
+                "--max-connections lowered to fit the open-file limit (two files per forwarded connection, and a reserve)"
+            );
+            options.max_connections = fit;
+        }
+    }
     // Everything is parsed and read before a socket is bound.
     let creds = args.identity.credentials().context("identity settings")?;
     let client = kube::Client::try_default()
@@ -101,7 +120,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
         .bind(args.admin_addr, cancel.clone())
         .await?;
     let watch = tokio::spawn(discovery.clone().run(client, cancel.clone()));
-    let (addr, serve) = Gateway::new(args.gateway, creds.clone(), discovery, metrics)
+    let (addr, serve) = Gateway::new(options, creds.clone(), discovery, metrics)
         .workers(workers)
         .bind(cancel.clone())
         .await?;
@@ -120,19 +139,4 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     }
     let _ = tokio::join!(admin, watch, certify);
     Ok(())
-}
-
-/// Every connection is a file descriptor: the soft limit (often 1024) is raised to the hard
-/// limit so that --max-connections, not the default limit, is what bounds the gateway.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(%error, soft, hard, "could not raise the open-file limit");
-            }
-        }
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "could not read the open-file limit"),
-    }
 }

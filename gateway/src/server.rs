@@ -3,15 +3,15 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use proxy_identity::{Credentials, Id, tls};
-use proxy_transport::Pending;
+use proxy_transport::{Pending, Share, direct};
 use proxy_transport_header::{self as header, Header, Prefixed};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     Authorization, Discovery, Endpoints, Export, Metrics, Options, Refusal, Unresolved,
@@ -57,6 +57,20 @@ pub(crate) struct Target {
     pub client: Id,
 }
 
+/// The bounds every connection is admitted under.
+#[derive(Debug)]
+struct Admission {
+    /// Connections still in their handshake; a newcomer evicts the oldest.
+    pending: Pending,
+    /// Forwarded connections.
+    established: Arc<Semaphore>,
+    /// Forwarded connections per client identity.
+    identities: Arc<Share<Id>>,
+}
+
+/// A forwarded connection's places; dropping them frees them.
+type Admitted = (OwnedSemaphorePermit, proxy_transport::Held<Id>);
+
 impl Gateway {
     pub fn new(
         options: Options,
@@ -67,7 +81,7 @@ impl Gateway {
         let tls = tls::server_config(&creds, &[header::PROTOCOL]);
         let authz = options.authorization();
         let export = options.export();
-        let clients = forward::Clients::new(options.connect_timeout);
+        let clients = forward::Clients::new(&options);
         Self {
             inner: Arc::new(Inner {
                 options,
@@ -84,9 +98,7 @@ impl Gateway {
     }
 
     /// Spreads connections round-robin over the runtime this runs on and `workers` (each a
-    /// single-threaded runtime on a thread of its own). A connection and the endpoint
-    /// connections it opens stay on one thread, so a request never wakes another thread, as
-    /// with HAProxy's threads.
+    /// single-threaded runtime on a thread of its own).
     pub fn workers(mut self, workers: Vec<tokio::runtime::Handle>) -> Self {
         self.workers = workers;
         self
@@ -105,59 +117,31 @@ impl Gateway {
         let local = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
-        Ok((local, self.serve(listener, cancel)))
-    }
-
-    async fn serve(self, listener: TcpListener, cancel: CancellationToken) {
+        let opts = &self.inner.options;
+        let admission = Arc::new(Admission {
+            pending: Pending::new(opts.max_handshakes),
+            established: Arc::new(Semaphore::new(opts.max_connections)),
+            identities: Arc::new(Share::new(opts.identity_share())),
+        });
         let inner = self.inner;
-        let workers = self.workers;
-        let mut next = 0usize;
-        let tracker = TaskTracker::new();
-        let pending = Arc::new(Pending::new(inner.options.max_handshakes));
-        let established = Arc::new(Semaphore::new(inner.options.max_connections));
-        let listener_addr = listener.local_addr().unwrap_or(inner.options.addr);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = cancel.cancelled() => break,
-                accepted = proxy_transport::accept(&listener) => accepted,
-            };
-            let _ = tcp.set_nodelay(true);
-            // Where the client reached us (the listener may be bound to 0.0.0.0): an endpoint
-            // at this address is the gateway itself.
-            let local = tcp.local_addr().unwrap_or(listener_addr);
-            let conn = Connection {
-                inner: inner.clone(),
-                peer,
-                local,
-                cancel: cancel.clone(),
-            };
-            let (pending, established) = (pending.clone(), established.clone());
-            next = next.wrapping_add(1);
-            match workers.get(next % (workers.len() + 1)) {
-                None => {
-                    tracker.spawn(conn.run(tcp, pending, established));
-                }
-                Some(worker) => {
-                    // Re-registered with the worker's own reactor, so that its readiness never
-                    // goes through this thread.
-                    let std = match tcp.into_std() {
-                        Ok(s) => s,
-                        Err(error) => {
-                            tracing::warn!(%error, %peer, "handing a connection to a worker");
-                            continue;
-                        }
-                    };
-                    worker.spawn(tracker.track_future(async move {
-                        match TcpStream::from_std(std) {
-                            Ok(tcp) => conn.run(tcp, pending, established).await,
-                            Err(error) => tracing::warn!(%error, "registering a connection"),
-                        }
-                    }));
-                }
-            }
-        }
-        tracker.close();
-        tracker.wait().await;
+        let serve = proxy_transport::serve_connections(
+            listener,
+            self.workers,
+            cancel.clone(),
+            move |tcp: TcpStream, peer| {
+                // Where the client reached us (the listener may be bound to 0.0.0.0): an
+                // endpoint at this address is the gateway itself.
+                let local = tcp.local_addr().unwrap_or(local);
+                let conn = Connection {
+                    inner: inner.clone(),
+                    peer,
+                    local,
+                    cancel: cancel.clone(),
+                };
+                conn.run(tcp, admission.clone())
+            },
+        );
+        Ok((local, serve))
     }
 }
 
@@ -170,19 +154,18 @@ struct Connection {
 
 impl Connection {
     #[tracing::instrument(name = "conn", skip_all, fields(peer = %self.peer))]
-    async fn run(self, tcp: TcpStream, pending: Arc<Pending>, established: Arc<Semaphore>) {
+    async fn run(self, tcp: TcpStream, admission: Arc<Admission>) {
         let inbound = DirectionLabels {
             direction: "inbound",
         };
         let m = &self.inner.metrics;
         m.open_total.get_or_create(&inbound).inc();
         m.open_connections.get_or_create(&inbound).inc();
-        let result = self.accept(tcp, &pending, &established).await;
-        match result {
+        match self.accept(tcp, &admission).await {
             // Boxed: a task is allocated at its future's full size from the start, and the
             // forwarding state (HTTP server, copy) is most of it, so connections still in their
             // handshake (the ones a flood holds) stay small.
-            Ok((io, target, _permit)) => {
+            Ok((io, target, _admitted)) => {
                 Box::pin(forward::forward(&self.inner, io, target, &self.cancel)).await;
             }
             Err(Some(refusal)) => {
@@ -198,22 +181,20 @@ impl Connection {
     async fn accept(
         &self,
         tcp: TcpStream,
-        pending: &Pending,
-        established: &Arc<Semaphore>,
-    ) -> Result<(Prefixed<TlsStream<TcpStream>>, Target, OwnedSemaphorePermit), Option<Refusal>>
-    {
+        admission: &Admission,
+    ) -> Result<(Prefixed<TlsStream<TcpStream>>, Target, Admitted), Option<Refusal>> {
         let opts = &self.inner.options;
-        let slot = pending.enter();
+        let slot = admission.pending.enter();
+        let own = self.inner.creds.id();
         let handshake = tokio::select! {
-            r = tokio::time::timeout(opts.handshake_timeout, self.handshake(tcp)) => {
-                r.unwrap_or(Err(Refusal::HandshakeTimeout))
-            }
-            () = slot.evicted.cancelled() => Err(Refusal::Overloaded),
+            r = direct::handshake(tcp, own, self.inner.tls.clone(), opts.handshake_timeout) => r,
+            () = slot.evicted.cancelled() => return Err(Some(Refusal::Overloaded)),
             () = self.cancel.cancelled() => return Err(None),
         };
         drop(slot);
-        let (mut tls, client) = handshake?;
-        let permit = established
+        let (tls, client) = handshake.map_err(|r| Some(Refusal::Direct(r)))?;
+        let permit = admission
+            .established
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refusal::Overloaded)?;
@@ -221,68 +202,17 @@ impl Connection {
             tracing::info!(client = %client, "identity not authorized");
             return Err(Some(Refusal::Unauthorized));
         }
+        let Some(share) = admission.identities.enter(client.clone()) else {
+            tracing::info!(client = %client, share = admission.identities.share(), "identity holds its share of connections");
+            return Err(Some(Refusal::IdentityShare));
+        };
         let read = tokio::select! {
-            r = tokio::time::timeout(opts.header_timeout, header::read(&mut tls)) => r,
+            r = direct::read_header(tls, &client, opts.header_timeout) => r,
             () = self.cancel.cancelled() => return Err(None),
         };
-        let (header, rest) = match read {
-            Err(_) => return Err(Some(Refusal::HeaderTimeout)),
-            Ok(Err(error)) => {
-                tracing::info!(client = %client, %error, "bad transport header");
-                return Err(Some(Refusal::BadHeader));
-            }
-            Ok(Ok(h)) => h,
-        };
+        let (header, io) = read.map_err(|r| Some(Refusal::Direct(r)))?;
         let target = self.target(header, client)?;
-        Ok((Prefixed::new(rest, tls), target, permit))
-    }
-
-    /// TLS with the checks Linkerd's direct stack makes, each with its own reason.
-    async fn handshake(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Id), Refusal> {
-        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-            .await
-            .map_err(|_| Refusal::NotTls)?;
-        let hello = start.client_hello();
-        let own = self.inner.creds.id();
-        match hello.server_name() {
-            None => return Err(Refusal::NoSni),
-            Some(sni) if tls::server_name(own).is_none_or(|n| n.to_str() != sni) => {
-                tracing::info!(sni, "SNI is not this gateway's identity");
-                return Err(Refusal::WrongSni);
-            }
-            Some(_) => {}
-        }
-        if !hello
-            .alpn()
-            .is_some_and(|mut protocols| protocols.any(|p| p == header::PROTOCOL))
-        {
-            return Err(Refusal::NoAlpn);
-        }
-        let stream = start
-            .into_stream(self.inner.tls.clone())
-            .await
-            .map_err(|e| {
-                let reason = e
-                    .get_ref()
-                    .and_then(|e| e.downcast_ref::<rustls::Error>())
-                    .and_then(tls::certificate_reason);
-                match reason {
-                    Some("expired_cert") => Refusal::ExpiredCert,
-                    Some("foreign_anchor") => Refusal::ForeignAnchor,
-                    Some("no_client_cert") => Refusal::NoClientCert,
-                    Some(_) => Refusal::BadCert,
-                    None => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        Refusal::TlsError
-                    }
-                }
-            })?;
-        let conn = stream.get_ref().1;
-        if conn.peer_certificates().is_none_or(<[_]>::is_empty) {
-            return Err(Refusal::NoClientCert);
-        }
-        let id = tls::client_id(conn).ok_or(Refusal::BadCert)?;
-        Ok((stream, id))
+        Ok((io, target, (permit, share)))
     }
 
     fn target(&self, header: Header, client: Id) -> Result<Target, Option<Refusal>> {

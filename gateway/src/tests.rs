@@ -341,11 +341,18 @@ impl Running {
     }
 
     fn refused(&self, reason: &str) -> u64 {
+        self.metric(&format!(
+            "gateway_refused_connections_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
+    /// A metric's value, by its name and labels as exposed (0 when absent).
+    fn metric(&self, name: &str) -> u64 {
         let mut registry = Registry::default();
         self.metrics.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        let needle = format!("gateway_refused_connections_total{{reason=\"{reason}\"}} ");
+        let needle = format!("{name} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&needle))
             .map_or(0, |n| n.parse().unwrap())
@@ -1262,4 +1269,226 @@ fn metrics_identities_default_to_the_installs_prometheus() {
             "{own}"
         );
     }
+}
+
+const ATTACKER: &str = "attacker.shop.serviceaccount.identity.linkerd.cluster.local";
+
+/// What the hostile-client backend has seen: uploads begun, bytes of large answers produced.
+#[derive(Default)]
+struct Seen {
+    uploads: std::sync::atomic::AtomicUsize,
+    produced: std::sync::atomic::AtomicUsize,
+}
+
+/// An HTTP/2 backend allowing 100 streams per connection (as a typical server): `/upload` reads
+/// its request body to the end before answering, `/big` answers 8 MiB, anything else "hi".
+async fn h2_backend(seen: Arc<Seen>) -> SocketAddr {
+    use futures::StreamExt as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let seen = seen.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = match req.uri().path() {
+                            "/upload" => {
+                                seen.uploads.fetch_add(1, Relaxed);
+                                let _ = req.into_body().collect().await;
+                                http_body_util::Either::Left(Full::new(Bytes::from_static(
+                                    b"uploaded",
+                                )))
+                            }
+                            "/big" => {
+                                let chunks = futures::stream::iter(0..128).map(move |_| {
+                                    seen.produced.fetch_add(64 * 1024, Relaxed);
+                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                        Bytes::from(vec![0u8; 64 * 1024]),
+                                    ))
+                                });
+                                http_body_util::Either::Right(http_body_util::StreamBody::new(
+                                    chunks,
+                                ))
+                            }
+                            _ => http_body_util::Either::Left(Full::new(Bytes::from_static(b"hi"))),
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(100)
+                    .serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    addr
+}
+
+impl Running {
+    /// An HTTP/2 session through the gateway to `web.shop` as `id`.
+    async fn h2_as<B>(&self, id: &str) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let mut tls = tls::connect(self.client_config(id), tcp, &Id::parse(GW).unwrap())
+            .await
+            .unwrap();
+        tls.write_all(&web(SessionProtocol::Http2).encode())
+            .await
+            .unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+}
+
+fn h2_get(path: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(format!("http://web.shop.svc.cluster.local{path}"))
+        .version(http::Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Another client's requests, each answered in full within 5 s.
+async fn others_are_served(gw: &Running) {
+    let mut victim = gw.h2_as::<Full<Bytes>>(WEB).await;
+    for i in 0..20 {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let rsp = victim.send_request(h2_get("/hello")).await.unwrap();
+            rsp.into_body().collect().await.unwrap().to_bytes()
+        })
+        .await;
+        assert_eq!(
+            answered.as_deref().ok(),
+            Some(&b"hi"[..]),
+            "request {i} of another client was not answered within 5 s"
+        );
+    }
+}
+
+/// Waits until `what` of the backend reaches `n`.
+async fn backend_reaches(what: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while what.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the attack never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// 200 uploads that never end fill a backend connection's 100 streams; they are one client's,
+/// so they fill that client's connections only, and another client's requests go on.
+#[tokio::test]
+async fn stalled_uploads_stall_only_their_client() {
+    let seen = Arc::new(Seen::default());
+    let gw = start(
+        &[],
+        with_backend(h2_backend(seen.clone()).await, "web").await,
+    )
+    .await;
+    type Never = http_body_util::StreamBody<
+        futures::stream::Pending<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    >;
+    let mut attacker = gw.h2_as::<Never>(ATTACKER).await;
+    let mut uploads = Vec::new();
+    for _ in 0..200 {
+        let req = http::Request::post("http://web.shop.svc.cluster.local/upload")
+            .version(http::Version::HTTP_2)
+            .body(http_body_util::StreamBody::new(futures::stream::pending()))
+            .unwrap();
+        uploads.push(tokio::spawn(attacker.send_request(req)));
+    }
+    // The backend holds as many as one connection allows.
+    backend_reaches(&seen.uploads, 100).await;
+    others_are_served(&gw).await;
+    assert!(
+        uploads.iter().all(|u| !u.is_finished()),
+        "the uploads still stall"
+    );
+}
+
+/// Large answers a client never reads fill the flow-control windows of the connections they
+/// come on; those are the client's own, so another client's answers still flow.
+#[tokio::test]
+async fn unread_answers_stall_only_their_client() {
+    let seen = Arc::new(Seen::default());
+    let gw = start(
+        &[],
+        with_backend(h2_backend(seen.clone()).await, "web").await,
+    )
+    .await;
+    let mut attacker = gw.h2_as::<Full<Bytes>>(ATTACKER).await;
+    let mut unread = Vec::new();
+    for _ in 0..6 {
+        // Answered (headers), and the bodies never read.
+        unread.push(attacker.send_request(h2_get("/big")).await.unwrap());
+    }
+    // More than an HTTP/2 connection's default window (5 MiB) is on its way or stuck.
+    backend_reaches(&seen.produced, 4 << 20).await;
+    others_are_served(&gw).await;
+    drop(unread);
+}
+
+/// One identity holds at most its share of the forwarded connections; another identity is
+/// not affected, and a closed connection gives its place back.
+#[tokio::test]
+async fn one_identity_holds_only_its_share() {
+    let backend = reverse_server().await;
+    let gw = start(
+        &["--max-connections-per-identity", "2"],
+        with_backend(backend, "rev").await,
+    )
+    .await;
+    let rev = header("rev.shop.svc.cluster.local", 80, None);
+    let dial_as = |id: &'static str| {
+        let gw = &gw;
+        let rev = &rev;
+        async move {
+            let tcp = TcpStream::connect(gw.addr).await.unwrap();
+            let mut tls = tls::connect(gw.client_config(id), tcp, &Id::parse(GW).unwrap())
+                .await
+                .unwrap();
+            tls.write_all(&rev.encode()).await.unwrap();
+            tls
+        }
+    };
+    let first = dial_as(WEB).await;
+    let mut second = dial_as(WEB).await;
+    // Both forwarded (connected to the backend) before the third comes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while gw.metric("tcp_open_total{direction=\"outbound\"}") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never forwarded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut third = dial_as(WEB).await;
+    gw.expect_refused("identity_share", 1).await;
+    assert!(closed(&mut third).await);
+    let mut other = dial_as(ATTACKER).await;
+    assert_eq!(reversed(&mut other, b"abc").await, b"cba");
+    assert_eq!(reversed(&mut second, b"xyz").await, b"zyx");
+    drop((first, second, other));
+    // The places come back once the gateway has seen the connections end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while gw.metric("tcp_open_connections{direction=\"inbound\"}") > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut again = dial_as(WEB).await;
+    assert_eq!(reversed(&mut again, b"ok").await, b"ko");
 }
