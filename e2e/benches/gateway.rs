@@ -121,6 +121,13 @@ struct Args {
     /// proxy; its manifest gives it two).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Forwarded connections held open to measure the gateway's memory per connection (idle
+    /// opaque, opaque after 64 KiB each way... see `per_connection`).
+    #[arg(long, default_value_t = 1000)]
+    per_connection: usize,
+    /// Only the memory per forwarded connection (no throughput runs, no flood).
+    #[arg(long)]
+    memory_only: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -180,6 +187,11 @@ async fn run(args: Args) -> Result<()> {
         .gateway
         .pid()
         .context("the gateway is not running")?;
+    let per_connection = per_connection(&topology, args.per_connection).await?;
+    per_connection.print(&mut std::io::stdout().lock())?;
+    if args.memory_only {
+        return Ok(());
+    }
     let gateway_rss = RssSampler::start(gateway_pid);
     let haproxy_rss = RssSampler::start(topology.haproxy.pid);
     let http = measure(&topology.targets, timing, http_slice).await?;
@@ -210,7 +222,7 @@ async fn run(args: Args) -> Result<()> {
         "bulk_write_bytes": CHUNK,
         "open_files_limit": fd_limit,
     });
-    let report = Report::new(settings, http, bulk, memory, flood);
+    let report = Report::new(settings, http, bulk, memory, flood, per_connection);
     drop(topology);
     let elapsed = started.elapsed();
     report.print(&mut std::io::stdout().lock(), elapsed)?;
@@ -878,6 +890,125 @@ async fn probe(targets: &Targets, probes: usize) -> Probes {
     }
 }
 
+/// The gateway's memory per forwarded connection: `n` opaque connections held idle after their
+/// header, then the same after 64 KiB uploaded on each (buffers touched), then `n` HTTP/1
+/// connections held after one request each. Each figure is the growth of VmRSS over the phase
+/// divided by `n`, read once the gateway's own counters show every connection forwarded.
+#[derive(Debug, Serialize)]
+struct PerConnection {
+    connections: usize,
+    idle_opaque_kib: f64,
+    busy_opaque_kib: f64,
+    idle_http1_kib: f64,
+}
+
+impl PerConnection {
+    fn print(&self, out: &mut impl std::io::Write) -> Result<()> {
+        writeln!(
+            out,
+            "memory per forwarded connection ({} held): opaque idle {:.1} KiB, opaque after 64 KiB {:.1} KiB, HTTP/1 after one request {:.1} KiB",
+            self.connections, self.idle_opaque_kib, self.busy_opaque_kib, self.idle_http1_kib
+        )?;
+        Ok(())
+    }
+}
+
+async fn per_connection(topology: &Topology, n: usize) -> Result<PerConnection> {
+    let gateway = &topology.gateway;
+    let pid = gateway.pid().context("the gateway is not running")?;
+    let targets = &topology.targets;
+    let rss = || status_kib(pid, "VmRSS").unwrap_or(0) as f64;
+    eprintln!("memory per connection: {n} opaque connections");
+    let opened = counter(gateway, "tcp_open_total{direction=\"outbound\"}").await?;
+    let refused_before: f64 = refusals(gateway).await?.values().sum();
+    let before = rss();
+    let mut conns: Vec<Stream> = stream::iter(0..n)
+        .map(|_| targets.dial(Route::Gateway, Traffic::Bulk))
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    // Forwarded means connected to the endpoint; a few may be refused on a loaded machine
+    // (counted, and left out of the division).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let forwarded = loop {
+        let forwarded = counter(gateway, "tcp_open_total{direction=\"outbound\"}").await? - opened;
+        let refused = refusals(gateway).await?.values().sum::<f64>() - refused_before;
+        if forwarded + refused >= n as f64 {
+            break forwarded;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {forwarded} of {n} forwarded, {refused} refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let per = |before: f64, after: f64| (after - before) / forwarded.max(1.0);
+    let idle = rss();
+    let written = counter(gateway, "tcp_write_bytes_total{direction=\"outbound\"}").await?;
+    let chunk = vec![0x5a_u8; CHUNK];
+    for c in &mut conns {
+        // A refused connection's write fails: it is not among the forwarded.
+        if c.write_all(&chunk).await.is_ok() {
+            let _ = c.flush().await;
+        }
+    }
+    wait_counter(
+        gateway,
+        "tcp_write_bytes_total{direction=\"outbound\"}",
+        written + forwarded * CHUNK as f64,
+    )
+    .await?;
+    let busy = rss();
+    let (idle_opaque_kib, busy_opaque_kib) = (per(before, idle), per(before, busy));
+
+    eprintln!("memory per connection: {n} HTTP/1 connections");
+    let mut sends = Vec::with_capacity(n);
+    let before = rss();
+    for _ in 0..n {
+        let mut send = http_connection(targets, Route::Gateway).await?;
+        get(&mut send, &authority()).await?;
+        sends.push(send);
+    }
+    let idle_http1_kib = per(before, rss());
+    // Held until now: memory they give back would be reused by the HTTP connections.
+    drop((sends, conns));
+    Ok(PerConnection {
+        connections: n,
+        idle_opaque_kib,
+        busy_opaque_kib,
+        idle_http1_kib,
+    })
+}
+
+/// One sample of the gateway's metrics (`name` with its labels, as exposed).
+async fn counter(gateway: &Program, name: &str) -> Result<f64> {
+    let (code, body) = gateway.get("/metrics").await.context("gateway /metrics")?;
+    ensure!(code == 200, "gateway /metrics: HTTP {code}");
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Waits (up to a minute) until the metric `name` reaches `at_least`.
+async fn wait_counter(gateway: &Program, name: &str, at_least: f64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = counter(gateway, name).await?;
+        if v >= at_least {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{name} stayed at {v}, below {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `gateway_refused_connections_total` by reason.
 async fn refusals(gateway: &Program) -> Result<BTreeMap<String, f64>> {
     const NAME: &str = "gateway_refused_connections_total{";
@@ -1300,6 +1431,7 @@ struct Report {
     bulk: Results<BulkFigures>,
     memory: Memory,
     flood: Flood,
+    per_connection: PerConnection,
     ratios: Ratios,
     goals: Vec<Goal>,
 }
@@ -1314,6 +1446,7 @@ impl Report {
         bulk: Results<BulkFigures>,
         memory: Memory,
         flood: Flood,
+        per_connection: PerConnection,
     ) -> Self {
         let h = |c: usize, r: Route| http.get(&c).and_then(|m| m.get(&r)).copied();
         let b = |c: usize, r: Route| bulk.get(&c).and_then(|m| m.get(&r)).copied();
@@ -1336,6 +1469,7 @@ impl Report {
             bulk,
             memory,
             flood,
+            per_connection,
             ratios,
             goals,
         }
@@ -1423,6 +1557,7 @@ impl Report {
             m.haproxy_max_sampled_mib
         )?;
         self.print_flood(out)?;
+        self.per_connection.print(out)?;
         let r = &self.ratios;
         writeln!(out)?;
         writeln!(out, "ratios")?;
@@ -1531,6 +1666,7 @@ impl Report {
             "bulk": self.bulk,
             "memory": self.memory,
             "flood": self.flood,
+            "per_connection": self.per_connection,
             "ratios": self.ratios,
             "goals": self.goals,
             "elapsed_seconds": elapsed.as_secs_f64(),
