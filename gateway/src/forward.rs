@@ -13,14 +13,14 @@ use proxy_http::{
     forwarded_by, is_grpc, serve_connection, set_client_id, strip_hop_by_hop,
 };
 use proxy_identity::Id;
-use proxy_transport::{Activity, Tracked, tcp};
+use proxy_transport::{Activity, Direction, tcp};
 use proxy_transport_header::SessionProtocol;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Metrics, Options, Refusal,
-    metrics::{DirectionLabels, StatusLabels},
+    Options, Refusal,
+    metrics::StatusLabels,
     server::{Inner, Target},
 };
 
@@ -42,19 +42,6 @@ impl Clients {
     }
 }
 
-const INBOUND: DirectionLabels = DirectionLabels {
-    direction: "inbound",
-};
-const OUTBOUND: DirectionLabels = DirectionLabels {
-    direction: "outbound",
-};
-
-fn tracked<IO>(io: IO, activity: &Arc<Activity>, m: &Metrics, d: &DirectionLabels) -> Tracked<IO> {
-    let read = m.read_bytes.get_or_create(d).clone();
-    let write = m.write_bytes.get_or_create(d).clone();
-    Tracked::new(io, activity.clone(), read, write)
-}
-
 pub(crate) async fn forward<IO>(
     inner: &Arc<Inner>,
     io: IO,
@@ -64,7 +51,7 @@ pub(crate) async fn forward<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
-    let client = tracked(io, &activity, &inner.metrics, &INBOUND);
+    let client = inner.metrics.tcp.tracked(io, &activity, Direction::Inbound);
     match target.header.protocol {
         None => opaque(inner, client, &target, &activity).await,
         Some(protocol) => http(inner, client, target, protocol, &activity, cancel).await,
@@ -85,8 +72,11 @@ where
         tracing::info!(target = %target.name, reason = Refusal::NoEndpoints.as_str(), "connection refused");
         return;
     };
-    inner.metrics.open_total.get_or_create(&OUTBOUND).inc();
-    let mut server = tracked(stream, activity, &inner.metrics, &OUTBOUND);
+    let _open = inner.metrics.tcp.open(Direction::Outbound);
+    let mut server = inner
+        .metrics
+        .tcp
+        .tracked(stream, activity, Direction::Outbound);
     let idle = inner.options.idle_timeout;
     tokio::select! {
         res = proxy_transport::copy_bidirectional(&mut client, &mut server) => match res {

@@ -27,10 +27,8 @@ pub use self::server::{BindError, Gateway};
 /// Why a connection was closed before it was forwarded. The label is the metric's `reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    /// The TLS handshake or the transport header failed one of the direct port's checks.
+    /// The handshake, authorization, a limit or the transport header refused it.
     Direct(direct::Refused),
-    /// The client's identity is not allowed by the authorization policy.
-    Unauthorized,
     /// The header named no target, or a Service that does not exist or lacks that port.
     UnknownTarget,
     /// The target Service exists but the export policy does not offer it to linked clusters.
@@ -41,24 +39,17 @@ pub enum Refusal {
     OutsideSuffix,
     /// The target has no ready endpoints, or none accepted a connection.
     NoEndpoints,
-    /// The gateway was at its connection limit, or a newer handshake took this one's place.
-    Overloaded,
-    /// The client's identity held its share of the gateway's connections.
-    IdentityShare,
 }
 
 impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Direct(r) => r.as_str(),
-            Self::Unauthorized => "unauthorized",
             Self::UnknownTarget => "unknown_target",
             Self::NotExported => "not_exported",
             Self::Loop => "loop",
             Self::OutsideSuffix => "outside_suffix",
             Self::NoEndpoints => "no_endpoints",
-            Self::Overloaded => "overloaded",
-            Self::IdentityShare => "identity_share",
         }
     }
 }

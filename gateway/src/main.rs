@@ -53,19 +53,8 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     // This thread accepts and serves its share of connections; each other worker is a
-    // single-threaded runtime on a thread of its own (they end with the process).
-    let workers = (1..args.cores)
-        .map(|i| {
-            let worker = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = worker.handle().clone();
-            std::thread::Builder::new()
-                .name(format!("gateway-worker-{i}"))
-                .spawn(move || worker.block_on(std::future::pending::<()>()))?;
-            Ok(handle)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // single-threaded runtime on a thread of its own.
+    let workers = proxy_transport::worker_runtimes(args.cores.into(), "gateway-worker")?;
     runtime.block_on(run(args, workers))
 }
 
@@ -77,23 +66,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     let mut options = args.gateway;
     // The connection limit, not the open-file limit, must be what refuses a client: past the
     // file limit, accept fails for everyone, probes and certificate renewal included.
-    if let Some(files) = proxy_transport::files::raise_open_file_limit() {
-        let fit = proxy_transport::files::fit_connections(
-            options.max_connections,
-            files,
-            2,
-            options.reserved_files(),
-        );
-        if fit < options.max_connections {
-            tracing::warn!(
-                requested = options.max_connections,
-                allowed = fit,
-                open_files = files,
-                "--max-connections lowered to fit the open-file limit (two files per forwarded connection, and a reserve)"
-            );
-            options.max_connections = fit;
-        }
-    }
+    options.max_connections = proxy_transport::files::fit_connections_to_limit(
+        options.max_connections,
+        2,
+        options.reserved_files(),
+    );
     // Everything is parsed and read before a socket is bound.
     let creds = args.identity.credentials().context("identity settings")?;
     let client = kube::Client::try_default()

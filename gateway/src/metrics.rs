@@ -3,7 +3,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 
@@ -23,11 +23,6 @@ pub(crate) struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct DirectionLabels {
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatusLabels {
     pub http_status: u16,
 }
@@ -37,10 +32,7 @@ pub(crate) struct StatusLabels {
 pub struct Metrics {
     pub(crate) header_connections: Family<HeaderLabels, Counter>,
     pub(crate) refused: Family<ReasonLabels, Counter>,
-    pub(crate) open_total: Family<DirectionLabels, Counter>,
-    pub(crate) open_connections: Family<DirectionLabels, Gauge>,
-    pub(crate) read_bytes: Family<DirectionLabels, Counter>,
-    pub(crate) write_bytes: Family<DirectionLabels, Counter>,
+    pub(crate) tcp: proxy_transport::TcpMetrics,
     pub(crate) http_responses: Family<StatusLabels, Counter>,
 }
 
@@ -56,26 +48,7 @@ impl Metrics {
             "Connections closed before forwarding, by reason",
             self.refused.clone(),
         );
-        registry.register(
-            "tcp_open",
-            "TCP connections opened (inbound: accepted; outbound: to endpoints)",
-            self.open_total.clone(),
-        );
-        registry.register(
-            "tcp_open_connections",
-            "TCP connections open now",
-            self.open_connections.clone(),
-        );
-        registry.register(
-            "tcp_read_bytes",
-            "Bytes read from clients (inbound) or endpoints (outbound)",
-            self.read_bytes.clone(),
-        );
-        registry.register(
-            "tcp_write_bytes",
-            "Bytes written to clients (inbound) or endpoints (outbound)",
-            self.write_bytes.clone(),
-        );
+        self.tcp.register(registry);
         registry.register(
             "inbound_http_statuses",
             "HTTP responses the gateway returned, by status",

@@ -3,21 +3,17 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use proxy_identity::{Credentials, Id, tls};
-use proxy_transport::{Pending, Share, direct};
-use proxy_transport_header::{self as header, Header, Prefixed};
-use rustls::ServerConfig;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+use proxy_transport::{
+    Direction,
+    direct::{self, Admission},
 };
-use tokio_rustls::server::TlsStream;
+use proxy_transport_header::{self as header, Header};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Authorization, Discovery, Endpoints, Export, Metrics, Options, Refusal, Unresolved,
-    discover::split_target,
-    forward,
-    metrics::{DirectionLabels, HeaderLabels},
+    discover::split_target, forward, metrics::HeaderLabels,
 };
 
 /// Why the gateway could not start.
@@ -40,7 +36,6 @@ pub struct Gateway {
 pub(crate) struct Inner {
     pub options: Options,
     pub creds: Arc<Credentials>,
-    pub tls: Arc<ServerConfig>,
     pub discovery: Discovery,
     pub metrics: Metrics,
     pub authz: Authorization,
@@ -57,20 +52,6 @@ pub(crate) struct Target {
     pub client: Id,
 }
 
-/// The bounds every connection is admitted under.
-#[derive(Debug)]
-struct Admission {
-    /// Connections still in their handshake; a newcomer evicts the oldest.
-    pending: Pending,
-    /// Forwarded connections.
-    established: Arc<Semaphore>,
-    /// Forwarded connections per client identity.
-    identities: Arc<Share<Id>>,
-}
-
-/// A forwarded connection's places; dropping them frees them.
-type Admitted = (OwnedSemaphorePermit, proxy_transport::Held<Id>);
-
 impl Gateway {
     pub fn new(
         options: Options,
@@ -78,7 +59,6 @@ impl Gateway {
         discovery: Discovery,
         metrics: Metrics,
     ) -> Self {
-        let tls = tls::server_config(&creds, &[header::PROTOCOL]);
         let authz = options.authorization();
         let export = options.export();
         let clients = forward::Clients::new(&options);
@@ -86,7 +66,6 @@ impl Gateway {
             inner: Arc::new(Inner {
                 options,
                 creds,
-                tls,
                 discovery,
                 metrics,
                 authz,
@@ -118,11 +97,18 @@ impl Gateway {
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
         let opts = &self.inner.options;
-        let admission = Arc::new(Admission {
-            pending: Pending::new(opts.max_handshakes),
-            established: Arc::new(Semaphore::new(opts.max_connections)),
-            identities: Arc::new(Share::new(opts.identity_share())),
-        });
+        let creds = &self.inner.creds;
+        let admission = Arc::new(Admission::new(
+            creds.id().clone(),
+            tls::server_config(creds, &[header::PROTOCOL]),
+            direct::Limits {
+                handshake_timeout: opts.handshake_timeout,
+                header_timeout: opts.header_timeout,
+                max_handshakes: opts.max_handshakes,
+                max_connections: opts.max_connections,
+                per_identity: opts.identity_share(),
+            },
+        ));
         let inner = self.inner;
         let serve = proxy_transport::serve_connections(
             listener,
@@ -155,79 +141,41 @@ struct Connection {
 impl Connection {
     #[tracing::instrument(name = "conn", skip_all, fields(peer = %self.peer))]
     async fn run(self, tcp: TcpStream, admission: Arc<Admission>) {
-        let inbound = DirectionLabels {
-            direction: "inbound",
-        };
-        let m = &self.inner.metrics;
-        m.open_total.get_or_create(&inbound).inc();
-        m.open_connections.get_or_create(&inbound).inc();
-        match self.accept(tcp, &admission).await {
-            // Boxed: a task is allocated at its future's full size from the start, and the
-            // forwarding state (HTTP server, copy) is most of it, so connections still in their
-            // handshake (the ones a flood holds) stay small.
-            Ok((io, target, _admitted)) => {
-                Box::pin(forward::forward(&self.inner, io, target, &self.cancel)).await;
-            }
-            Err(Some(refusal)) => {
-                tracing::info!(reason = refusal.as_str(), "connection refused");
-                m.refuse(refusal);
-            }
+        let inner = &self.inner;
+        let _open = inner.metrics.tcp.open(Direction::Inbound);
+        let admitted = admission.admit(tcp, |id| inner.authz.allows(id), &self.cancel);
+        let refusal = match admitted.await {
+            Ok(Some(admitted)) => match self.target(admitted.header, admitted.client) {
+                // Boxed: a task is allocated at its future's full size from the start, and the
+                // forwarding state (HTTP server, copy) is most of it, so connections still in
+                // their handshake (the ones a flood holds) stay small.
+                Ok(target) => {
+                    let forwarding = forward::forward(inner, admitted.io, target, &self.cancel);
+                    return Box::pin(forwarding).await;
+                }
+                Err(refusal) => refusal,
+            },
+            Err(refused) => Refusal::Direct(refused),
             // Shutting down.
-            Err(None) => {}
-        }
-        m.open_connections.get_or_create(&inbound).dec();
+            Ok(None) => return,
+        };
+        tracing::info!(reason = refusal.as_str(), "connection refused");
+        inner.metrics.refuse(refusal);
     }
 
-    async fn accept(
-        &self,
-        tcp: TcpStream,
-        admission: &Admission,
-    ) -> Result<(Prefixed<TlsStream<TcpStream>>, Target, Admitted), Option<Refusal>> {
-        let opts = &self.inner.options;
-        let slot = admission.pending.enter();
-        let own = self.inner.creds.id();
-        let handshake = tokio::select! {
-            r = direct::handshake(tcp, own, self.inner.tls.clone(), opts.handshake_timeout) => r,
-            () = slot.evicted.cancelled() => return Err(Some(Refusal::Overloaded)),
-            () = self.cancel.cancelled() => return Err(None),
-        };
-        drop(slot);
-        let (tls, client) = handshake.map_err(|r| Some(Refusal::Direct(r)))?;
-        let permit = admission
-            .established
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Overloaded)?;
-        if !self.inner.authz.allows(&client) {
-            tracing::info!(client = %client, "identity not authorized");
-            return Err(Some(Refusal::Unauthorized));
-        }
-        let Some(share) = admission.identities.enter(client.clone()) else {
-            tracing::info!(client = %client, share = admission.identities.share(), "identity holds its share of connections");
-            return Err(Some(Refusal::IdentityShare));
-        };
-        let read = tokio::select! {
-            r = direct::read_header(tls, &client, opts.header_timeout) => r,
-            () = self.cancel.cancelled() => return Err(None),
-        };
-        let (header, io) = read.map_err(|r| Some(Refusal::Direct(r)))?;
-        let target = self.target(header, client)?;
-        Ok((io, target, (permit, share)))
-    }
-
-    fn target(&self, header: Header, client: Id) -> Result<Target, Option<Refusal>> {
+    fn target(&self, header: Header, client: Id) -> Result<Target, Refusal> {
         let Some(name) = header.name.clone() else {
             tracing::info!(client = %client, port = header.port, "transport header names no target");
-            return Err(Some(Refusal::UnknownTarget));
+            return Err(Refusal::UnknownTarget);
         };
         let (svc, ns) = match split_target(&name, &self.inner.options.suffixes) {
             None => {
                 tracing::info!(client = %client, target = %name, "target outside the gateway's suffixes");
-                return Err(Some(Refusal::OutsideSuffix));
+                return Err(Refusal::OutsideSuffix);
             }
             Some(Err(())) => {
                 tracing::info!(client = %client, target = %name, "target is not <service>.<namespace>.<suffix>");
-                return Err(Some(Refusal::UnknownTarget));
+                return Err(Refusal::UnknownTarget);
             }
             Some(Ok(split)) => split,
         };
@@ -237,13 +185,13 @@ impl Connection {
             .resolve(&self.inner.export, ns, svc, header.port)
             .map_err(|e| {
                 tracing::info!(client = %client, target = %name, port = header.port, error = %e, "target not found");
-                Some(match e {
+                match e {
                     Unresolved::NoEndpoints { .. } => Refusal::NoEndpoints,
                     Unresolved::NotExported { .. } => Refusal::NotExported,
                     Unresolved::NoService { .. } | Unresolved::NoPort { .. } => {
                         Refusal::UnknownTarget
                     }
-                })
+                }
             })?;
         if let Some(reason) = loop_reason(
             header.protocol.is_none(),
@@ -253,7 +201,7 @@ impl Connection {
             self.local,
         ) {
             tracing::info!(client = %client, target = %name, reason, "gateway loop refused");
-            return Err(Some(Refusal::Loop));
+            return Err(Refusal::Loop);
         }
         self.inner
             .metrics

@@ -1377,6 +1377,16 @@ async fn others_are_served(gw: &Running) {
     }
 }
 
+/// A gateway in front of [`h2_backend`].
+async fn attacked() -> (Arc<Seen>, Running) {
+    let seen = Arc::new(Seen::default());
+    let backend = h2_backend(seen.clone()).await;
+    (
+        seen.clone(),
+        start(&[], with_backend(backend, "web").await).await,
+    )
+}
+
 /// Waits until `what` of the backend reaches `n`.
 async fn backend_reaches(what: &std::sync::atomic::AtomicUsize, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1393,12 +1403,7 @@ async fn backend_reaches(what: &std::sync::atomic::AtomicUsize, n: usize) {
 /// so they fill that client's connections only, and another client's requests go on.
 #[tokio::test]
 async fn stalled_uploads_stall_only_their_client() {
-    let seen = Arc::new(Seen::default());
-    let gw = start(
-        &[],
-        with_backend(h2_backend(seen.clone()).await, "web").await,
-    )
-    .await;
+    let (seen, gw) = attacked().await;
     type Never = http_body_util::StreamBody<
         futures::stream::Pending<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
     >;
@@ -1424,12 +1429,7 @@ async fn stalled_uploads_stall_only_their_client() {
 /// come on; those are the client's own, so another client's answers still flow.
 #[tokio::test]
 async fn unread_answers_stall_only_their_client() {
-    let seen = Arc::new(Seen::default());
-    let gw = start(
-        &[],
-        with_backend(h2_backend(seen.clone()).await, "web").await,
-    )
-    .await;
+    let (seen, gw) = attacked().await;
     let mut attacker = gw.h2_as::<Full<Bytes>>(ATTACKER).await;
     let mut unread = Vec::new();
     for _ in 0..6 {

@@ -1,14 +1,21 @@
 //! Linkerd's "direct" inbound connection: mutual TLS whose ClientHello names this proxy's
 //! identity and ALPN `transport.l5d.io/v1`, a client certificate from the trust anchors, then a
 //! transport header within a deadline. The gateway's port 4143 and a sidecar's inbound direct
-//! port accept exactly this; each refusal has its own reason, for the log and the metric.
+//! port accept exactly this, under the same bounds ([`Admission`]); each refusal has its own
+//! reason, for the log and the metric.
 
 use std::{sync::Arc, time::Duration};
 
 use proxy_identity::{Id, tls};
 use proxy_transport_header::{self as header, Header, Prefixed};
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_rustls::{LazyConfigAcceptor, rustls::ServerConfig, server::TlsStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Held, Pending, Share};
 
 /// Why a direct connection was closed before it said where it goes. The label is the metric's
 /// `reason`.
@@ -38,6 +45,12 @@ pub enum Refused {
     BadHeader,
     /// The transport header did not arrive in time.
     HeaderTimeout,
+    /// The client's identity is not allowed by the authorization policy.
+    Unauthorized,
+    /// At the connection limit, or a newer handshake took this one's place.
+    Overloaded,
+    /// The client's identity held its share of the connections.
+    IdentityShare,
 }
 
 impl Refused {
@@ -55,6 +68,9 @@ impl Refused {
             Self::TlsError => "tls_error",
             Self::BadHeader => "bad_header",
             Self::HeaderTimeout => "header_timeout",
+            Self::Unauthorized => "unauthorized",
+            Self::Overloaded => "overloaded",
+            Self::IdentityShare => "identity_share",
         }
     }
 }
@@ -132,5 +148,92 @@ pub async fn read_header(
             Err(Refused::BadHeader)
         }
         Ok(Ok((header, rest))) => Ok((header, Prefixed::new(rest, tls))),
+    }
+}
+
+/// The bounds of a direct port.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    /// Connections in their handshake at once; a newcomer evicts the oldest.
+    pub max_handshakes: usize,
+    /// Admitted connections at once.
+    pub max_connections: usize,
+    /// Admitted connections one client identity may hold.
+    pub per_identity: usize,
+}
+
+/// Admits direct connections under [`Limits`].
+#[derive(Debug)]
+pub struct Admission {
+    own: Id,
+    config: Arc<ServerConfig>,
+    limits: Limits,
+    pending: Pending,
+    established: Arc<Semaphore>,
+    identities: Arc<Share<Id>>,
+}
+
+/// A connection that passed every check, holding its places until dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    pub client: Id,
+    pub header: Header,
+    pub io: Prefixed<TlsStream<TcpStream>>,
+    pub places: (OwnedSemaphorePermit, Held<Id>),
+}
+
+impl Admission {
+    pub fn new(own: Id, config: Arc<ServerConfig>, limits: Limits) -> Self {
+        Self {
+            own,
+            config,
+            pending: Pending::new(limits.max_handshakes),
+            established: Arc::new(Semaphore::new(limits.max_connections)),
+            identities: Arc::new(Share::new(limits.per_identity)),
+            limits,
+        }
+    }
+
+    /// Takes `tcp` through the handshake, `authorized`, the connection and identity limits
+    /// and the header, in that order. `Ok(None)` when `cancel` fired first.
+    pub async fn admit(
+        &self,
+        tcp: TcpStream,
+        authorized: impl Fn(&Id) -> bool,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Admitted>, Refused> {
+        let slot = self.pending.enter();
+        let timeout = self.limits.handshake_timeout;
+        let (tls, client) = tokio::select! {
+            r = handshake(tcp, &self.own, self.config.clone(), timeout) => r?,
+            () = slot.evicted.cancelled() => return Err(Refused::Overloaded),
+            () = cancel.cancelled() => return Ok(None),
+        };
+        drop(slot);
+        if !authorized(&client) {
+            tracing::info!(client = %client, "identity not authorized");
+            return Err(Refused::Unauthorized);
+        }
+        let permit = self
+            .established
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refused::Overloaded)?;
+        let Some(share) = self.identities.enter(client.clone()) else {
+            tracing::info!(client = %client, share = self.identities.share(), "identity holds its share of connections");
+            return Err(Refused::IdentityShare);
+        };
+        let (header, io) = tokio::select! {
+            r = read_header(tls, &client, self.limits.header_timeout) => r?,
+            () = cancel.cancelled() => return Ok(None),
+        };
+        Ok(Some(Admitted {
+            client,
+            header,
+            io,
+            places: (permit, share),
+        }))
     }
 }

@@ -27,6 +27,30 @@ pub fn raise_open_file_limit() -> Option<u64> {
     }
 }
 
+/// `requested` connections, or fewer when they would not fit the open-file limit (raised to
+/// the hard limit first; see [`fit_connections`]); lowering it is logged.
+pub fn fit_connections_to_limit(
+    requested: usize,
+    files_per_connection: u64,
+    reserved: u64,
+) -> usize {
+    let Some(files) = raise_open_file_limit() else {
+        return requested;
+    };
+    let fit = fit_connections(requested, files, files_per_connection, reserved);
+    if fit < requested {
+        tracing::warn!(
+            requested,
+            allowed = fit,
+            open_files = files,
+            files_per_connection,
+            reserved,
+            "connection limit lowered to fit the open-file limit"
+        );
+    }
+    fit
+}
+
 /// How many connections of `files_per_connection` descriptors each fit under `open_files`
 /// once `reserved` descriptors are set aside (the admin server's connections, certificate
 /// renewal, the API watch, logs, libraries): `requested`, or fewer when that would not fit.

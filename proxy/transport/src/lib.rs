@@ -28,6 +28,7 @@ pub mod direct;
 mod duplex;
 pub mod files;
 mod listen;
+mod metrics;
 mod pending;
 mod share;
 pub mod tcp;
@@ -37,7 +38,8 @@ pub use self::{
     activity::{Activity, Tracked},
     deadline::{BodyDeadline, CallDeadlines, TimedBody, WithDeadlines},
     duplex::{BUFFER, Moved, copy_bidirectional},
-    listen::serve_connections,
+    listen::{serve_connections, worker_runtimes},
+    metrics::{Direction, Open, TcpMetrics},
     pending::{Pending, Slot},
     share::{Held, PeerShare, PeerSlot, Share},
 };

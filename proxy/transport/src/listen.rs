@@ -64,6 +64,23 @@ pub async fn serve_connections<F, Fut>(
     tracker.wait().await;
 }
 
+/// `n - 1` single-threaded runtimes, each on a thread of its own named `<name>-<i>`, for
+/// [`serve_connections`] (the calling thread's runtime is the n-th). They end with the process.
+pub fn worker_runtimes(n: usize, name: &str) -> std::io::Result<Vec<Handle>> {
+    (1..n.max(1))
+        .map(|i| {
+            let worker = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = worker.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker.block_on(std::future::pending::<()>()))?;
+            Ok(handle)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use socket2::SockRef;
@@ -75,12 +92,7 @@ mod tests {
     async fn accepted_sockets_are_configured_on_every_thread() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let worker = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let handle = worker.handle().clone();
-        std::thread::spawn(move || worker.block_on(std::future::pending::<()>()));
+        let handle = worker_runtimes(2, "test-worker").unwrap().remove(0);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let serve = tokio::spawn(serve_connections(
