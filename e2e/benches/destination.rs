@@ -184,7 +184,7 @@ async fn main() -> Result<()> {
 
     // M streams over ten connections (loopback: served without a client certificate).
     let creds = Credentials::new(
-        Id::parse("bench.bench.serviceaccount.identity.linkerd.cluster.local")?,
+        Id::parse(&mesh::workload_id("bench", "bench", "west"))?,
         TrustAnchors::from_pem(&std::fs::read_to_string(&anchors)?)?,
     );
     let mut channels = Vec::new();

@@ -55,7 +55,7 @@ use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
     measure::{percentile, status_kib},
-    mesh::{self, GATEWAY_ID, GatewaySettings, start_gateway, start_identity},
+    mesh::{self, GatewaySettings, start_gateway, start_identity},
     meshlink::{Program, free_port, labels},
     netns::Host,
     wait_for,
@@ -82,7 +82,8 @@ const SERVICE: &str = "web";
 const HTTP_PORT: u16 = 8080;
 const BULK_PORT: u16 = 7001;
 /// The client's identity (any identity from the anchor is authorized by default).
-const CLIENT_ID: &str = "client.bench.serviceaccount.identity.linkerd.cluster.local";
+/// The benchmark's one cluster; its issuer certifies identities in its trust domain only.
+const CLUSTER: &str = "east";
 /// Concurrent connections of each run; the goals are stated at these two.
 const CONNECTIONS: [usize; 2] = [1, 16];
 const CLIENT_THREADS: usize = 2;
@@ -352,7 +353,7 @@ impl Targets {
             haproxy,
             gateway_dialer: GatewayDialer::new(creds, DIAL_TIMEOUT),
             haproxy_tls: proxy_identity::tls::client_config(creds, &[b"http/1.1"]),
-            gateway_id: Id::parse(GATEWAY_ID)?,
+            gateway_id: Id::parse(&mesh::gateway_id(CLUSTER))?,
         })
     }
 
@@ -1057,10 +1058,10 @@ struct Topology {
 
 impl Topology {
     async fn start(threads: usize) -> Result<Self> {
-        let cluster = Cluster::start("east").await?;
+        let cluster = Cluster::start(CLUSTER).await?;
         let dir = tempfile::tempdir()?;
-        mesh::make_pki(dir.path(), &["east"])?;
-        mesh::install_identity(&cluster, dir.path(), "east").await?;
+        mesh::make_pki(dir.path(), &[CLUSTER])?;
+        mesh::install_identity(&cluster, dir.path(), CLUSTER).await?;
         mesh::apply_manifest(&cluster, "gateway/gateway.yaml").await?;
 
         let host = Host::create()?;
@@ -1172,7 +1173,10 @@ fn issuer(dir: &Path) -> Result<Signer> {
 /// from one the identity service signed).
 fn client_credentials(signer: &Signer, anchors: &Path) -> Result<Arc<Credentials>> {
     let anchors = std::fs::read_to_string(anchors).context("reading the trust anchor")?;
-    let creds = Credentials::new(Id::parse(CLIENT_ID)?, TrustAnchors::from_pem(&anchors)?);
+    let creds = Credentials::new(
+        Id::parse(&mesh::workload_id("client", "bench", CLUSTER))?,
+        TrustAnchors::from_pem(&anchors)?,
+    );
     let (leaf, key) = signer.issue(creds.id(), Duration::from_secs(24 * 3600))?;
     creds.install(leaf, vec![signer.cert_der().to_vec()], &key)?;
     Ok(creds)
@@ -1199,7 +1203,10 @@ impl Haproxy {
         let binary = haproxy_binary()?;
         let version = haproxy_version(&binary)?;
         // The gateway's identity, issued like the gateway's own leaf: leaf, issuer, key.
-        let pem = signer.issue_pem(&Id::parse(GATEWAY_ID)?, Duration::from_secs(24 * 3600))?;
+        let pem = signer.issue_pem(
+            &Id::parse(&mesh::gateway_id(CLUSTER))?,
+            Duration::from_secs(24 * 3600),
+        )?;
         let crt = dir.join("haproxy.pem");
         std::fs::write(&crt, pem.cert_pem + &pem.key_pem)?;
         let ports = Ports {

@@ -278,9 +278,11 @@ pub async fn run(
             .context("web-east names no remote service")?;
         let args = [
             "mesh-client".to_owned(),
-            "--identity=client.shop.serviceaccount.identity.linkerd.cluster.local".to_owned(),
+            format!("--identity={}", mesh::workload_id("client", "shop", "west")),
             format!("--trust-anchors-file={}", anchors.display()),
             format!("--identity-addr={west_identity_addr}"),
+            format!("--identity-name={}", mesh::identity_id("west")),
+            format!("--gateway-identity={}", mesh::gateway_id("east")),
             format!("--token-file={}", dir.path().join("client.token").display()),
             format!("--gateway={ip}:{port}"),
             format!("--target={authority}:80"),

@@ -10,13 +10,14 @@ use proxy_identity::{Credentials, Id, TrustAnchors, certify, tls};
 
 use crate::{
     Cluster, Error,
-    mesh::{IDENTITY_AUDIENCE, IDENTITY_ID},
+    mesh::{IDENTITY_AUDIENCE, identity_id, workload_id},
     meshlink::{Program, service_account_token_for},
 };
 
-/// The destination service's identity in a cluster with trust domain `cluster.local`.
-pub const DESTINATION_ID: &str =
-    "linkerd-destination.linkerd.serviceaccount.identity.linkerd.cluster.local";
+/// The destination service's identity in `cluster`.
+pub fn destination_id(cluster: &str) -> String {
+    workload_id("linkerd-destination", "linkerd", cluster)
+}
 
 /// Starts `meshlink-destination` for `cluster` at `addr` as its ServiceAccount
 /// `linkerd/linkerd-destination` (so the manifest's RBAC is what is exercised), certified by the
@@ -40,10 +41,14 @@ pub async fn start_destination(
         .map_err(|e| Error::Invalid(format!("writing {}: {e}", token_file.display())))?;
     let mut args = vec![
         format!("--addr={addr}"),
-        format!("--identity={DESTINATION_ID}"),
+        format!("--identity={}", destination_id(cluster.name())),
         format!("--trust-anchors-file={}", anchors_file.display()),
         format!("--identity-addr={identity_addr}"),
-        format!("--identity-name={IDENTITY_ID}"),
+        format!("--identity-name={}", identity_id(cluster.name())),
+        format!(
+            "--trust-domain={}",
+            crate::mesh::trust_domain(cluster.name())
+        ),
         format!("--token-file={}", token_file.display()),
         "--min-refresh=1s".to_owned(),
     ];
@@ -57,6 +62,14 @@ pub async fn start_destination(
         &[("KUBECONFIG", kubeconfig.display().to_string())],
     )
     .await
+}
+
+/// The identity of ServiceAccount `namespace/account` in the same cluster (trust domain) as
+/// `id`.
+fn beside(id: &str, account: &str, namespace: &str) -> String {
+    const MARK: &str = ".serviceaccount.identity.";
+    let domain = id.find(MARK).map_or(id, |i| &id[i + MARK.len()..]);
+    format!("{account}.{namespace}{MARK}{domain}")
 }
 
 /// Credentials for `id`, certified by the identity service at `identity_addr` with the token in
@@ -73,7 +86,7 @@ pub async fn certified(
     certify::certify(
         &certify::Config {
             addr: identity_addr.to_string(),
-            server_id: Id::parse(IDENTITY_ID)?,
+            server_id: Id::parse(&beside(id, "linkerd-identity", "linkerd"))?,
             token_file: token_file.to_owned(),
             min_refresh: certify::MIN_REFRESH,
             max_refresh: certify::MAX_REFRESH,
@@ -97,7 +110,11 @@ pub async fn channel(
     let stream = tls::connect(
         tls::client_config(creds, &[b"h2"]),
         tcp,
-        &Id::parse(DESTINATION_ID)?,
+        &Id::parse(&beside(
+            creds.id().as_str(),
+            "linkerd-destination",
+            "linkerd",
+        ))?,
     )
     .await?;
     let mut io = Some(TokioIo::new(stream));

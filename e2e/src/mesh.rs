@@ -28,12 +28,31 @@ use crate::{
 
 /// The audience of the tokens workloads send to the identity service (Linkerd's).
 pub const IDENTITY_AUDIENCE: &str = "identity.l5d.io";
-/// The gateway's identity in a cluster with trust domain `cluster.local`.
-pub const GATEWAY_ID: &str =
-    "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local";
-/// The identity service's own identity.
-pub const IDENTITY_ID: &str =
-    "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local";
+/// A test cluster's own trust domain, `<cluster>.cluster.local`, as `meshlink identity issuer
+/// --cluster` gives it: the cluster's issuer is name-constrained to it, so it cannot certify
+/// another cluster's workloads, and a Link's gateway identity is unique per cluster.
+pub fn trust_domain(cluster: &str) -> String {
+    format!("{cluster}.cluster.local")
+}
+
+/// The identity of ServiceAccount `namespace/account` of `cluster` (Linkerd's form, with the
+/// control plane in `linkerd`).
+pub fn workload_id(account: &str, namespace: &str, cluster: &str) -> String {
+    format!(
+        "{account}.{namespace}.serviceaccount.identity.linkerd.{}",
+        trust_domain(cluster)
+    )
+}
+
+/// The gateway's identity in `cluster`.
+pub fn gateway_id(cluster: &str) -> String {
+    workload_id("linkerd-gateway", "linkerd-multicluster", cluster)
+}
+
+/// The identity service's own identity in `cluster`.
+pub fn identity_id(cluster: &str) -> String {
+    workload_id("linkerd-identity", "linkerd", cluster)
+}
 
 /// The test backend: `tcp` echoes every byte until the client half-closes, then closes (so an
 /// answer that ends proves the half-close went through); `http` answers HTTP/1 and HTTP/2 with
@@ -112,7 +131,7 @@ pub struct ClientArgs {
     /// The identity service (`host:port`); with --identity-name and --token-file.
     #[arg(long)]
     pub identity_addr: Option<String>,
-    #[arg(long, default_value = IDENTITY_ID)]
+    #[arg(long)]
     pub identity_name: Id,
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -124,7 +143,7 @@ pub struct ClientArgs {
     /// The gateway's address and identity.
     #[arg(long)]
     pub gateway: SocketAddr,
-    #[arg(long, default_value = GATEWAY_ID)]
+    #[arg(long)]
     pub gateway_identity: Id,
     /// The target `name:port`, as a mirror's authority override names it.
     #[arg(long)]
@@ -270,19 +289,24 @@ pub fn cli(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// A trust anchor in `dir/anchor` and an issuer signed by it in `dir/<name>` for each of
-/// `issuers`, made by `meshlink identity` as a user makes them.
-pub fn make_pki(dir: &Path, issuers: &[&str]) -> Result<()> {
+/// A trust anchor in `dir/anchor` and an issuer signed by it in `dir/<cluster>` for each of
+/// `clusters`, made by `meshlink identity` as a user makes them: each issuer constrained to its
+/// cluster's own trust domain ([`trust_domain`]).
+pub fn make_pki(dir: &Path, clusters: &[&str]) -> Result<()> {
     let d = |p: &str| dir.join(p).display().to_string();
     cli(&["identity", "anchor", "--out", &d("anchor")])?;
-    for issuer in issuers {
+    for cluster in clusters {
         cli(&[
             "identity",
             "issuer",
             "--anchor",
             &d("anchor"),
             "--out",
-            &d(issuer),
+            &d(cluster),
+            "--cluster",
+            cluster,
+            "--trust-domain",
+            &trust_domain(cluster),
         ])?;
     }
     Ok(())
@@ -354,6 +378,7 @@ pub async fn start_identity(
             format!("--addr={addr}"),
             format!("--trust-anchors={}", anchors_file.display()),
             format!("--leaf-lifetime={leaf_lifetime}"),
+            format!("--trust-domain={}", trust_domain(cluster.name())),
             "--log=info".to_owned(),
         ],
         &[("KUBECONFIG", kubeconfig.display().to_string())],
@@ -394,10 +419,10 @@ pub async fn start_gateway(
         .map_err(|e| Error::Invalid(format!("writing {}: {e}", token_file.display())))?;
     let mut args = vec![
         format!("--addr={}", settings.addr),
-        format!("--identity={GATEWAY_ID}"),
+        format!("--identity={}", gateway_id(cluster.name())),
         format!("--trust-anchors-file={}", settings.anchors_file.display()),
         format!("--identity-addr={}", settings.identity_addr),
-        format!("--identity-name={IDENTITY_ID}"),
+        format!("--identity-name={}", identity_id(cluster.name())),
         format!("--token-file={}", token_file.display()),
         "--min-refresh=1s".to_owned(),
         "--shutdown-grace-period=5s".to_owned(),

@@ -369,7 +369,7 @@ pub async fn create_gateway_service(
         "metadata": {
             "name": name,
             "annotations": {
-                link_crd::keys::GATEWAY_IDENTITY_ANNOTATION: "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local",
+                link_crd::keys::GATEWAY_IDENTITY_ANNOTATION: crate::mesh::gateway_id(target.name()),
                 link_crd::keys::GATEWAY_PROBE_PATH_ANNOTATION: "/ready",
                 link_crd::keys::GATEWAY_PROBE_PERIOD_ANNOTATION: probe_period,
             },

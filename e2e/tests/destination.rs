@@ -136,7 +136,7 @@ async fn setup() -> Result<Env> {
         service_account_token_for(west, "default", "default", IDENTITY_AUDIENCE).await?,
     )?;
     let creds = certified(
-        "default.default.serviceaccount.identity.linkerd.cluster.local",
+        &mesh::workload_id("default", "default", "west"),
         &anchors,
         identity_addr,
         &token,
@@ -282,7 +282,7 @@ async fn follows(env: Arc<Env>) -> Result<()> {
     web.until("web-1 added", WAIT, |f| f.addrs() == ["10.10.0.1:8080"])
         .await?;
     let ep = &web.endpoints[&"10.10.0.1:8080".parse()?];
-    let id = format!("default.{ns}.serviceaccount.identity.linkerd.cluster.local");
+    let id = mesh::workload_id("default", ns, "west");
     ensure!(
         matches!(
             ep.tls_identity.as_ref().and_then(|t| t.strategy.clone()),

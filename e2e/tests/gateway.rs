@@ -19,7 +19,7 @@ use e2e::{
     Cluster,
     checks::Check,
     create_namespace, create_ready_pod,
-    mesh::{self, GATEWAY_ID, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
+    mesh::{self, GatewaySettings, IDENTITY_AUDIENCE, start_gateway, start_identity},
     meshlink::{Program, free_port, labels, service_account_token_for, workspace_binary},
     netns::Host,
     wait_for,
@@ -34,7 +34,11 @@ use tokio::{
     sync::Mutex,
 };
 
-const WEB: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
+/// The client, `west`'s shop/web, in west's own trust domain ([`mesh::trust_domain`]).
+const WEB: &str = "web.shop.serviceaccount.identity.linkerd.west.cluster.local";
+/// `east`'s gateway, in east's trust domain.
+const GATEWAY_ID: &str =
+    "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.east.cluster.local";
 const TARGET_TCP: &str = "echo.shop.svc.cluster.local:7000";
 const TARGET_HTTP: &str = "echo.shop.svc.cluster.local:8080";
 const WAIT: Duration = Duration::from_secs(30);
@@ -79,7 +83,9 @@ impl Env {
         cmd.args([
             "mesh-client",
             &format!("--identity={WEB}"),
+            &format!("--identity-name={}", mesh::identity_id("west")),
             &format!("--gateway={}", self.gateway_addr),
+            &format!("--gateway-identity={GATEWAY_ID}"),
             &format!("--target={target}"),
             &format!("--mode={mode}"),
         ]);
@@ -120,6 +126,9 @@ fn main() -> ExitCode {
         ),
         ("a_client_of_a_foreign_anchor_is_refused", |e| {
             Box::pin(foreign_anchor(e))
+        }),
+        ("west_s_issuer_cannot_speak_for_east", |e| {
+            Box::pin(impersonation(e))
         }),
         ("an_unexported_service_is_refused", |e| {
             Box::pin(not_exported(e))
@@ -297,7 +306,7 @@ async fn certified(env: Arc<Env>) -> Result<()> {
     certified_client(&env, WEB, &env.path("web.token")).await?;
     let err = certified_client(
         &env,
-        "db.shop.serviceaccount.identity.linkerd.cluster.local",
+        &mesh::workload_id("db", "shop", "west"),
         &env.path("web.token"),
     )
     .await
@@ -357,6 +366,81 @@ async fn forwarding(env: Arc<Env>) -> Result<()> {
             "no header connection counted with {filter}"
         );
     }
+    Ok(())
+}
+
+/// Each cluster has its own trust domain and its issuer is name-constrained to it: a leaf that
+/// west's issuer signs for an east workload (what a compromised west could mint) is refused by
+/// east's gateway though it chains to the shared anchor, while the same issuer's leaf for a
+/// west identity passes. (meshlink's own client refuses to even present the impostor, so the
+/// attacker here is a bare rustls client.)
+async fn impersonation(env: Arc<Env>) -> Result<()> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    proxy_identity::tls::install_default_provider();
+    let west = proxy_identity::ca::Signer::from_pem(
+        &std::fs::read_to_string(env.path("west/issuer.crt"))?,
+        &std::fs::read_to_string(env.path("west/issuer.key"))?,
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in CertificateDer::pem_file_iter(env.path("anchor/ca.crt"))? {
+        roots.add(anchor?)?;
+    }
+    let header = Header {
+        port: 7000,
+        name: Some("echo.shop.svc.cluster.local".into()),
+        protocol: None,
+    };
+    // Presents a leaf `west` signed for `id`; returns the echo of "ping", or why there was none.
+    let present = |id: String| {
+        let (west, roots, header) = (&west, roots.clone(), &header);
+        let gateway = env.gateway_addr;
+        async move {
+            let leaf = west.issue_pem(&Id::parse(&id)?, Duration::from_secs(3600))?;
+            let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(proxy_identity::tls::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])?
+                    .with_root_certificates(roots)
+                    .with_client_auth_cert(chain, key)?;
+            config.alpn_protocols = vec![proxy_transport_header::PROTOCOL.to_vec()];
+            let tcp = tokio::net::TcpStream::connect(gateway).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from(GATEWAY_ID.to_owned())?, tcp)
+                .await?;
+            tls.write_all(&header.encode()).await?;
+            tls.write_all(b"ping").await?;
+            tls.shutdown().await?;
+            let mut echo = Vec::new();
+            tokio::time::timeout(WAIT, tls.read_to_end(&mut echo)).await??;
+            anyhow::Ok(String::from_utf8_lossy(&echo).into_owned())
+        }
+    };
+    let gw = env.gateway.lock().await;
+    let before = gw
+        .metric("gateway_refused_connections_total", "reason=\"bad_cert\"")
+        .await?;
+    let impostor = present(mesh::workload_id("web", "shop", "east")).await;
+    ensure!(
+        !matches!(&impostor, Ok(echo) if !echo.is_empty()),
+        "west's issuer spoke for east: {impostor:?}"
+    );
+    wait_for("the impostor's refusal to be counted", WAIT, || async {
+        gw.metric("gateway_refused_connections_total", "reason=\"bad_cert\"")
+            .await
+            .ok()
+            .filter(|n| *n > before)
+    })
+    .await?;
+    drop(gw);
+    let own = present(WEB.to_owned())
+        .await
+        .context("west's own identity")?;
+    ensure!(
+        own == "ping",
+        "west's own identity through east's gateway: {own:?}"
+    );
     Ok(())
 }
 
@@ -543,6 +627,8 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
         &env.path("anchor").display().to_string(),
         "--out",
         &env.path("east2").display().to_string(),
+        "--cluster",
+        "east",
     ])?;
     mesh::apply_issuer(&env.east, env.dir.path(), "east2").await?;
     wait_for(

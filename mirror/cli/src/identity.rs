@@ -197,10 +197,15 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
     }
     let anchors = TrustAnchors::from_pem(&bundle)?;
     // The issuer must chain to one of the anchors, or every certificate it signs is refused:
-    // prove it by issuing a throwaway leaf and verifying it.
+    // prove it by issuing a throwaway leaf (inside the issuer's trust domain, when it is
+    // constrained to one) and verifying it.
     let signer = ca::Signer::from_pem(&cert, &key)
         .context("issuer.key must be the PKCS#8 ECDSA P-256 key of issuer.crt")?;
-    let probe = proxy_identity::Id::parse("probe.meshlink.invalid")?;
+    let probe = match proxy_identity::permitted_dns(signer.cert_der()).first() {
+        Some(domain) => format!("probe.meshlink.{}", domain.trim_start_matches('.')),
+        None => "probe.meshlink.invalid".to_owned(),
+    };
+    let probe = proxy_identity::Id::parse(&probe)?;
     let (leaf, _) = signer.issue(&probe, Duration::from_secs(60))?;
     anchors
         .verify(&leaf.into(), &[signer.cert_der().to_vec().into()])
@@ -323,6 +328,16 @@ mod tests {
             let verified = anchors.verify(&leaf.into(), &[signer.cert_der().to_vec().into()]);
             assert_eq!(verified.is_ok(), accepted, "{id}: {verified:?}");
         }
+        // And it installs: `manifests` proves the chain with a leaf inside the constraint.
+        let (_, docs) = run_args(&[
+            "manifests",
+            "--issuer",
+            &d("west"),
+            "--anchors",
+            &d("a/ca.crt"),
+        ])
+        .expect("a constrained issuer's manifests");
+        assert!(docs.iter().any(|d| d["kind"] == "Secret"));
     }
 
     #[test]

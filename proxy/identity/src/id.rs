@@ -134,6 +134,27 @@ pub fn peer_id(leaf_der: &[u8]) -> Option<Id> {
     cert_ids(leaf_der).and_then(|ids| ids.into_iter().next())
 }
 
+/// The DNS names a CA certificate's name constraints permit (empty when it has none): the
+/// trust domain a cluster's issuer may certify.
+pub fn permitted_dns(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(constraints)) = cert.name_constraints() else {
+        return Vec::new();
+    };
+    constraints
+        .value
+        .permitted_subtrees
+        .iter()
+        .flatten()
+        .filter_map(|subtree| match subtree.base {
+            GeneralName::DNSName(name) => Some(name.to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// When the certificate stops being valid.
 pub fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;

@@ -10,7 +10,7 @@ mod id;
 pub mod tls;
 
 pub use self::creds::{Credentials, InstallError};
-pub use self::id::{Id, InvalidId, cert_ids, not_after, peer_id};
+pub use self::id::{Id, InvalidId, cert_ids, not_after, peer_id, permitted_dns};
 pub use self::tls::TrustAnchors;
 mod options;
 pub use self::options::{IdentityError, IdentityOptions};
