@@ -13,14 +13,8 @@ use tokio_rustls::client::TlsStream;
 /// Why a gateway could not be dialed.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    #[error("connecting to the gateway at {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connecting to the gateway at {0}: timed out")]
-    Timeout(SocketAddr),
+    #[error("the gateway: {0}")]
+    Connect(#[from] proxy_transport::tcp::ConnectError),
     #[error(transparent)]
     Tls(#[from] tls::ConnectError),
     #[error("the gateway at {0} did not negotiate transport.l5d.io/v1")]
@@ -51,11 +45,8 @@ impl GatewayDialer {
         gateway: &Id,
         header: &Header,
     ) -> Result<TlsStream<TcpStream>, DialError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| DialError::Timeout(addr))?
-            .map_err(|source| DialError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
+        // Keepalive and no delay, as every socket a proxy dials.
+        let tcp = proxy_transport::tcp::connect(addr, self.connect_timeout).await?;
         let mut stream = tls::connect(self.config.clone(), tcp, gateway).await?;
         // As Linkerd: the header is written only when the gateway agreed to read one.
         if stream.get_ref().1.alpn_protocol() != Some(PROTOCOL) {
