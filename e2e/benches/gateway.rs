@@ -1084,7 +1084,12 @@ impl Topology {
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             identity_addr,
             anchors_file: anchors.clone(),
-            extra: vec![format!("--cores={threads}")],
+            // Every connection of the benchmark is one client identity's: it may hold them all
+            // (the default share, a quarter, would refuse the memory phase's 2,000).
+            extra: vec![
+                format!("--cores={threads}"),
+                "--max-connections-per-identity=3000".to_owned(),
+            ],
         };
         let gateway = start_gateway(&cluster, &settings, dir.path())
             .await
