@@ -61,6 +61,9 @@ fn main() -> ExitCode {
         ("federated_service_is_recomputed_from_every_member", |e| {
             Box::pin(federated(e))
         }),
+        ("a_federated_service_linkerd_wrote_is_taken_over", |e| {
+            Box::pin(federated_taken_over(e))
+        }),
         ("gateway_given_as_a_dns_name_follows_its_answer", |e| {
             Box::pin(dns_gateway(e))
         }),
@@ -347,6 +350,78 @@ async fn federated(env: Arc<Env>) -> Result<()> {
             .then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// A federated Service Linkerd's service mirror wrote (a plain create as `service-mirror`) with
+/// an entry of a cluster no Link serves, a local member this cluster does not have and a port
+/// no member has ends up exactly as meshlink writes it, owned by meshlink alone.
+async fn federated_taken_over(env: Arc<Env>) -> Result<()> {
+    const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
+    let ns = "legacy-fed";
+    for c in [&env.east, &env.west] {
+        create_namespace(c, ns).await?;
+    }
+    let old: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": "db-federated",
+            "labels": { "mirror.linkerd.io/mirrored-service": "true", "linkerd-only": "x" },
+            "annotations": {
+                REMOTE: "db@east,db@ghost",
+                "multicluster.linkerd.io/local-discovery": "db",
+            },
+        },
+        "spec": { "ports": [{ "name": "tcp", "port": 5432 }, { "name": "admin", "port": 9999 }] },
+    }))?;
+    let as_linkerd = PostParams {
+        field_manager: Some("service-mirror".to_owned()),
+        ..PostParams::default()
+    };
+    Api::<Service>::namespaced(env.west.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+    put_service(
+        &env.east,
+        ns,
+        "db",
+        json!({ "mirror.linkerd.io/federated": "member" }),
+        &[("tcp", 5432)],
+    )
+    .await?;
+    let managers = |s: &Service| -> Vec<String> {
+        s.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|f| f.manager.clone())
+            .collect()
+    };
+    let svc = wait_for("the federated Service taken over", WAIT, || async {
+        get::<Service>(&env.west, ns, "db-federated")
+            .await
+            .filter(|s| managers(s) == ["meshlink-service-mirror"])
+    })
+    .await?;
+    ensure!(
+        annotation(&svc, REMOTE) == Some("db@east"),
+        "{:?}",
+        svc.annotations()
+    );
+    ensure!(
+        annotation(&svc, "multicluster.linkerd.io/local-discovery").is_none(),
+        "{:?}",
+        svc.annotations()
+    );
+    ensure!(
+        ports_of(&svc) == BTreeSet::from([5432]),
+        "{:?}",
+        ports_of(&svc)
+    );
+    ensure!(
+        !svc.labels().contains_key("linkerd-only"),
+        "{:?}",
+        svc.labels()
+    );
     Ok(())
 }
 

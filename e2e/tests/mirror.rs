@@ -72,6 +72,10 @@ fn main() -> ExitCode {
             Box::pin(relabel_to_remote_discovery(e))
         }),
         (
+            "a_mirror_linkerd_wrote_ends_up_as_meshlink_writes_it",
+            |e| Box::pin(linkerd_mirror_taken_over(e)),
+        ),
+        (
             "controller_restart_keeps_mirrors_ready_and_writes_nothing",
             |e| Box::pin(controller_restart(e)),
         ),
@@ -617,6 +621,127 @@ async fn relabel_to_remote_discovery(env: Arc<Env>) -> Result<()> {
                 .await
                 .is_none())
         .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// The controller's field manager.
+const MESHLINK: &str = "meshlink-service-mirror";
+
+/// The managers that own fields of `obj` (its `managedFields`).
+fn managers<K: kube::Resource>(obj: &K) -> Vec<String> {
+    obj.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect()
+}
+
+/// A mirror Linkerd's service mirror wrote (plain creates as `service-mirror`, as it does), with
+/// a port, a label and an annotation the remote Service does not have, ends up exactly as
+/// meshlink writes a mirror: those are gone, and meshlink alone owns it. As when moving from
+/// Linkerd: the mirror is there, and the remote Service exported, when meshlink starts.
+async fn linkerd_mirror_taken_over(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let ns = "legacy";
+    let mut controller = env.controller.lock().await;
+    controller.kill();
+    create_namespace(w, ns).await?;
+    let as_linkerd = PostParams {
+        field_manager: Some("service-mirror".to_owned()),
+        ..PostParams::default()
+    };
+    let mirror_labels = json!({
+        "mirror.linkerd.io/mirrored-service": "true",
+        "mirror.linkerd.io/cluster-name": "east",
+        "linkerd-only": "x",
+    });
+    let old: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": "api-east",
+            "labels": mirror_labels,
+            "annotations": { "mirror.linkerd.io/remote-svc-fq-name": "api.legacy.svc.cluster.local", "linkerd.example/note": "y" },
+        },
+        "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }, { "name": "admin", "port": 9999 }] },
+    }))?;
+    Api::<Service>::namespaced(w.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+    let old: Endpoints = serde_json::from_value(json!({
+        "metadata": { "name": "api-east", "labels": mirror_labels },
+        "subsets": [{
+            "addresses": [{ "ip": "192.0.2.99" }],
+            "ports": [{ "name": "http", "port": 4143 }, { "name": "admin", "port": 4143 }],
+        }],
+    }))?;
+    Api::<Endpoints>::namespaced(w.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+
+    export(&env, ns, "api", "true", Ipv4Addr::new(10, 1, 4, 1)).await?;
+    *controller = start_controller(&env.west).await?;
+    drop(controller);
+    let svc = wait_for("the mirror taken over", WAIT, || async {
+        get::<Service>(w, ns, "api-east")
+            .await
+            .filter(|s| managers(s) == [MESHLINK])
+    })
+    .await?;
+    // Exactly what meshlink writes for east's `api`: its one port, its labels (the Link
+    // excludes `team.example.com/*`), its annotations.
+    let ports: Vec<(Option<String>, i32)> = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    ensure!(ports == [(Some("http".to_owned()), 80)], "{ports:?}");
+    let mut label_keys: Vec<&str> = svc.labels().keys().map(String::as_str).collect();
+    label_keys.sort_unstable();
+    ensure!(
+        label_keys
+            == [
+                "app",
+                "mirror.linkerd.io/cluster-name",
+                "mirror.linkerd.io/mirrored-service"
+            ],
+        "{label_keys:?}"
+    );
+    let mut annotation_keys: Vec<&str> = svc.annotations().keys().map(String::as_str).collect();
+    annotation_keys.sort_unstable();
+    ensure!(
+        annotation_keys
+            == [
+                "config.linkerd.io/opaque-ports",
+                "mirror.linkerd.io/remote-resource-version",
+                "mirror.linkerd.io/remote-svc-fq-name",
+            ],
+        "{annotation_keys:?}"
+    );
+    // The remote pod's readiness may still be on its way: then the gateway follows.
+    let ep = wait_for("its Endpoints taken over", WAIT, || async {
+        get::<Endpoints>(w, ns, "api-east")
+            .await
+            .filter(|e| managers(e) == [MESHLINK] && endpoint_ips(e).0 == [GATEWAY_IP])
+    })
+    .await?;
+    let ports: Vec<Option<String>> = ep
+        .subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.name.clone())
+        .collect();
+    ensure!(ports == [Some("http".to_owned())], "{ports:?}");
+    ensure!(
+        !ep.labels().contains_key("linkerd-only"),
+        "{:?}",
+        ep.labels()
+    );
+    wait_for("status Mirrored", WAIT, || async {
+        (mirror_status(w, ns, "api").await?.1 == "Mirrored").then_some(())
     })
     .await?;
     Ok(())
