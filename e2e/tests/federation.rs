@@ -355,10 +355,13 @@ async fn federated(env: Arc<Env>) -> Result<()> {
 
 /// A federated Service Linkerd's service mirror wrote (a plain create as `service-mirror`) with
 /// an entry of a cluster no Link serves, a local member this cluster does not have and a port
-/// no member has ends up exactly as meshlink writes it, owned by meshlink alone.
+/// no member has ends up exactly as meshlink writes it, owned by meshlink alone. As when moving
+/// from Linkerd: the Service and its member are there when meshlink starts.
 async fn federated_taken_over(env: Arc<Env>) -> Result<()> {
     const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
     let ns = "legacy-fed";
+    let mut controller = env.controller.lock().await;
+    controller.kill();
     for c in [&env.east, &env.west] {
         create_namespace(c, ns).await?;
     }
@@ -388,6 +391,9 @@ async fn federated_taken_over(env: Arc<Env>) -> Result<()> {
         &[("tcp", 5432)],
     )
     .await?;
+    let clusters = env.clusters.lock().await;
+    *controller = start_controller(&clusters[2], &env.dns, &[format!("--namespace={NS}")]).await?;
+    drop((controller, clusters));
     let managers = |s: &Service| -> Vec<String> {
         s.metadata
             .managed_fields
