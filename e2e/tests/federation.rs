@@ -863,6 +863,19 @@ async fn starts(env: &Env, cluster: &str) -> Result<f64> {
         .await?)
 }
 
+/// How many times the controller has looked at the Link of `cluster`.
+async fn link_reconciles(env: &Env, cluster: &str) -> Result<f64> {
+    Ok(env
+        .controller
+        .lock()
+        .await
+        .metric(
+            "service_mirror_link_reconciles_total",
+            &format!("target_cluster_name=\"{cluster}\""),
+        )
+        .await?)
+}
+
 async fn spec_change(env: Arc<Env>) -> Result<()> {
     create_namespace(&env.east, "spec").await?;
     create_namespace(&env.west, "spec").await?;
@@ -909,7 +922,9 @@ async fn spec_change(env: Arc<Env>) -> Result<()> {
         "north's work restarted"
     );
 
-    // A status-only change restarts nothing.
+    // A status-only change restarts nothing: once the controller has looked at the changed
+    // Link, north's work has not restarted.
+    let looked = link_reconciles(&env, "north").await?;
     Api::<Link>::namespaced(env.west.clone(), NS)
         .patch_status(
             "north",
@@ -917,7 +932,12 @@ async fn spec_change(env: Arc<Env>) -> Result<()> {
             &Patch::Merge(json!({ "status": { "gateway": { "latencyMilliseconds": 12345 } } })),
         )
         .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        "the controller to look at north's changed Link",
+        WAIT,
+        || async { (link_reconciles(&env, "north").await.ok()? > looked).then_some(()) },
+    )
+    .await?;
     ensure!(
         starts(&env, "north").await? == north,
         "a status change restarted north's work"

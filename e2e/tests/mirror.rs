@@ -749,9 +749,8 @@ async fn linkerd_mirror_taken_over(env: Arc<Env>) -> Result<()> {
 
 async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     let w = &env.west_client;
-    // Let earlier checks settle.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = mirror_writes(&*env.controller.lock().await).await?;
+    // A change the controller has certainly acted on, before counting its writes.
+    let before = mark(&env, 1).await?;
     let restarts = env
         .controller
         .lock()
@@ -762,17 +761,29 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     // The target's API server goes away: mirrors stay, however long it is gone.
     let mut east = env.east.lock().await;
     east.kill(Component::ApiServer);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The controller has seen the outage (and retried its watches) before the mirrors are
+    // checked.
+    wait_for("RemoteReachable=False on the Link", WAIT, || async {
+        (remote_reachable(w).await?.0 == "False").then_some(())
+    })
+    .await?;
+    wait_for("the watches retried", WAIT, || async {
+        let now = env
+            .controller
+            .lock()
+            .await
+            .metric("service_mirror_watch_restarts_total", "")
+            .await
+            .ok()?;
+        (now >= restarts + 2.0).then_some(())
+    })
+    .await?;
     for (ns, name) in [("shop", "web-east"), ("billing", "invoices-east")] {
         ensure!(
             get::<Service>(w, ns, name).await.is_some(),
             "{ns}/{name} deleted while the target was down"
         );
     }
-    wait_for("RemoteReachable=False on the Link", WAIT, || async {
-        (remote_reachable(w).await?.0 == "False").then_some(())
-    })
-    .await?;
 
     east.start_component(Component::ApiServer)
         .await
@@ -792,13 +803,14 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
             .await?
             > restarts
     );
-    // Whether the watches resumed or listed again, nothing had changed: nothing is written.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = mirror_writes(&*env.controller.lock().await).await?;
+    // Whether the watches resumed or listed again, nothing had changed: nothing is written but
+    // the mirror of a second mark, which the controller sees only once its watch of the target
+    // delivers again (after any relisting).
+    let after = mark(&env, 2).await?;
     ensure!(
-        after == before,
+        after == before + 1.0,
         "a resync with nothing changed wrote {} times",
-        after - before
+        after - before - 1.0
     );
     for (ns, name) in [
         ("shop", "web-east"),
@@ -811,6 +823,32 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Annotates east's `shop/web` with mark `n` and waits until its mirror has it and the
+/// controller has counted that write: a change the controller has acted on (one write, of the
+/// mirror Service: remote annotations reach only it). Returns the controller's writes then.
+async fn mark(env: &Env, n: u32) -> Result<f64> {
+    const MARK: &str = "e2e.example.com/mark";
+    let writes = mirror_writes(&*env.controller.lock().await).await?;
+    Api::<Service>::namespaced(env.east_client.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { MARK: n.to_string() } } })),
+        )
+        .await?;
+    wait_for("the mark mirrored", WAIT, || async {
+        get::<Service>(&env.west_client, "shop", "web-east")
+            .await
+            .filter(|s| s.annotations().get(MARK) == Some(&n.to_string()))
+    })
+    .await?;
+    Ok(wait_for("the mark's write counted", WAIT, || async {
+        let now = mirror_writes(&*env.controller.lock().await).await.ok()?;
+        (now > writes).then_some(now)
+    })
+    .await?)
 }
 
 async fn mirror_writes(p: &Program) -> Result<f64> {
