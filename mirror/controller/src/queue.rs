@@ -29,11 +29,12 @@ pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often failures are summed up in the log while keys keep failing.
 pub(crate) const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 
-/// The backoff of one failing key.
-fn backoff() -> ExponentialBackoff {
+/// Delays from about `min` (up to twice that, with jitter), doubling up to about `max`, for ever:
+/// the controller's one backoff (a failing key's; a check of whether the target is back).
+pub(crate) fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
@@ -113,7 +114,7 @@ impl<K: Clone + Ord + Hash + Debug> Queue<K> {
     /// delay, which is returned.
     pub(crate) fn failed(&mut self, key: K, reason: &'static str) -> Duration {
         let failing = self.failing.entry(key.clone()).or_insert_with(|| Failing {
-            backoff: backoff(),
+            backoff: backoff(RETRY_MIN, RETRY_MAX),
             reason,
             since: Instant::now(),
         });

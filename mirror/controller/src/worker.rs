@@ -307,7 +307,7 @@ impl LinkWorker {
             synced: HashSet::new(),
             expected,
             failing: HashMap::new(),
-            recovering: false,
+            recovery: None,
             writer: Writer::new(
                 self.local.clone(),
                 self.metrics.clone(),
@@ -371,8 +371,9 @@ struct Loop<'a> {
     /// Each failing watch's failure; only that watch (or a recovery check of the target, for
     /// remote ones) clears it.
     failing: HashMap<Source, (Failure, String)>,
-    /// Whether a recovery check of the target's API runs (see [`recover`]).
-    recovering: bool,
+    /// The recovery check of the target's API while one runs (see [`recover`]); owned, so that
+    /// it stops with the worker.
+    recovery: Option<tokio_util::task::AbortOnDropHandle<()>>,
     writer: Writer,
 }
 
@@ -447,25 +448,23 @@ impl Loop<'_> {
                     self.update_reachability();
                     // A watch that resumes where it stopped reports no event until something
                     // changes, so recovery needs a check of its own.
-                    if !self.recovering {
-                        self.recovering = true;
+                    if self.recovery.as_ref().is_none_or(|r| r.is_finished()) {
                         let selector = self
                             .worker
                             .spec
                             .selector
                             .as_ref()
                             .and_then(|s| s.to_selector_string());
-                        tokio::spawn(recover(
-                            self.worker.remote.clone(),
-                            selector,
-                            self.tx.clone(),
-                        ));
+                        self.recovery =
+                            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                                recover(self.worker.remote.clone(), selector, self.tx.clone()),
+                            )));
                     }
                 }
             }
             Trigger::Recovered => {
                 // The target answers the calls its watches make: their failures are over.
-                self.recovering = false;
+                self.recovery = None;
                 self.failing.retain(|s, _| !s.is_remote());
                 self.update_reachability();
             }

@@ -349,9 +349,11 @@ pub(super) async fn recover(
     selector: Option<String>,
     tx: mpsc::UnboundedSender<Trigger>,
 ) {
-    let mut delay = Duration::from_millis(500);
+    // From half a second, doubling to ten (jittered): a target that comes back is seen soon,
+    // one that stays away costs a call every ten seconds or so.
+    let mut delays = crate::queue::backoff(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
         if tx.is_closed() {
             return;
         }
@@ -359,18 +361,20 @@ pub(super) async fn recover(
         if let Some(s) = &selector {
             services = services.labels(s);
         }
-        let ok = Api::<Service>::all(remote.clone())
-            .list(&services)
-            .await
-            .is_ok()
-            && Api::<EndpointSlice>::all(remote.clone())
-                .list(&ListParams::default().limit(1))
-                .await
-                .is_ok();
-        if ok {
+        let slices = ListParams::default().limit(1);
+        let services_api = Api::<Service>::all(remote.clone());
+        let slices_api = Api::<EndpointSlice>::all(remote.clone());
+        if answers(services_api.list(&services)).await && answers(slices_api.list(&slices)).await {
             let _ = tx.send(Trigger::Recovered);
             return;
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Whether an API call answered, within the deadline every call has.
+async fn answers<T>(call: impl std::future::Future<Output = Result<T, kube::Error>>) -> bool {
+    matches!(
+        tokio::time::timeout(crate::apply::CALL_DEADLINE, call).await,
+        Ok(Ok(_))
+    )
 }
