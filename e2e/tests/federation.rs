@@ -100,25 +100,35 @@ async fn setup() -> Result<Env> {
     dns.set(NORTH_GATEWAY, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])?;
     // `east`'s Link is created first: it is the older member of federated Services.
     let mut north_kubeconfig = String::new();
+    let mut previous: Option<&str> = None;
+    let links: Api<Link> = Api::namespaced(w.clone(), NS);
     for (target, gateway) in [(east, EAST_GATEWAY), (north, NORTH_GATEWAY)] {
         let name = target.name();
         let kubeconfig = remote_access_kubeconfig(target, NS).await?;
         put_credentials(west, NS, name, &kubeconfig).await?;
         north_kubeconfig = kubeconfig;
-        apply_link(
-            &w,
-            NS,
-            name,
-            gateway,
-            json!({
-                "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
-                "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
-                "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
-            }),
-        )
-        .await?;
-        // Distinct creation times (they have a resolution of one second).
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let spec = json!({
+            "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
+            "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
+            "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
+        });
+        apply_link(&w, NS, name, gateway, spec.clone()).await?;
+        // Creation times have a resolution of one second: the Link is made again until the
+        // API server dates it after the previous one (no controller runs yet to notice).
+        if let Some(previous) = previous {
+            wait_for("a Link dated after the previous one", WAIT, || async {
+                let created = |l: Link| l.metadata.creation_timestamp.map(|t| t.0);
+                let before = created(links.get(previous).await.ok()?)?;
+                if before < created(links.get(name).await.ok()?)? {
+                    return Some(());
+                }
+                links.delete(name, &DeleteParams::default()).await.ok()?;
+                apply_link(&w, NS, name, gateway, spec.clone()).await.ok()?;
+                None
+            })
+            .await?;
+        }
+        previous = Some(name);
     }
     let controller = start_controller(west, &dns, &[format!("--namespace={NS}")]).await?;
     Ok(Env {
