@@ -118,8 +118,8 @@ pub(crate) struct Mirror {
 /// What a mirror's endpoints become.
 #[derive(Debug)]
 pub(crate) enum MirrorEndpoints {
-    /// Through the gateway: these Endpoints and slices, owned by the mirror; `stale` names slices
-    /// of the mirror to delete.
+    /// Through the gateway: these Endpoints and slices (owned by the mirror once written), and
+    /// the mirror's slices to delete.
     Gateway(Box<Published>),
     /// Remote discovery: no endpoints here; any from a gateway past go.
     None {
