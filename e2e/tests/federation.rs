@@ -61,6 +61,9 @@ fn main() -> ExitCode {
         ("federated_service_is_recomputed_from_every_member", |e| {
             Box::pin(federated(e))
         }),
+        ("a_federated_service_linkerd_wrote_is_taken_over", |e| {
+            Box::pin(federated_taken_over(e))
+        }),
         ("gateway_given_as_a_dns_name_follows_its_answer", |e| {
             Box::pin(dns_gateway(e))
         }),
@@ -97,25 +100,35 @@ async fn setup() -> Result<Env> {
     dns.set(NORTH_GATEWAY, &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])?;
     // `east`'s Link is created first: it is the older member of federated Services.
     let mut north_kubeconfig = String::new();
+    let mut previous: Option<&str> = None;
+    let links: Api<Link> = Api::namespaced(w.clone(), NS);
     for (target, gateway) in [(east, EAST_GATEWAY), (north, NORTH_GATEWAY)] {
         let name = target.name();
         let kubeconfig = remote_access_kubeconfig(target, NS).await?;
         put_credentials(west, NS, name, &kubeconfig).await?;
         north_kubeconfig = kubeconfig;
-        apply_link(
-            &w,
-            NS,
-            name,
-            gateway,
-            json!({
-                "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
-                "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
-                "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
-            }),
-        )
-        .await?;
-        // Distinct creation times (they have a resolution of one second).
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let spec = json!({
+            "gatewayIdentity": format!("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.{name}"),
+            "remoteDiscoverySelector": { "matchLabels": { "mirror.linkerd.io/exported": "remote-discovery" } },
+            "federatedServiceSelector": { "matchLabels": { "mirror.linkerd.io/federated": "member" } },
+        });
+        apply_link(&w, NS, name, gateway, spec.clone()).await?;
+        // Creation times have a resolution of one second: the Link is made again until the
+        // API server dates it after the previous one (no controller runs yet to notice).
+        if let Some(previous) = previous {
+            wait_for("a Link dated after the previous one", WAIT, || async {
+                let created = |l: Link| l.metadata.creation_timestamp.map(|t| t.0);
+                let before = created(links.get(previous).await.ok()?)?;
+                if before < created(links.get(name).await.ok()?)? {
+                    return Some(());
+                }
+                links.delete(name, &DeleteParams::default()).await.ok()?;
+                apply_link(&w, NS, name, gateway, spec.clone()).await.ok()?;
+                None
+            })
+            .await?;
+        }
+        previous = Some(name);
     }
     let controller = start_controller(west, &dns, &[format!("--namespace={NS}")]).await?;
     Ok(Env {
@@ -347,6 +360,84 @@ async fn federated(env: Arc<Env>) -> Result<()> {
             .then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// A federated Service Linkerd's service mirror wrote (a plain create as `service-mirror`) with
+/// an entry of a cluster no Link serves, a local member this cluster does not have and a port
+/// no member has ends up exactly as meshlink writes it, owned by meshlink alone. As when moving
+/// from Linkerd: the Service and its member are there when meshlink starts.
+async fn federated_taken_over(env: Arc<Env>) -> Result<()> {
+    const REMOTE: &str = "multicluster.linkerd.io/remote-discovery";
+    let ns = "legacy-fed";
+    let mut controller = env.controller.lock().await;
+    controller.kill();
+    for c in [&env.east, &env.west] {
+        create_namespace(c, ns).await?;
+    }
+    let old: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": "db-federated",
+            "labels": { "mirror.linkerd.io/mirrored-service": "true", "linkerd-only": "x" },
+            "annotations": {
+                REMOTE: "db@east,db@ghost",
+                "multicluster.linkerd.io/local-discovery": "db",
+            },
+        },
+        "spec": { "ports": [{ "name": "tcp", "port": 5432 }, { "name": "admin", "port": 9999 }] },
+    }))?;
+    let as_linkerd = PostParams {
+        field_manager: Some("service-mirror".to_owned()),
+        ..PostParams::default()
+    };
+    Api::<Service>::namespaced(env.west.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+    put_service(
+        &env.east,
+        ns,
+        "db",
+        json!({ "mirror.linkerd.io/federated": "member" }),
+        &[("tcp", 5432)],
+    )
+    .await?;
+    let clusters = env.clusters.lock().await;
+    *controller = start_controller(&clusters[2], &env.dns, &[format!("--namespace={NS}")]).await?;
+    drop((controller, clusters));
+    let managers = |s: &Service| -> Vec<String> {
+        s.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|f| f.manager.clone())
+            .collect()
+    };
+    let svc = wait_for("the federated Service taken over", WAIT, || async {
+        get::<Service>(&env.west, ns, "db-federated")
+            .await
+            .filter(|s| managers(s) == ["meshlink-service-mirror"])
+    })
+    .await?;
+    ensure!(
+        annotation(&svc, REMOTE) == Some("db@east"),
+        "{:?}",
+        svc.annotations()
+    );
+    ensure!(
+        annotation(&svc, "multicluster.linkerd.io/local-discovery").is_none(),
+        "{:?}",
+        svc.annotations()
+    );
+    ensure!(
+        ports_of(&svc) == BTreeSet::from([5432]),
+        "{:?}",
+        ports_of(&svc)
+    );
+    ensure!(
+        !svc.labels().contains_key("linkerd-only"),
+        "{:?}",
+        svc.labels()
+    );
     Ok(())
 }
 
@@ -782,6 +873,19 @@ async fn starts(env: &Env, cluster: &str) -> Result<f64> {
         .await?)
 }
 
+/// How many times the controller has looked at the Link of `cluster`.
+async fn link_reconciles(env: &Env, cluster: &str) -> Result<f64> {
+    Ok(env
+        .controller
+        .lock()
+        .await
+        .metric(
+            "service_mirror_link_reconciles_total",
+            &format!("target_cluster_name=\"{cluster}\""),
+        )
+        .await?)
+}
+
 async fn spec_change(env: Arc<Env>) -> Result<()> {
     create_namespace(&env.east, "spec").await?;
     create_namespace(&env.west, "spec").await?;
@@ -828,7 +932,9 @@ async fn spec_change(env: Arc<Env>) -> Result<()> {
         "north's work restarted"
     );
 
-    // A status-only change restarts nothing.
+    // A status-only change restarts nothing: once the controller has looked at the changed
+    // Link, north's work has not restarted.
+    let looked = link_reconciles(&env, "north").await?;
     Api::<Link>::namespaced(env.west.clone(), NS)
         .patch_status(
             "north",
@@ -836,7 +942,12 @@ async fn spec_change(env: Arc<Env>) -> Result<()> {
             &Patch::Merge(json!({ "status": { "gateway": { "latencyMilliseconds": 12345 } } })),
         )
         .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        "the controller to look at north's changed Link",
+        WAIT,
+        || async { (link_reconciles(&env, "north").await.ok()? > looked).then_some(()) },
+    )
+    .await?;
     ensure!(
         starts(&env, "north").await? == north,
         "a status change restarted north's work"

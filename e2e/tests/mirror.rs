@@ -72,6 +72,10 @@ fn main() -> ExitCode {
             Box::pin(relabel_to_remote_discovery(e))
         }),
         (
+            "a_mirror_linkerd_wrote_ends_up_as_meshlink_writes_it",
+            |e| Box::pin(linkerd_mirror_taken_over(e)),
+        ),
+        (
             "controller_restart_keeps_mirrors_ready_and_writes_nothing",
             |e| Box::pin(controller_restart(e)),
         ),
@@ -622,11 +626,131 @@ async fn relabel_to_remote_discovery(env: Arc<Env>) -> Result<()> {
     Ok(())
 }
 
+/// The controller's field manager.
+const MESHLINK: &str = "meshlink-service-mirror";
+
+/// The managers that own fields of `obj` (its `managedFields`).
+fn managers<K: kube::Resource>(obj: &K) -> Vec<String> {
+    obj.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect()
+}
+
+/// A mirror Linkerd's service mirror wrote (plain creates as `service-mirror`, as it does), with
+/// a port, a label and an annotation the remote Service does not have, ends up exactly as
+/// meshlink writes a mirror: those are gone, and meshlink alone owns it. As when moving from
+/// Linkerd: the mirror is there, and the remote Service exported, when meshlink starts.
+async fn linkerd_mirror_taken_over(env: Arc<Env>) -> Result<()> {
+    let w = &env.west_client;
+    let ns = "legacy";
+    let mut controller = env.controller.lock().await;
+    controller.kill();
+    create_namespace(w, ns).await?;
+    let as_linkerd = PostParams {
+        field_manager: Some("service-mirror".to_owned()),
+        ..PostParams::default()
+    };
+    let mirror_labels = json!({
+        "mirror.linkerd.io/mirrored-service": "true",
+        "mirror.linkerd.io/cluster-name": "east",
+        "linkerd-only": "x",
+    });
+    let old: Service = serde_json::from_value(json!({
+        "metadata": {
+            "name": "api-east",
+            "labels": mirror_labels,
+            "annotations": { "mirror.linkerd.io/remote-svc-fq-name": "api.legacy.svc.cluster.local", "linkerd.example/note": "y" },
+        },
+        "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }, { "name": "admin", "port": 9999 }] },
+    }))?;
+    Api::<Service>::namespaced(w.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+    let old: Endpoints = serde_json::from_value(json!({
+        "metadata": { "name": "api-east", "labels": mirror_labels },
+        "subsets": [{
+            "addresses": [{ "ip": "192.0.2.99" }],
+            "ports": [{ "name": "http", "port": 4143 }, { "name": "admin", "port": 4143 }],
+        }],
+    }))?;
+    Api::<Endpoints>::namespaced(w.clone(), ns)
+        .create(&as_linkerd, &old)
+        .await?;
+
+    export(&env, ns, "api", "true", Ipv4Addr::new(10, 1, 4, 1)).await?;
+    *controller = start_controller(&env.west).await?;
+    drop(controller);
+    let svc = wait_for("the mirror taken over", WAIT, || async {
+        get::<Service>(w, ns, "api-east")
+            .await
+            .filter(|s| managers(s) == [MESHLINK])
+    })
+    .await?;
+    // Exactly what meshlink writes for east's `api`: its one port, its labels (the Link
+    // excludes `team.example.com/*`), its annotations.
+    let ports: Vec<(Option<String>, i32)> = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    ensure!(ports == [(Some("http".to_owned()), 80)], "{ports:?}");
+    let mut label_keys: Vec<&str> = svc.labels().keys().map(String::as_str).collect();
+    label_keys.sort_unstable();
+    ensure!(
+        label_keys
+            == [
+                "app",
+                "mirror.linkerd.io/cluster-name",
+                "mirror.linkerd.io/mirrored-service"
+            ],
+        "{label_keys:?}"
+    );
+    let mut annotation_keys: Vec<&str> = svc.annotations().keys().map(String::as_str).collect();
+    annotation_keys.sort_unstable();
+    ensure!(
+        annotation_keys
+            == [
+                "config.linkerd.io/opaque-ports",
+                "mirror.linkerd.io/remote-resource-version",
+                "mirror.linkerd.io/remote-svc-fq-name",
+            ],
+        "{annotation_keys:?}"
+    );
+    // The remote pod's readiness may still be on its way: then the gateway follows.
+    let ep = wait_for("its Endpoints taken over", WAIT, || async {
+        get::<Endpoints>(w, ns, "api-east")
+            .await
+            .filter(|e| managers(e) == [MESHLINK] && endpoint_ips(e).0 == [GATEWAY_IP])
+    })
+    .await?;
+    let ports: Vec<Option<String>> = ep
+        .subsets
+        .iter()
+        .flatten()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.name.clone())
+        .collect();
+    ensure!(ports == [Some("http".to_owned())], "{ports:?}");
+    ensure!(
+        !ep.labels().contains_key("linkerd-only"),
+        "{:?}",
+        ep.labels()
+    );
+    wait_for("status Mirrored", WAIT, || async {
+        (mirror_status(w, ns, "api").await?.1 == "Mirrored").then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     let w = &env.west_client;
-    // Let earlier checks settle.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = mirror_writes(&*env.controller.lock().await).await?;
+    // A change the controller has certainly acted on, before counting its writes.
+    let before = mark(&env, 1).await?;
     let restarts = env
         .controller
         .lock()
@@ -637,17 +761,29 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
     // The target's API server goes away: mirrors stay, however long it is gone.
     let mut east = env.east.lock().await;
     east.kill(Component::ApiServer);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The controller has seen the outage (and retried its watches) before the mirrors are
+    // checked.
+    wait_for("RemoteReachable=False on the Link", WAIT, || async {
+        (remote_reachable(w).await?.0 == "False").then_some(())
+    })
+    .await?;
+    wait_for("the watches retried", WAIT, || async {
+        let now = env
+            .controller
+            .lock()
+            .await
+            .metric("service_mirror_watch_restarts_total", "")
+            .await
+            .ok()?;
+        (now >= restarts + 2.0).then_some(())
+    })
+    .await?;
     for (ns, name) in [("shop", "web-east"), ("billing", "invoices-east")] {
         ensure!(
             get::<Service>(w, ns, name).await.is_some(),
             "{ns}/{name} deleted while the target was down"
         );
     }
-    wait_for("RemoteReachable=False on the Link", WAIT, || async {
-        (remote_reachable(w).await?.0 == "False").then_some(())
-    })
-    .await?;
 
     east.start_component(Component::ApiServer)
         .await
@@ -667,13 +803,14 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
             .await?
             > restarts
     );
-    // Whether the watches resumed or listed again, nothing had changed: nothing is written.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = mirror_writes(&*env.controller.lock().await).await?;
+    // Whether the watches resumed or listed again, nothing had changed: nothing is written but
+    // the mirror of a second mark, which the controller sees only once its watch of the target
+    // delivers again (after any relisting).
+    let after = mark(&env, 2).await?;
     ensure!(
-        after == before,
+        after == before + 1.0,
         "a resync with nothing changed wrote {} times",
-        after - before
+        after - before - 1.0
     );
     for (ns, name) in [
         ("shop", "web-east"),
@@ -686,6 +823,32 @@ async fn remote_restart_and_idle(env: Arc<Env>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Annotates east's `shop/web` with mark `n` and waits until its mirror has it and the
+/// controller has counted that write: a change the controller has acted on (one write, of the
+/// mirror Service: remote annotations reach only it). Returns the controller's writes then.
+async fn mark(env: &Env, n: u32) -> Result<f64> {
+    const MARK: &str = "e2e.example.com/mark";
+    let writes = mirror_writes(&*env.controller.lock().await).await?;
+    Api::<Service>::namespaced(env.east_client.clone(), "shop")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { MARK: n.to_string() } } })),
+        )
+        .await?;
+    wait_for("the mark mirrored", WAIT, || async {
+        get::<Service>(&env.west_client, "shop", "web-east")
+            .await
+            .filter(|s| s.annotations().get(MARK) == Some(&n.to_string()))
+    })
+    .await?;
+    Ok(wait_for("the mark's write counted", WAIT, || async {
+        let now = mirror_writes(&*env.controller.lock().await).await.ok()?;
+        (now > writes).then_some(now)
+    })
+    .await?)
 }
 
 async fn mirror_writes(p: &Program) -> Result<f64> {

@@ -13,7 +13,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::{
+    api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry,
+};
 use kube::{
     Api, Client, Resource,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
@@ -93,15 +95,145 @@ fn owns_dropped_keys(desired: &Value, live: &Value, manager: &str) -> bool {
 /// Stored objects are only ever read (never written back), and the full tree (every other
 /// manager, the field sets of ports, subsets and endpoints, one JSON map per level) was about half
 /// of each stored mirror's memory: some 3.5 KB of 7 KB per object.
+///
+/// Of the entries of managers that wrote with an update (Linkerd's service mirror does), only
+/// the name and operation are kept: that such an entry exists is what starts a take-over (see
+/// [`take_over_patch`]).
 pub(crate) fn keep_own_fields<K: Resource>(obj: &mut K) {
     if let Some(fields) = obj.meta_mut().managed_fields.as_mut() {
-        fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
+        fields.retain(|f| f.manager.as_deref() == Some(FIELD_MANAGER) || is_taken_over(f));
         for f in fields.iter_mut() {
             f.time = None;
             f.api_version = None;
             f.fields_type = None;
-            if let Some(v1) = f.fields_v1.as_mut() {
+            if f.manager.as_deref() != Some(FIELD_MANAGER) {
+                f.fields_v1 = None;
+            } else if let Some(v1) = f.fields_v1.as_mut() {
                 v1.0 = Value::Array(owned_keys(&v1.0).into_iter().map(Value::String).collect());
+            }
+        }
+    }
+}
+
+/// Whether a `managedFields` entry is one a take-over removes: another manager's update of the
+/// object itself (not of a subresource such as `status`). Another manager's *apply* declares
+/// what it wants to co-own, and is left alone.
+fn is_taken_over(f: &ManagedFieldsEntry) -> bool {
+    f.manager.as_deref() != Some(FIELD_MANAGER)
+        && f.operation.as_deref() == Some("Update")
+        && f.subresource.as_deref().unwrap_or_default().is_empty()
+}
+
+/// Whether `obj` has fields another manager wrote with an update.
+fn has_taken_over_entries<K: Resource>(obj: &K) -> bool {
+    obj.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(is_taken_over)
+}
+
+/// Fields of a Service the API server sets itself (allocations and defaults). A take-over leaves
+/// them without an owner rather than making them this controller's: an apply without them must
+/// not try to remove them.
+const SERVER_SET: &[&str] = &[
+    "f:clusterIP",
+    "f:clusterIPs",
+    "f:ipFamilies",
+    "f:ipFamilyPolicy",
+    "f:internalTrafficPolicy",
+    "f:sessionAffinity",
+];
+
+/// The merge patch that makes `manager` the owner (as an apply) of every field that other
+/// managers wrote with an update (see [`is_taken_over`]) on `obj`, and removes their entries;
+/// `None` when there are none.
+///
+/// Why this and not a replacement: a mirror first written by another manager (Linkerd's service
+/// mirror writes with updates, as `service-mirror`) must end up exactly as this controller's
+/// apply says. Server-side apply removes a field only when the applier owned it and no longer
+/// applies it; fields only another manager owns stay (an extra port, a label, a
+/// `local-discovery` annotation), and clearing that manager's entry alone would leave them
+/// ownerless, which keeps them too. So their ownership moves to this controller's apply entry
+/// (as `kubectl`'s client-side-to-server-side upgrade does), and the apply that follows removes
+/// what it does not want. A PUT of the desired object would make the content right once, but
+/// leave the other manager co-owning the fields it had, so a port later dropped from the remote
+/// would stay. The object's resourceVersion in the patch makes it fail, rather than lose a
+/// write, if the object changed since it was read.
+pub(crate) fn take_over_patch(obj: &Value, manager: &str) -> Option<Value> {
+    let entries = obj.pointer("/metadata/managedFields")?.as_array()?;
+    let taken: Vec<&Value> = entries
+        .iter()
+        .filter(|e| {
+            serde_json::from_value::<ManagedFieldsEntry>((*e).clone())
+                .is_ok_and(|f| is_taken_over(&f))
+        })
+        .collect();
+    if taken.is_empty() {
+        return None;
+    }
+    let is_my_apply = |e: &Value| {
+        e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some("Apply")
+            && e.get("subresource")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .is_empty()
+    };
+    let mut mine = entries
+        .iter()
+        .find(|e| is_my_apply(e))
+        .cloned()
+        .unwrap_or_else(|| {
+            serde_json::json!({
+                "manager": manager,
+                "operation": "Apply",
+                "apiVersion": obj.get("apiVersion").cloned().unwrap_or(Value::from("v1")),
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {},
+            })
+        });
+    let mut owned = mine
+        .get("fieldsV1")
+        .cloned()
+        .unwrap_or(Value::Object(Map::new()));
+    for t in &taken {
+        let mut fields = t.get("fieldsV1").cloned().unwrap_or_default();
+        if let Some(f) = fields.as_object_mut() {
+            f.remove("f:status");
+            if let Some(spec) = f.get_mut("f:spec").and_then(Value::as_object_mut) {
+                for k in SERVER_SET {
+                    spec.remove(*k);
+                }
+            }
+        }
+        merge_fields(&mut owned, &fields);
+    }
+    mine["fieldsV1"] = owned;
+    let mut managed: Vec<Value> = entries
+        .iter()
+        .filter(|e| !is_my_apply(e) && !taken.contains(e))
+        .cloned()
+        .collect();
+    managed.push(mine);
+    Some(serde_json::json!({
+        "metadata": {
+            "resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or_default(),
+            "managedFields": managed,
+        }
+    }))
+}
+
+/// The union of two `fieldsV1` sets (trees of maps whose leaves are `{}`).
+fn merge_fields(into: &mut Value, from: &Value) {
+    let (Value::Object(into), Value::Object(from)) = (into, from) else {
+        return;
+    };
+    for (k, v) in from {
+        match into.get_mut(k) {
+            Some(existing) => merge_fields(existing, v),
+            None => {
+                into.insert(k.clone(), v.clone());
             }
         }
     }
@@ -276,7 +408,11 @@ impl Writer {
             Some((written, _)) if written == digest => return Ok(None),
             _ => {}
         }
+        // Fields another manager wrote are taken over even when the content looks right: the
+        // object must be this controller's alone, or a later apply could not remove them.
+        let take_over = live.is_some_and(has_taken_over_entries);
         if let Some(live) = live
+            && !take_over
             && !needs_apply(&d, &to_json(live), FIELD_MANAGER)
         {
             return Ok(None);
@@ -285,6 +421,9 @@ impl Writer {
             return Err(refused);
         }
         let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        if take_over {
+            self.take_over(&api, kind, &ns, &name).await?;
+        }
         let (params, patch) = (
             PatchParams::apply(FIELD_MANAGER).force(),
             Patch::Apply(desired),
@@ -308,6 +447,59 @@ impl Writer {
         self.flights()
             .insert(id, (digest, stored.meta().resource_version.clone()));
         Ok(Some(stored))
+    }
+
+    /// Moves what other managers wrote on `ns/name` to this controller (see
+    /// [`take_over_patch`]), from the object as it is now.
+    async fn take_over<K>(
+        &self,
+        api: &Api<K>,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Serialize + DeserializeOwned,
+    {
+        let timeout = || Error::Timeout {
+            kind,
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        };
+        let current = tokio::time::timeout(CALL_DEADLINE, api.get(name))
+            .await
+            .map_err(|_| timeout())?
+            .map_err(|source| Error::Read {
+                kind,
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                source,
+            })?;
+        let Some(patch) = take_over_patch(&to_json(&current), FIELD_MANAGER) else {
+            return Ok(());
+        };
+        if let Some(refused) = self.gate(kind, ns, name) {
+            return Err(refused);
+        }
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        tokio::time::timeout(
+            CALL_DEADLINE,
+            api.patch(name, &params, &Patch::Merge(&patch)),
+        )
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|source| Error::Write {
+            kind,
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?;
+        self.count(kind, "take_over");
+        tracing::info!(kind, namespace = %ns, %name, "took over the fields another manager wrote");
+        Ok(())
     }
 
     /// Deletes exactly `obj` (a uid precondition: a re-created namesake is someone else's).
@@ -538,7 +730,7 @@ mod tests {
                     { "manager": FIELD_MANAGER, "operation": "Apply", "fieldsType": "FieldsV1",
                       "fieldsV1": { "f:metadata": { "f:labels": { "f:a": {} }, "f:name": {} },
                                     "f:spec": { "f:ports": { "k:{\"port\":80}": {} } } } },
-                    { "manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                    { "manager": "other-controller", "operation": "Apply", "fieldsType": "FieldsV1",
                       "fieldsV1": { "f:metadata": { "f:labels": { "f:b": {} } } } },
                 ],
             },
@@ -546,14 +738,137 @@ mod tests {
         .unwrap();
         keep_own_fields(&mut svc);
         let fields = svc.metadata.managed_fields.clone().unwrap();
-        assert_eq!(fields.len(), 1, "other managers' entries are dropped");
+        assert_eq!(fields.len(), 1, "other managers' applies are dropped");
         assert_eq!(fields[0].fields_v1.as_ref().unwrap().0, json!(["labels/a"]));
+        assert!(!has_taken_over_entries(&svc));
         let live = serde_json::to_value(&svc).unwrap();
         // Label `a` is ours: dropping it needs an apply; `b` is kubectl's: not ours to drop.
         let without_a = json!({ "metadata": { "labels": { "b": "2" } } });
         assert!(needs_apply(&without_a, &live, FIELD_MANAGER));
         let with_a = json!({ "metadata": { "labels": { "a": "1" } } });
         assert!(!needs_apply(&with_a, &live, FIELD_MANAGER));
+    }
+}
+
+#[cfg(test)]
+mod take_over {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A mirror Linkerd's service mirror created (an update, with defaults the server set), to
+    /// which meshlink's apply has since added a label.
+    fn linkerd_made() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "web-east",
+                "resourceVersion": "42",
+                "managedFields": [
+                    { "manager": "service-mirror", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+                      "fieldsV1": {
+                        "f:metadata": { "f:labels": { "f:app": {}, "f:linkerd-only": {} } },
+                        "f:spec": {
+                            "f:clusterIP": {}, "f:sessionAffinity": {}, "f:type": {},
+                            "f:ports": { ".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {}, "k:{\"port\":9999,\"protocol\":\"TCP\"}": {} },
+                        },
+                      } },
+                    { "manager": FIELD_MANAGER, "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
+                      "fieldsV1": { "f:metadata": { "f:labels": { "f:mine": {} } } } },
+                    { "manager": "lb-controller", "operation": "Update", "subresource": "status", "apiVersion": "v1", "fieldsType": "FieldsV1",
+                      "fieldsV1": { "f:status": { "f:loadBalancer": {} } } },
+                    { "manager": "other-controller", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
+                      "fieldsV1": { "f:metadata": { "f:labels": { "f:theirs": {} } } } },
+                ],
+            },
+        })
+    }
+
+    #[test]
+    fn updates_by_other_managers_become_this_controllers_apply() {
+        let patch = take_over_patch(&linkerd_made(), FIELD_MANAGER).expect("a take-over");
+        assert_eq!(
+            patch["metadata"]["resourceVersion"], "42",
+            "fails if the object changed"
+        );
+        let managed = patch["metadata"]["managedFields"].as_array().unwrap();
+        let managers: Vec<&str> = managed
+            .iter()
+            .map(|e| e["manager"].as_str().unwrap())
+            .collect();
+        // The update's entry is gone; a status writer and another applier are left alone.
+        assert_eq!(
+            managers,
+            ["lb-controller", "other-controller", FIELD_MANAGER]
+        );
+        let mine = &managed[2];
+        assert_eq!(mine["operation"], "Apply");
+        let labels = mine["fieldsV1"]["f:metadata"]["f:labels"]
+            .as_object()
+            .unwrap();
+        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["f:app", "f:linkerd-only", "f:mine"]);
+        let spec = mine["fieldsV1"]["f:spec"].as_object().unwrap();
+        assert!(
+            spec["f:ports"]
+                .as_object()
+                .unwrap()
+                .contains_key("k:{\"port\":9999,\"protocol\":\"TCP\"}")
+        );
+        // What the API server allocated or defaulted is nobody's: an apply leaves it be.
+        assert!(!spec.contains_key("f:clusterIP") && !spec.contains_key("f:sessionAffinity"));
+        assert!(spec.contains_key("f:type"));
+    }
+
+    #[test]
+    fn a_first_take_over_makes_the_apply_entry() {
+        let mut obj = linkerd_made();
+        let entries = obj["metadata"]["managedFields"].as_array_mut().unwrap();
+        entries.retain(|e| e["manager"] != FIELD_MANAGER);
+        let patch = take_over_patch(&obj, FIELD_MANAGER).expect("a take-over");
+        let managed = patch["metadata"]["managedFields"].as_array().unwrap();
+        let mine = managed.last().unwrap();
+        assert_eq!(
+            (mine["manager"].as_str(), mine["operation"].as_str()),
+            (Some(FIELD_MANAGER), Some("Apply"))
+        );
+        assert_eq!(mine["apiVersion"], "v1");
+        assert!(mine["fieldsV1"]["f:metadata"]["f:labels"]["f:linkerd-only"].is_object());
+    }
+
+    #[test]
+    fn nothing_to_take_over() {
+        let mut obj = linkerd_made();
+        let entries = obj["metadata"]["managedFields"].as_array_mut().unwrap();
+        entries.retain(|e| e["manager"] != "service-mirror");
+        assert_eq!(take_over_patch(&obj, FIELD_MANAGER), None);
+        assert_eq!(
+            take_over_patch(&json!({ "metadata": {} }), FIELD_MANAGER),
+            None
+        );
+    }
+
+    #[test]
+    fn a_stored_object_remembers_that_another_manager_updated_it() {
+        let mut svc: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(linkerd_made()).unwrap();
+        keep_own_fields(&mut svc);
+        assert!(has_taken_over_entries(&svc));
+        let kept: Vec<(&str, bool)> = svc
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .map(|f| {
+                (
+                    f.manager.as_deref().unwrap_or_default(),
+                    f.fields_v1.is_some(),
+                )
+            })
+            .collect();
+        // Of the update, its name only; of the status writer and the other applier, nothing.
+        assert_eq!(kept, [("service-mirror", false), (FIELD_MANAGER, true)]);
     }
 }
 

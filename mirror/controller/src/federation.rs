@@ -46,8 +46,8 @@ use crate::{
         federated::{Federated, Member},
     },
     metrics::{ErrorLabels, Metrics},
+    queue::Queue,
     status::{Key, Outcome, StatusHandle},
-    worker::retry_delay,
 };
 
 /// What a worker reports of its Link.
@@ -315,26 +315,31 @@ impl Task {
             return;
         }
 
-        let mut pending: BTreeSet<Key> = BTreeSet::new();
-        let mut attempts: HashMap<Key, u32> = HashMap::new();
-        while let Some(msg) = rx.recv().await {
-            let mut msgs = vec![msg];
-            while let Ok(m) = rx.try_recv() {
-                msgs.push(m);
-            }
+        let mut queue: Queue<Key> = Queue::default();
+        loop {
+            let msgs = tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    let mut msgs = vec![msg];
+                    while let Ok(m) = rx.try_recv() {
+                        msgs.push(m);
+                    }
+                    msgs
+                }
+                // A retry is due.
+                () = queue.due() => Vec::new(),
+            };
             for m in msgs {
                 match m {
-                    Msg::Key(k) => {
-                        pending.insert(k);
-                    }
+                    Msg::Key(k) => queue.add(k),
                     Msg::Namespace(ns) => {
-                        pending.extend(self.all_keys(&stores).into_iter().filter(|k| k.0 == ns));
+                        queue.extend(self.all_keys(&stores).into_iter().filter(|k| k.0 == ns));
                     }
-                    Msg::Listed => pending.extend(self.all_keys(&stores)),
+                    Msg::Listed => queue.extend(self.all_keys(&stores)),
                     Msg::Synced(w) => {
                         synced.insert(w);
                         if LOCAL_WATCHES.iter().all(|w| synced.contains(w)) {
-                            pending.extend(self.all_keys(&stores));
+                            queue.extend(self.all_keys(&stores));
                         }
                     }
                 }
@@ -343,7 +348,7 @@ impl Task {
                 tracing::debug!(?synced, "federation waits for its local watches");
                 continue;
             }
-            let keys: Vec<Key> = std::mem::take(&mut pending).into_iter().collect();
+            let keys = queue.take(usize::MAX);
             let this = &self;
             let stores = &stores;
             let results: Vec<(Key, Result<(), Error>)> = futures::stream::iter(keys)
@@ -354,15 +359,11 @@ impl Task {
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
-            if pending.is_empty() {
-                // Every federated Service known at the start has been looked at once.
-                self.readiness.federation_done();
-            }
+            // Every federated Service known at the start has been looked at once.
+            self.readiness.federation_done();
             for (key, result) in results {
                 match result {
-                    Ok(()) => {
-                        attempts.remove(&key);
-                    }
+                    Ok(()) => queue.done(&key),
                     Err(error) => {
                         self.metrics
                             .reconcile_errors
@@ -371,17 +372,13 @@ impl Task {
                                 kind: error.metric_label(),
                             })
                             .inc();
-                        let n = attempts.entry(key.clone()).or_default();
-                        *n += 1;
-                        let delay = retry_delay(*n);
-                        tracing::warn!(namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "federated Service not written");
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = tx.send(Msg::Key(key));
-                        });
+                        let delay = queue.failed(key.clone(), error.metric_label());
+                        tracing::debug!(namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "federated Service not written");
                     }
                 }
+            }
+            if let Some(s) = queue.summary_due() {
+                tracing::warn!(failing = s.failing, by_reason = ?s.by_reason, oldest = ?s.oldest, "federated Services not written; each is retried with backoff");
             }
         }
     }

@@ -1,8 +1,31 @@
 //! meshlink's service-mirror controller: keeps, in this cluster, mirrors of the Services that
 //! linked clusters export, compatible with Linkerd's multicluster extension.
 //!
-//! [`desired`] holds the pure rules (remote objects + Link -> local objects); [`run`] serves the
-//! Links of a namespace against a real API server.
+//! [`desired`] holds the pure rules (remote objects + Link -> local objects) and `plan` decides,
+//! as a pure function, what to do about one remote Service; [`run`] serves the Links of a
+//! namespace against a real API server.
+//!
+//! # Tasks
+//!
+//! ```text
+//! run ── leader::run_while_leader ── holds the Lease; a Claim gates every write
+//!          │  (on losing it: cancel, await every task below, then release)
+//!          └─ links::run ── kube Controller of Links (+ their credentials Secrets)
+//!               ├─ federation::Task ── every <svc>-federated Service ── Queue ── Writer
+//!               └─ per Link, restarted when its spec or credentials change:
+//!                    ├─ worker::LinkWorker ── watches (remote Services and slices, local
+//!                    │     mirrors, namespaces) -> Queue -> plan::plan -> Writer
+//!                    ├─ gateway::resolve_forever ── gateway addresses -> worker
+//!                    ├─ probe::run ── gateway liveness and latency -> worker, status
+//!                    └─ StatusHandle::flush_forever ── Link status (server-side apply)
+//! ```
+//!
+//! Every task runs in a span naming its Link. `queue::Queue` is the one work queue (keys
+//! de-duplicated, failed keys retried with jittered exponential backoff, owned by its task);
+//! `apply::Writer` is the one way to write (server-side apply only when something changed,
+//! under a deadline, behind the claim). [`Readiness`] turns true once this replica is leader
+//! or follower, the Links are listed and every worker (and the federation task) has reconciled
+//! everything once.
 
 mod apply;
 mod cache;
@@ -12,7 +35,9 @@ mod gateway;
 pub mod leader;
 mod links;
 mod metrics;
+mod plan;
 mod probe;
+mod queue;
 mod ready;
 mod status;
 mod worker;

@@ -222,6 +222,12 @@ async fn reconcile(link: Arc<Link>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Starts the Link's worker, or restarts it when the spec or the credentials changed.
 async fn ensure_worker(link: &Link, ctx: &Ctx) -> Result<Action, kube::Error> {
     let name = link.name_any();
+    ctx.metrics
+        .link_reconciles
+        .get_or_create(&LinkLabels {
+            target_cluster_name: link.spec.target_cluster_name.clone(),
+        })
+        .inc();
     if let Some(holder) = ctx.holder_other_than(link) {
         return refuse_duplicate(link, &holder, ctx).await;
     }

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub(crate) leader: Gauge,
     pub(crate) endpoint_repairs: Family<LinkLabels, Counter>,
     pub(crate) worker_starts: Family<LinkLabels, Counter>,
+    pub(crate) link_reconciles: Family<LinkLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,6 +73,7 @@ impl Default for Metrics {
             leader: Gauge::default(),
             endpoint_repairs: Family::default(),
             worker_starts: Family::default(),
+            link_reconciles: Family::default(),
         }
     }
 }
@@ -114,6 +116,11 @@ impl Metrics {
             "service_mirror_link_worker_starts",
             "Times a Link's work started: once, then on each change of its spec or credentials",
             self.worker_starts.clone(),
+        );
+        registry.register(
+            "service_mirror_link_reconciles",
+            "Times a Link was looked at: on any change of it (its status too) or of its credentials",
+            self.link_reconciles.clone(),
         );
         registry.register(
             "service_mirror_leader",

@@ -93,10 +93,41 @@ struct State {
     settled: bool,
 }
 
-/// The status a Link's status writes carry (a merge patch: lists are replaced whole).
+/// The status a Link's status writes carry.
 #[derive(Debug, Serialize)]
 struct Document {
     status: StatusDocument,
+}
+
+/// A status write: the document as a server-side apply of the Link's status, under the
+/// controller's field manager. Every field it lists is the controller's; one it stops listing
+/// (an entry gone) is removed, and fields other writers own (a user's `kubectl patch`) are left
+/// alone.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Applied<'a> {
+    api_version: String,
+    kind: String,
+    metadata: AppliedMeta<'a>,
+    #[serde(flatten)]
+    document: &'a Document,
+}
+
+#[derive(Debug, Serialize)]
+struct AppliedMeta<'a> {
+    name: &'a str,
+}
+
+impl<'a> Applied<'a> {
+    fn new(name: &'a str, document: &'a Document) -> Self {
+        use kube::Resource as _;
+        Self {
+            api_version: Link::api_version(&()).into_owned(),
+            kind: Link::kind(&()).into_owned(),
+            metadata: AppliedMeta { name },
+            document,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -206,6 +237,12 @@ impl StatusHandle {
         let mut state = State::default();
         if let Some(st) = existing {
             state.loaded_summary.clone_from(&st.summary);
+            // The latency written before stands: a status apply without it would remove it.
+            state.latency = st
+                .gateway
+                .as_ref()
+                .and_then(|g| g.latency_milliseconds)
+                .map(|ms| (ms, std::time::Instant::now()));
             for c in &st.conditions {
                 let Some(type_) = [
                     CONDITION_READY,
@@ -499,7 +536,11 @@ impl StatusHandle {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-                let (params, patch) = (PatchParams::default(), Patch::Merge(&body));
+                let applied = Applied::new(&name, &body);
+                let (params, patch) = (
+                    PatchParams::apply(crate::desired::FIELD_MANAGER).force(),
+                    Patch::Apply(&applied),
+                );
                 let call = api.patch_status(&name, &params, &patch);
                 match tokio::time::timeout(crate::apply::CALL_DEADLINE, call)
                     .await
@@ -737,5 +778,111 @@ mod tests {
             doc.status.summary.mirrored, 1,
             "the Link's own counts until settled"
         );
+    }
+}
+
+/// The status write against kube's mock service (`tower_test`): what goes out, and that
+/// nothing does when nothing changed.
+#[cfg(test)]
+mod mock {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_status_is_a_server_side_apply_under_the_field_manager() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let h = StatusHandle::new(None);
+        let flush = tokio::spawn(h.clone().flush_forever(
+            client,
+            "linkerd-multicluster".into(),
+            "east".into(),
+            crate::leader::Claim::always(),
+            || {},
+        ));
+        // The flusher takes what the Link says (nothing) as written, then waits for a change.
+        tokio::task::yield_now().await;
+        h.set_link_condition(
+            link_crd::CONDITION_REMOTE_REACHABLE,
+            ConditionStatus::True,
+            "RemoteReachable",
+            "",
+        );
+        let (req, send) = handle.next_request().await.expect("a status write");
+        assert_eq!(req.method(), http::Method::PATCH);
+        assert_eq!(
+            req.uri().path(),
+            "/apis/multicluster.linkerd.io/v1alpha3/namespaces/linkerd-multicluster/links/east/status"
+        );
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        assert!(
+            query.contains("fieldManager=meshlink-service-mirror") && query.contains("force=true"),
+            "{query}"
+        );
+        assert_eq!(
+            req.headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            Some("application/apply-patch+yaml")
+        );
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["apiVersion"], "multicluster.linkerd.io/v1alpha3");
+        assert_eq!(body["kind"], "Link");
+        assert_eq!(body["metadata"]["name"], "east");
+        let reasons = |body: &serde_json::Value| -> Vec<String> {
+            body["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "{}={}",
+                        c["type"].as_str().unwrap_or_default(),
+                        c["reason"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            reasons(&body),
+            ["Ready=Ready", "RemoteReachable=RemoteReachable"]
+        );
+        let link = serde_json::json!({
+            "apiVersion": "multicluster.linkerd.io/v1alpha3", "kind": "Link",
+            "metadata": { "name": "east", "namespace": "linkerd-multicluster" },
+            "spec": {},
+        });
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&link).unwrap()))
+                .unwrap(),
+        );
+        // A change is written the same way (that nothing is written without one: `due`'s tests).
+        h.set_link_condition(
+            link_crd::CONDITION_REMOTE_REACHABLE,
+            ConditionStatus::False,
+            "RemoteUnreachable",
+            "x",
+        );
+        let (req, _send) = handle.next_request().await.expect("a second write");
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            reasons(&body),
+            [
+                "Ready=RemoteUnreachable",
+                "RemoteReachable=RemoteUnreachable"
+            ]
+        );
+        flush.abort();
     }
 }

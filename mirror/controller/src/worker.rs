@@ -1,17 +1,16 @@
-//! One Link's work: watches of the target cluster and of this Link's local mirrors, and a
-//! reconcile of each remote Service whenever anything it depends on changes.
+//! One Link's work: watches of the target cluster and of this Link's local mirrors (see
+//! `watches`), and a reconcile of each remote Service whenever anything it depends on changes.
 //!
 //! Watches feed stores; every change becomes a *key* (namespace and name of a remote Service) in
-//! a de-duplicated queue; the reconcile of a key reads only the stores, computes the desired
-//! local objects with [`crate::desired`] and writes what differs. Nothing is reconciled until
-//! every watch has listed once, so that a mirror is never deleted because its remote Service had
-//! not been seen yet. A watch that fails keeps its last listing (mirrors are never deleted because
-//! the target is unreachable) and is retried with capped backoff; when it lists again, every key
-//! is reconciled against the fresh listing.
+//! the worker's [`Queue`]; the reconcile of a key reads only the stores into a [`View`], lets
+//! [`plan::plan`] decide, and carries the plan out with the [`Writer`]. Nothing is reconciled
+//! until every watch has listed once, so that a mirror is never deleted because its remote
+//! Service had not been seen yet. A watch that fails keeps its last listing (mirrors are never
+//! deleted because the target is unreachable) and is retried with capped backoff; when it lists
+//! again, every key is reconciled against the fresh listing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,7 +22,6 @@ use k8s_openapi::{
         core::v1::{Endpoints, Namespace, Service},
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -44,23 +42,21 @@ use crate::{
     Options,
     apply::{Error, Writer, keep_own_fields},
     cache::{self, Cache},
-    desired::{self, EndpointPortSpec, Gateway, Mode, SLICE_MANAGED_BY, Target},
+    desired::{self, EndpointPortSpec, Gateway, SLICE_MANAGED_BY, Target},
     federation::{self, Federation},
     metrics::{ErrorLabels, LinkLabels, Metrics, WatchLabels},
+    plan::{
+        self, Headless, Mirror, MirrorEndpoints, Notice, Plan, Published, RemoteEndpoints, View,
+    },
+    queue::Queue,
     status::{Key, Outcome, StatusHandle},
 };
 
-/// Backoff of a failing key: doubles from this...
-const RETRY_MIN: Duration = Duration::from_millis(200);
-/// ...up to this.
-const RETRY_MAX: Duration = Duration::from_secs(60);
+mod watches;
 
-/// How long a key that failed `attempts` times in a row waits before its next try.
-pub(crate) fn retry_delay(attempts: u32) -> Duration {
-    RETRY_MIN
-        .saturating_mul(1 << attempts.min(16))
-        .min(RETRY_MAX)
-}
+use self::watches::{
+    forward, forward_namespaces, recover, remote_services, watch_local, watch_remote_readiness,
+};
 
 /// What one Link's worker needs.
 pub(crate) struct LinkWorker {
@@ -306,13 +302,12 @@ impl LinkWorker {
             target,
             stores,
             tx: tx.clone(),
-            pending: BTreeSet::new(),
+            queue: Queue::default(),
             received: HashMap::new(),
-            attempts: HashMap::new(),
             synced: HashSet::new(),
             expected,
             failing: HashMap::new(),
-            recovering: false,
+            recovery: None,
             writer: Writer::new(
                 self.local.clone(),
                 self.metrics.clone(),
@@ -338,8 +333,10 @@ impl LinkWorker {
                     self.metrics.endpoint_repairs.get_or_create(&self.labels()).inc();
                     state.enqueue_all();
                 }
+                // A retry or a recheck is due.
+                () = state.queue.due() => {}
                 // Keys left from the last batch, once what arrived meanwhile is taken in.
-                () = std::future::ready(()), if state.synced() && !state.pending.is_empty() => {}
+                () = std::future::ready(()), if state.synced() && !state.queue.is_empty() => {}
             }
             if state.synced() {
                 // A batch is abandoned, not finished, when the work is cancelled (the Lease
@@ -348,7 +345,7 @@ impl LinkWorker {
                     () = cancel.cancelled() => break,
                     () = state.process() => {}
                 }
-                if state.pending.is_empty() {
+                if state.queue.is_empty() {
                     // Every Service has been reconciled once: the status may say so, and the
                     // controller is synced as far as this Link goes.
                     self.status.settle();
@@ -360,405 +357,23 @@ impl LinkWorker {
     }
 }
 
-/// How to trim a kind of local object for its cache, and which mirror an object belongs to.
-type Local<K> = (fn(&mut K), fn(&K) -> Option<String>);
-
-/// Watches this Link's own local objects of kind `K` (those `labels` select), trimmed by `trim`,
-/// into a cache tagged with the headless root of pods' mirrors; each change is keyed back to the
-/// remote Service whose mirror `mirror_name` names.
-fn watch_local<K>(
-    tasks: &mut tokio::task::JoinSet<()>,
-    client: &Client,
-    labels: &str,
-    tx: &mpsc::UnboundedSender<Trigger>,
-    source: Source,
-    cluster: &str,
-    (trim, mirror_name): Local<K>,
-) -> Cache<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + serde::Serialize
-        + Send
-        + Sync
-        + 'static,
-{
-    let cache = Cache::new(|o: &K| {
-        o.labels()
-            .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
-            .cloned()
-    });
-    let stream = watcher(
-        Api::<K>::all(client.clone()),
-        watcher::Config::default().labels(labels),
-    )
-    .default_backoff()
-    .modify(trim);
-    let cluster = cluster.to_owned();
-    tasks.spawn(forward(
-        stream,
-        cache.clone(),
-        (tx.clone(), source),
-        move |o: &K| {
-            // A pod's mirror (and its endpoints) belongs to its headless Service's mirror.
-            let mirror = match o.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) {
-                Some(root) => root.clone(),
-                None => mirror_name(o)?,
-            };
-            Some((
-                o.namespace()?,
-                naming::remote_service_name(&mirror, &cluster)?.to_owned(),
-            ))
-        },
-    ));
-    cache
-}
-
-/// A watch of the target's Services that `selector` selects, each trimmed to what mirroring
-/// reads (they are kept in memory for every exported Service).
-fn remote_services(
-    remote: &Client,
-    selector: &str,
-) -> impl Stream<Item = Result<watcher::Event<Service>, watcher::Error>> + Send + 'static {
-    watcher(
-        Api::<Service>::all(remote.clone()),
-        watcher::Config::default().labels(selector),
-    )
-    .default_backoff()
-    .modify(|s: &mut Service| {
-        s.metadata.managed_fields = None;
-        if let Some(a) = s.metadata.annotations.as_mut() {
-            a.remove("kubectl.kubernetes.io/last-applied-configuration");
-        }
-    })
-}
-
-/// Drives a watch into `cache`, turning its events into triggers.
-async fn forward<K, S>(
-    stream: S,
-    cache: Cache<K>,
-    (tx, source): (mpsc::UnboundedSender<Trigger>, Source),
-    key: impl Fn(&K) -> Option<Key>,
-) where
-    K: Resource + serde::Serialize + DeserializeOwned,
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut listed = false;
-    let mut failed = false;
-    while let Some(event) = stream.next().await {
-        if let Ok(e) = &event {
-            cache.apply(e);
-            if std::mem::take(&mut failed) && tx.send(Trigger::Healthy(source)).is_err() {
-                return;
-            }
-        }
-        let trigger = match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
-                key(&o).map(|k| Trigger::Key(k, Some(Instant::now())))
-            }
-            Ok(watcher::Event::InitDone) if !listed => {
-                listed = true;
-                Some(Trigger::Synced(source))
-            }
-            Ok(watcher::Event::InitDone) => Some(Trigger::Relisted(source)),
-            Ok(_) => None,
-            Err(e) => {
-                failed = true;
-                Some(Trigger::WatchFailed(source, Failure::of(&e), e.to_string()))
-            }
-        };
-        if let Some(t) = trigger
-            && tx.send(t).is_err()
-        {
-            return;
-        }
-    }
-}
-
-async fn forward_namespaces<S>(stream: S, tx: mpsc::UnboundedSender<Trigger>)
-where
-    S: Stream<Item = Result<watcher::Event<Namespace>, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut listed = false;
-    let mut failed = false;
-    while let Some(event) = stream.next().await {
-        if event.is_ok()
-            && std::mem::take(&mut failed)
-            && tx.send(Trigger::Healthy(Source::Namespaces)).is_err()
-        {
-            return;
-        }
-        let t = match event {
-            Ok(watcher::Event::Apply(ns)) => Trigger::Namespace(ns.name_any()),
-            Ok(watcher::Event::InitDone) if !listed => {
-                listed = true;
-                Trigger::Synced(Source::Namespaces)
-            }
-            Ok(watcher::Event::InitDone) => Trigger::Relisted(Source::Namespaces),
-            Ok(_) => continue,
-            Err(e) => {
-                failed = true;
-                Trigger::WatchFailed(Source::Namespaces, Failure::of(&e), e.to_string())
-            }
-        };
-        if tx.send(t).is_err() {
-            return;
-        }
-    }
-}
-
-/// What the controller keeps of one remote EndpointSlice.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct SliceSummary {
-    has_ready: bool,
-    /// For slices of headless Services only (boxed: most Services are not).
-    headless: Option<Box<HeadlessSlice>>,
-}
-
-/// Of a headless Service's slice: the hostnames of ready endpoints (each with the slice's
-/// resourceVersion, which its per-pod mirror records), whether any endpoint (ready or not) has
-/// one, and the endpoints' ports.
-type HeadlessSlice = (BTreeMap<String, String>, bool, Vec<EndpointPortSpec>);
-
-/// What the controller knows of a remote Service's endpoints.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct RemoteEndpoints {
-    /// At least one endpoint is ready.
-    pub ready: bool,
-    /// Headless Services: hostnames of the ready endpoints, each with the resourceVersion of the
-    /// remote EndpointSlice that lists it (the object its per-pod mirror is made from).
-    pub hostnames: BTreeMap<String, String>,
-    /// Headless Services: some endpoint, ready or not, has a hostname (Linkerd's test for
-    /// mirroring a headless Service as headless).
-    pub named: bool,
-    /// Headless Services: the endpoints' ports.
-    pub ports: Vec<EndpointPortSpec>,
-}
-
-/// A remote slice's Service (namespace and name), its own name and its summary.
-fn summarize(s: &EndpointSlice) -> Option<(Key, String, SliceSummary)> {
-    let ns = s.namespace()?;
-    let service = s.labels().get("kubernetes.io/service-name")?.clone();
-    let ready = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
-        let c = e.conditions.as_ref();
-        // An unset `ready` means ready (EndpointConditions docs).
-        c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
-    };
-    let endpoints = s.endpoints.iter().flatten();
-    let headless = s
-        .labels()
-        .contains_key("service.kubernetes.io/headless")
-        .then(|| {
-            let version = s.resource_version().unwrap_or_default();
-            let hostnames = endpoints
-                .clone()
-                .filter(|e| ready(e))
-                .filter_map(|e| Some((e.hostname.clone()?, version.clone())))
-                .collect();
-            let named = endpoints.clone().any(|e| e.hostname.is_some());
-            let ports = s
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| (p.name.clone(), p.port, p.protocol.clone()))
-                .collect();
-            Box::new((hostnames, named, ports))
-        });
-    Some((
-        (ns, service),
-        s.name_any(),
-        SliceSummary {
-            has_ready: endpoints.clone().any(ready),
-            headless,
-        },
-    ))
-}
-
-/// The remote EndpointSlices' summaries, grouped by Service, so that a change to one slice
-/// recomputes only its Service. A Service has one slice or a few: a list, not a map.
-#[derive(Default)]
-struct RemoteSlices {
-    by_service: HashMap<Key, Vec<(String, SliceSummary)>>,
-}
-
-impl RemoteSlices {
-    /// Records slice `name` of Service `key`.
-    fn insert(&mut self, key: Key, name: String, summary: SliceSummary) {
-        let slices = self.by_service.entry(key).or_default();
-        match slices.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, s)) => *s = summary,
-            None => slices.push((name, summary)),
-        }
-    }
-
-    /// Forgets slice `name` of Service `key`.
-    fn remove(&mut self, key: &Key, name: &str) {
-        if let Some(slices) = self.by_service.get_mut(key) {
-            slices.retain(|(n, _)| n != name);
-            if slices.is_empty() {
-                self.by_service.remove(key);
-            }
-        }
-    }
-
-    /// What the slices of `key` say together.
-    fn aggregate(&self, key: &Key) -> RemoteEndpoints {
-        let mut e = RemoteEndpoints::default();
-        for (_, s) in self.by_service.get(key).into_iter().flatten() {
-            e.ready |= s.has_ready;
-            if let Some(h) = &s.headless {
-                let (hostnames, named, ports) = &**h;
-                e.hostnames
-                    .extend(hostnames.iter().map(|(h, v)| (h.clone(), v.clone())));
-                e.named |= named;
-                for p in ports {
-                    if !e.ports.contains(p) {
-                        e.ports.push(p.clone());
-                    }
-                }
-            }
-        }
-        e.ports.sort();
-        e
-    }
-}
-
-/// Watches every EndpointSlice of the target cluster and keeps, per Service, what mirroring
-/// needs of them ([`RemoteEndpoints`]); not the slices.
-async fn watch_remote_readiness(
-    remote: Client,
-    ready: Arc<Mutex<HashMap<Key, RemoteEndpoints>>>,
-    tx: mpsc::UnboundedSender<Trigger>,
-) {
-    let api: Api<EndpointSlice> = Api::all(remote);
-    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-    let mut slices = RemoteSlices::default();
-    let mut relist: Option<RemoteSlices> = None;
-    let mut listed = false;
-    let mut failed = false;
-    while let Some(event) = stream.next().await {
-        if event.is_ok()
-            && std::mem::take(&mut failed)
-            && tx.send(Trigger::Healthy(Source::RemoteSlices)).is_err()
-        {
-            return;
-        }
-        let mut changed: HashSet<Key> = HashSet::new();
-        match event {
-            Ok(watcher::Event::Apply(s)) => {
-                if let Some((key, name, summary)) = summarize(&s) {
-                    slices.insert(key.clone(), name, summary);
-                    changed.insert(key);
-                }
-            }
-            Ok(watcher::Event::Delete(s)) => {
-                if let Some((key, name, _)) = summarize(&s) {
-                    slices.remove(&key, &name);
-                    changed.insert(key);
-                }
-            }
-            Ok(watcher::Event::Init) => relist = Some(RemoteSlices::default()),
-            Ok(watcher::Event::InitApply(s)) => {
-                if let (Some(buf), Some((key, name, summary))) = (relist.as_mut(), summarize(&s)) {
-                    buf.insert(key, name, summary);
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                if !listed {
-                    listed = true;
-                    let _ = tx.send(Trigger::Synced(Source::RemoteSlices));
-                }
-                let new = relist.take().unwrap_or_default();
-                changed.extend(slices.by_service.keys().cloned());
-                changed.extend(new.by_service.keys().cloned());
-                slices = new;
-            }
-            Err(e) => {
-                failed = true;
-                let failure = Failure::of(&e);
-                let _ = tx.send(Trigger::WatchFailed(
-                    Source::RemoteSlices,
-                    failure,
-                    e.to_string(),
-                ));
-                continue;
-            }
-        }
-        let mut flips = Vec::new();
-        {
-            let mut guard = ready.lock().unwrap_or_else(|e| e.into_inner());
-            for key in changed {
-                let now = slices.aggregate(&key);
-                let before = guard.get(&key);
-                if before.unwrap_or(&RemoteEndpoints::default()) != &now {
-                    if now == RemoteEndpoints::default() {
-                        guard.remove(&key);
-                    } else {
-                        guard.insert(key.clone(), now);
-                    }
-                    flips.push(key);
-                }
-            }
-        }
-        if !flips.is_empty() {
-            tracing::debug!(services = ?flips, "remote endpoints changed");
-        }
-        for key in flips {
-            if tx.send(Trigger::Key(key, Some(Instant::now()))).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Lists what the remote watches watch (one object each) until the target answers, then says so.
-async fn recover(remote: Client, selector: Option<String>, tx: mpsc::UnboundedSender<Trigger>) {
-    let mut delay = Duration::from_millis(500);
-    loop {
-        tokio::time::sleep(delay).await;
-        if tx.is_closed() {
-            return;
-        }
-        let mut services = ListParams::default().limit(1);
-        if let Some(s) = &selector {
-            services = services.labels(s);
-        }
-        let ok = Api::<Service>::all(remote.clone())
-            .list(&services)
-            .await
-            .is_ok()
-            && Api::<EndpointSlice>::all(remote.clone())
-                .list(&ListParams::default().limit(1))
-                .await
-                .is_ok();
-        if ok {
-            let _ = tx.send(Trigger::Recovered);
-            return;
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
 struct Loop<'a> {
     worker: &'a LinkWorker,
     target: Target,
     stores: Stores,
     tx: mpsc::UnboundedSender<Trigger>,
-    pending: BTreeSet<Key>,
+    /// Keys to reconcile, and failed keys waiting for their retry.
+    queue: Queue<Key>,
     /// When the oldest not-yet-reconciled change of each pending key arrived, for the lag metric.
     received: HashMap<Key, Instant>,
-    attempts: HashMap<Key, u32>,
     synced: HashSet<Source>,
     expected: HashSet<Source>,
     /// Each failing watch's failure; only that watch (or a recovery check of the target, for
     /// remote ones) clears it.
     failing: HashMap<Source, (Failure, String)>,
-    /// Whether a recovery check of the target's API runs (see [`recover`]).
-    recovering: bool,
+    /// The recovery check of the target's API while one runs (see [`recover`]); owned, so that
+    /// it stops with the worker.
+    recovery: Option<tokio_util::task::AbortOnDropHandle<()>>,
     writer: Writer,
 }
 
@@ -786,7 +401,7 @@ impl Loop<'_> {
                 if let Some(at) = at {
                     self.received.entry(k.clone()).or_insert(at);
                 }
-                self.pending.insert(k);
+                self.queue.add(k);
             }
             Trigger::Namespace(ns) => {
                 let keys: Vec<Key> = self
@@ -794,7 +409,7 @@ impl Loop<'_> {
                     .into_iter()
                     .filter(|(n, _)| *n == ns)
                     .collect();
-                self.pending.extend(keys);
+                self.queue.extend(keys);
             }
             Trigger::Synced(source) => {
                 self.synced.insert(source);
@@ -833,25 +448,23 @@ impl Loop<'_> {
                     self.update_reachability();
                     // A watch that resumes where it stopped reports no event until something
                     // changes, so recovery needs a check of its own.
-                    if !self.recovering {
-                        self.recovering = true;
+                    if self.recovery.as_ref().is_none_or(|r| r.is_finished()) {
                         let selector = self
                             .worker
                             .spec
                             .selector
                             .as_ref()
                             .and_then(|s| s.to_selector_string());
-                        tokio::spawn(recover(
-                            self.worker.remote.clone(),
-                            selector,
-                            self.tx.clone(),
-                        ));
+                        self.recovery =
+                            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                                recover(self.worker.remote.clone(), selector, self.tx.clone()),
+                            )));
                     }
                 }
             }
             Trigger::Recovered => {
                 // The target answers the calls its watches make: their failures are over.
-                self.recovering = false;
+                self.recovery = None;
                 self.failing.retain(|s, _| !s.is_remote());
                 self.update_reachability();
             }
@@ -910,15 +523,13 @@ impl Loop<'_> {
             },
         ));
         keys.extend(self.worker.status.keys());
-        self.pending.extend(keys);
+        self.queue.extend(keys);
     }
 
     async fn process(&mut self) {
         let labels = self.worker.labels();
-        let keys: Vec<Key> = std::iter::from_fn(|| self.pending.pop_first())
-            .take(BATCH)
-            .collect();
-        let results: Vec<(Key, Result<bool, Error>)> = {
+        let keys = self.queue.take(BATCH);
+        let results: Vec<(Key, Result<Done, Error>)> = {
             let this = &*self;
             futures::stream::iter(keys)
                 .map(|key| async move {
@@ -932,15 +543,18 @@ impl Loop<'_> {
         for (key, result) in results {
             self.worker.metrics.reconciles.get_or_create(&labels).inc();
             match result {
-                Ok(wrote) => {
-                    self.attempts.remove(&key);
+                Ok(done) => {
+                    self.queue.done(&key);
                     let at = self.received.remove(&key);
-                    if let (true, Some(at)) = (wrote, at) {
+                    if let (true, Some(at)) = (done.wrote, at) {
                         self.worker
                             .metrics
                             .sync_lag
                             .get_or_create(&labels)
                             .observe(at.elapsed().as_secs_f64());
+                    }
+                    if done.recheck {
+                        self.queue.add_after(key, NAME_TAKEN_RECHECK);
                     }
                 }
                 Err(error) => {
@@ -952,20 +566,16 @@ impl Loop<'_> {
                             kind: error.metric_label(),
                         })
                         .inc();
-                    let n = self.attempts.entry(key.clone()).or_default();
-                    *n += 1;
-                    let delay = retry_delay(*n);
-                    tracing::warn!(link = %self.worker.link_name, namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "reconcile failed");
                     self.worker
                         .status
                         .set(&key, Outcome::failed("Error", error.to_string()));
-                    let tx = self.tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send(Trigger::Key(key, None));
-                    });
+                    let delay = self.queue.failed(key.clone(), error.metric_label());
+                    tracing::debug!(namespace = %key.0, service = %key.1, %error, retry_in = ?delay, "reconcile failed");
                 }
             }
+        }
+        if let Some(s) = self.queue.summary_due() {
+            tracing::warn!(failing = s.failing, by_reason = ?s.by_reason, oldest = ?s.oldest, "reconciles failing; each is retried with backoff");
         }
         self.worker
             .metrics
@@ -974,112 +584,31 @@ impl Loop<'_> {
             .set(i64::try_from(self.worker.status.count_mirrored()).unwrap_or(i64::MAX));
     }
 
-    /// The remote Service for `key` and how it is exported, if it is.
-    fn remote(&self, (ns, name): &Key) -> Option<(Service, Mode)> {
-        if let Some(s) = self.stores.discovery.as_ref().and_then(|s| s.get(ns, name)) {
-            return Some((s, Mode::RemoteDiscovery));
-        }
-        self.stores
-            .gateway
-            .as_ref()
-            .and_then(|s| s.get(ns, name))
-            .map(|s| (s, Mode::Gateway))
+    /// The remote Service for `key`, if a watch of the target holds it (the Link's selectors
+    /// then say how it is exported: [`desired::export_mode`], in the plan).
+    fn remote(&self, (ns, name): &Key) -> Option<Service> {
+        [&self.stores.discovery, &self.stores.gateway]
+            .into_iter()
+            .flatten()
+            .find_map(|s| s.get(ns, name))
     }
 
-    /// Reconciles one remote Service; returns whether it wrote anything.
-    async fn reconcile(&self, key: &Key) -> Result<bool, Error> {
-        let (ns, name) = key;
-        let mirror_name = match naming::mirror_service_name(name, &self.target.cluster) {
-            Ok(n) => n,
-            // No mirror can exist under a name Kubernetes refuses; only the status is left.
-            Err(err) => {
-                if self.remote(key).is_some() {
-                    self.worker
-                        .status
-                        .set(key, Outcome::failed("InvalidService", err.to_string()));
-                } else {
-                    self.worker.status.remove(key);
-                }
-                return Ok(false);
-            }
-        };
-        let mut local = self.stores.local_services.get(ns, &mirror_name);
-        // The name is taken by the mirror of one pod of a headless Service: not this key's.
-        if let Some(root) = local.as_ref().and_then(|l| {
-            l.labels()
-                .get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL)
-                .cloned()
-        }) {
-            if self.remote(key).is_some() {
-                self.worker.status.set(
-                    key,
-                    Outcome::failed(
-                        "InvalidService",
-                        format!("its mirror's name {mirror_name} is taken by the mirror of pod {name} of headless Service {root}; rename the Service or the pod"),
-                    ),
-                );
-            } else {
-                self.worker.status.remove(key);
-            }
-            return Ok(false);
-        }
+    /// This Link's per-pod mirrors of headless mirror `root` in `ns`.
+    fn pod_mirrors(&self, ns: &str, root: &str) -> Vec<Service> {
+        let local = &self.stores.local_services;
+        local
+            .keys()
+            .into_iter()
+            .filter(|((n, _), tag)| n == ns && tag.as_deref() == Some(root))
+            .filter_map(|((n, name), _)| local.get(&n, &name))
+            .collect()
+    }
 
-        let Some((remote, mode)) = self.remote(key) else {
-            self.worker.status.remove(key);
-            let Some(local) = local else { return Ok(false) };
-            self.delete_mirror(&local).await?;
-            if desired::is_headless(&local) {
-                self.delete_endpoint_mirrors(ns, &mirror_name, &HashSet::new())
-                    .await?;
-            }
-            return Ok(true);
-        };
-
-        if remote
-            .labels()
-            .get(keys::MIRRORED_RESOURCE_LABEL)
-            .map(String::as_str)
-            == Some("true")
-        {
-            self.worker.status.set(
-                key,
-                Outcome::failed(
-                    "InvalidService",
-                    "this Service is itself a mirror of another cluster's Service; meshlink does not mirror mirrors",
-                ),
-            );
-            return Ok(false);
-        }
-
-        let mut wrote = false;
-        if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none()
-            && self.worker.options.enable_namespace_creation
-        {
-            self.writer
-                .create_namespace(ns, Some(&self.target.cluster))
-                .await?;
-            wrote = true;
-        } else if self.stores.namespaces.get(&ObjectRef::new(ns)).is_none() {
-            let first = self.worker.status.reason(key).as_deref() != Some("MissingNamespace");
-            self.worker.status.set(
-                key,
-                Outcome::failed(
-                    "MissingNamespace",
-                    format!("Namespace {ns} does not exist in this cluster: create it and the Service is mirrored at once"),
-                ),
-            );
-            if first {
-                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %name, "namespace missing; will mirror when it appears");
-                self.event(
-                    EventType::Warning,
-                    "MissingNamespace",
-                    format!("Service {ns}/{name} of cluster {} is not mirrored: namespace {ns} does not exist here", self.target.cluster),
-                )
-                .await;
-            }
-            return Ok(false);
-        }
-
+    /// Reconciles one remote Service: gathers what the worker knows, plans, and carries the plan
+    /// out.
+    async fn reconcile(&self, key: &Key) -> Result<Done, Error> {
+        let ns = &key.0;
+        let remote = self.remote(key);
         let endpoints = self
             .stores
             .ready
@@ -1088,261 +617,257 @@ impl Loop<'_> {
             .get(key)
             .cloned()
             .unwrap_or_default();
-        // Linkerd's rule: headless when some endpoint has a hostname; otherwise the pods
-        // cannot be named and a ClusterIP mirror through the gateway serves them.
-        let headless = mode == Mode::Gateway
-            && self.worker.options.enable_headless_services
-            && desired::is_headless(&remote)
-            && endpoints.named;
-        let desired = if headless {
-            desired::headless_mirror_service(&self.target, &remote)
-        } else {
-            desired::mirror_service(&self.target, &remote, mode)
-        };
-        let desired = match desired {
-            Ok(d) => d,
-            Err(e) => {
-                self.worker
-                    .status
-                    .set(key, Outcome::failed("InvalidService", e.to_string()));
-                return Ok(false);
+        let gateway = self.worker.gateway.borrow().clone();
+        let namespace_exists = self.stores.namespaces.get(&ObjectRef::new(ns)).is_some();
+        let local = |name: &str| self.stores.local_services.get(ns, name);
+        let pod_mirrors = |root: &str| self.pod_mirrors(ns, root);
+        // Names the plan would create that the local watch does not know: asked of the API
+        // server (they may be another team's Services), then planned again.
+        let mut foreign = HashSet::new();
+        let mut asked = HashSet::new();
+        let plan = loop {
+            let view = View {
+                target: &self.target,
+                spec: &self.worker.spec,
+                headless_services: self.worker.options.enable_headless_services,
+                create_namespaces: self.worker.options.enable_namespace_creation,
+                remote: remote.as_ref(),
+                endpoints: &endpoints,
+                gateway: gateway.as_ref(),
+                namespace_exists,
+                local: &local,
+                pod_mirrors: &pod_mirrors,
+                foreign: &foreign,
+            };
+            let plan = plan::plan(key, &view);
+            let ask: Vec<String> = plan
+                .unchecked(&view)
+                .into_iter()
+                .filter(|n| !asked.contains(n))
+                .collect();
+            if ask.is_empty() {
+                break plan;
+            }
+            for name in ask {
+                if self.foreign(ns, &name).await? {
+                    foreign.insert(name.clone());
+                }
+                asked.insert(name);
             }
         };
-        // The local watch sees only this controller's mirrors: a name it does not know may be
-        // another team's Service, which is never written over (nor, later, deleted).
-        if local.is_none() && self.foreign(ns, &mirror_name).await? {
-            let first = self.worker.status.reason(key).as_deref() != Some("NameTaken");
-            self.worker.status.set(
-                key,
-                Outcome::failed(
-                    "NameTaken",
-                    format!("Service {ns}/{mirror_name} exists and was not made by this Link: it is left alone, and the Service is mirrored once that name is free"),
-                ),
-            );
-            if first {
-                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %name, mirror = %mirror_name, "mirror name taken by a Service this Link did not make; leaving it alone");
-                self.event(
-                    EventType::Warning,
-                    "NameTaken",
-                    format!("Service {ns}/{name} of cluster {} is not mirrored: {ns}/{mirror_name} exists and is not its mirror", self.target.cluster),
-                )
-                .await;
+        self.execute(key, plan).await
+    }
+
+    /// Carries out `plan` for `key`.
+    async fn execute(&self, key: &Key, plan: Plan) -> Result<Done, Error> {
+        let status = &self.worker.status;
+        match plan {
+            Plan::Skip { status: to, notice } => {
+                let first = to.as_ref().map(|o| o.reason) != status.reason(key).as_deref();
+                match to {
+                    Some(outcome) => {
+                        status.set(key, outcome);
+                    }
+                    None => status.remove(key),
+                }
+                let recheck = matches!(notice, Some(Notice::NameTaken { .. }));
+                if let (Some(notice), true) = (notice, first) {
+                    self.notify(key, notice).await;
+                }
+                Ok(Done {
+                    wrote: false,
+                    recheck,
+                })
             }
-            self.recheck(key.clone(), NAME_TAKEN_RECHECK);
-            return Ok(false);
+            Plan::Delete {
+                mirror,
+                pod_mirrors,
+            } => {
+                status.remove(key);
+                self.writer.delete(&*mirror, "Service").await?;
+                for p in &pod_mirrors {
+                    self.writer.delete(p, "Service").await?;
+                }
+                Ok(Done {
+                    wrote: true,
+                    recheck: false,
+                })
+            }
+            Plan::Mirror(m) => self.write(key, *m).await,
         }
-        let was_headless = local.as_ref().is_some_and(desired::is_headless);
-        if let Some(l) = &local
-            && was_headless != headless
-        {
-            // A Service's clusterIP cannot change: replace the mirror.
-            tracing::info!(link = %self.worker.link_name, namespace = %ns, mirror = %mirror_name, headless, "mirror changes between headless and ClusterIP; replacing it");
-            self.writer.delete(l, "Service").await?;
-            local = None;
+    }
+
+    /// Writes a mirror, its endpoints and its per-pod mirrors.
+    async fn write(&self, key: &Key, m: Mirror) -> Result<Done, Error> {
+        let Mirror {
+            create_namespace,
+            replace,
+            service,
+            live,
+            endpoints,
+            stale_pod_mirrors,
+            status,
+        } = m;
+        let ns = &key.0;
+        let mut wrote = false;
+        if create_namespace {
+            self.writer
+                .create_namespace(ns, Some(&self.target.cluster))
+                .await?;
+            wrote = true;
+        }
+        if let Some(old) = &replace {
+            tracing::info!(namespace = %ns, mirror = %old.name_any(), "mirror changes between headless and ClusterIP; replacing it");
+            self.writer.delete(old, "Service").await?;
             wrote = true;
         }
         let service = match self
             .writer
-            .apply("Service", &desired, local.as_ref())
+            .apply("Service", &service, live.as_ref())
             .await?
         {
             Some(applied) => {
                 wrote = true;
                 applied
             }
-            None => local.unwrap_or(desired),
+            None => live.unwrap_or(service),
         };
-        let owner = owner_reference(&service);
-
-        let gateway = self.worker.gateway.borrow().clone();
-        if headless {
-            wrote |= self
-                .reconcile_headless(&remote, &service, &endpoints, gateway.as_ref())
-                .await?;
-        } else if was_headless || desired::is_headless(&remote) {
-            wrote |= self
-                .delete_endpoint_mirrors(ns, &mirror_name, &HashSet::new())
-                .await?;
-        }
-        match (mode, gateway) {
-            (Mode::Gateway, _) if headless => {}
-            (Mode::Gateway, Some(gateway)) => {
-                let ep = desired::gateway_endpoints(
-                    &self.target,
-                    &remote,
-                    &service,
-                    endpoints.ready,
-                    &gateway,
-                );
-                let slices = desired::gateway_slices(
-                    &self.target,
-                    &remote,
-                    &service,
-                    endpoints.ready,
-                    &gateway,
-                );
-                wrote |= self.apply_endpoints(ep, slices, owner).await?;
+        match endpoints {
+            MirrorEndpoints::Gateway(p) => {
+                wrote |= self
+                    .publish((*p).owned_by(plan::owner_reference(&service).as_ref()))
+                    .await?;
             }
-            (Mode::Gateway, None) => {
-                // No gateway address resolved yet: the mirror exists, its endpoints wait.
-            }
-            (Mode::RemoteDiscovery, _) => {
-                // Remote-discovery mirrors have no endpoints here; drop any from a gateway past.
-                if let Some(ep) = self.stores.local_endpoints.get(ns, &mirror_name) {
+            MirrorEndpoints::None { endpoints, slices } => {
+                if let Some(ep) = self.stores.local_endpoints.get(ns, &endpoints) {
                     self.writer.delete(&ep, "Endpoints").await?;
                     wrote = true;
                 }
-                for s in self.slices_of(ns, &mirror_name) {
-                    self.writer.delete(&s, "EndpointSlice").await?;
-                    wrote = true;
+                for s in slices {
+                    if let Some(s) = self.stores.local_slices.get(ns, &s) {
+                        self.writer.delete(&s, "EndpointSlice").await?;
+                        wrote = true;
+                    }
                 }
             }
+            MirrorEndpoints::Wait => {}
+            MirrorEndpoints::Headless(h) => wrote |= self.write_pods(&service, *h).await?,
         }
-        self.worker
-            .status
-            .set(key, Outcome::mirrored(ns, &mirror_name));
-        Ok(wrote)
-    }
-
-    /// Applies a mirror's Endpoints and EndpointSlices (owned by `owner`, the mirror Service)
-    /// and deletes its slices that are no longer wanted.
-    async fn apply_endpoints(
-        &self,
-        mut endpoints: Endpoints,
-        slices: Vec<EndpointSlice>,
-        owner: Option<OwnerReference>,
-    ) -> Result<bool, Error> {
-        let ns = endpoints.metadata.namespace.clone().unwrap_or_default();
-        let mirror = endpoints.metadata.name.clone().unwrap_or_default();
-        endpoints.metadata.owner_references = owner.clone().map(|o| vec![o]);
-        let live = self.stores.local_endpoints.get(&ns, &mirror);
-        let mut wrote = self
-            .writer
-            .apply("Endpoints", &endpoints, live.as_ref())
-            .await?
-            .is_some();
-        let names: HashSet<String> = slices
-            .iter()
-            .filter_map(|s| s.metadata.name.clone())
-            .collect();
-        for mut slice in slices {
-            slice.metadata.owner_references = owner.clone().map(|o| vec![o]);
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            let live = self.stores.local_slices.get(&ns, &name);
-            wrote |= self
-                .writer
-                .apply("EndpointSlice", &slice, live.as_ref())
-                .await?
-                .is_some();
-        }
-        for stale in self
-            .slices_of(&ns, &mirror)
-            .into_iter()
-            .filter(|s| !names.contains(&s.name_any()))
-        {
-            self.writer.delete(&stale, "EndpointSlice").await?;
+        for p in &stale_pod_mirrors {
+            self.writer.delete(p, "Service").await?;
             wrote = true;
         }
-        Ok(wrote)
+        self.worker.status.set(key, status);
+        Ok(Done {
+            wrote,
+            recheck: false,
+        })
     }
 
-    /// The per-pod mirrors of headless mirror `root`, and its Endpoints naming each pod.
-    async fn reconcile_headless(
-        &self,
-        remote: &Service,
-        root: &Service,
-        endpoints: &RemoteEndpoints,
-        gateway: Option<&Gateway>,
-    ) -> Result<bool, Error> {
-        let ns = root.namespace().unwrap_or_default();
+    /// The per-pod mirrors of headless mirror `root` (as written), their endpoints, and the
+    /// root's Endpoints naming each pod at its mirror's ClusterIP.
+    async fn write_pods(&self, root: &Service, mut h: Headless) -> Result<bool, Error> {
         let root_name = root.name_any();
-        let owner = owner_reference(root);
+        for (hostname, reason) in &h.refused {
+            tracing::warn!(namespace = ?root.namespace(), service = %root_name, %hostname, %reason, "pod not mirrored");
+        }
+        let owner = plan::owner_reference(root);
         let mut wrote = false;
-        let mut pods = Vec::new();
-        let mut keep = HashSet::new();
-        for (hostname, version) in &endpoints.hostnames {
-            let mut want = match desired::endpoint_mirror_service(
-                &self.target,
-                remote,
-                &root_name,
-                hostname,
-                version,
-            ) {
-                Ok(w) => w,
-                Err(error) => {
-                    tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, %error, "pod not mirrored");
-                    continue;
-                }
-            };
-            let name = want.metadata.name.clone().unwrap_or_default();
-            let live = self.stores.local_services.get(&ns, &name);
-            // Never take over a Service that is not this root's: a mirror of a remote Service
-            // named like the pod is left alone, and reports the collision itself.
-            if let Some(l) = &live
-                && l.labels().get(keys::HEADLESS_MIRROR_SVC_NAME_LABEL) != Some(&root_name)
-            {
-                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, taken_by = %name, "pod not mirrored: its mirror's name is taken");
-                continue;
-            }
-            if live.is_none() && self.foreign(&ns, &name).await? {
-                tracing::warn!(link = %self.worker.link_name, namespace = %ns, service = %root_name, %hostname, taken_by = %name, "pod not mirrored: a Service this Link did not make has its mirror's name");
-                continue;
-            }
-            keep.insert(name.clone());
+        let mut ips = Vec::new();
+        for pod in std::mem::take(&mut h.pods) {
+            let mut want = pod.service;
             want.metadata.owner_references = owner.clone().map(|o| vec![o]);
-            let svc = match self.writer.apply("Service", &want, live.as_ref()).await? {
+            let svc = match self
+                .writer
+                .apply("Service", &want, pod.live.as_ref())
+                .await?
+            {
                 Some(applied) => {
                     wrote = true;
                     applied
                 }
-                None => live.unwrap_or(want),
+                None => pod.live.unwrap_or(want),
             };
-            if let Some(ip) = svc
-                .spec
-                .as_ref()
-                .and_then(|s| s.cluster_ip.as_deref())
-                .and_then(|ip| ip.parse::<IpAddr>().ok())
-            {
-                pods.push((hostname.clone(), ip));
+            if let Some(ip) = plan::cluster_ip(&svc) {
+                ips.push((pod.hostname, ip));
             }
-            if let Some(gateway) = gateway {
-                let (ep, slices) =
-                    desired::endpoint_mirror_endpoints(&self.target, remote, &svc, gateway);
+            if let Some(p) = pod.endpoints {
                 wrote |= self
-                    .apply_endpoints(ep, slices, owner_reference(&svc))
+                    .publish(p.owned_by(plan::owner_reference(&svc).as_ref()))
                     .await?;
             }
         }
-        let alive = gateway.is_none_or(|g| g.alive);
-        let (ep, slices) =
-            desired::headless_endpoints(&self.target, remote, root, &pods, &endpoints.ports, alive);
-        wrote |= self.apply_endpoints(ep, slices, owner).await?;
-        wrote |= self.delete_endpoint_mirrors(&ns, &root_name, &keep).await?;
+        wrote |= self
+            .publish(h.root_endpoints(&self.target, root, &ips))
+            .await?;
         Ok(wrote)
     }
 
-    /// Deletes the per-pod mirrors of `root` in `ns` (only there, #15200) except those in `keep`.
-    async fn delete_endpoint_mirrors(
-        &self,
-        ns: &str,
-        root: &str,
-        keep: &HashSet<String>,
-    ) -> Result<bool, Error> {
-        let mut wrote = false;
-        let local = &self.stores.local_services;
-        let stale: Vec<Service> = local
-            .keys()
-            .into_iter()
-            .filter(|((n, name), tag)| {
-                n == ns && tag.as_deref() == Some(root) && !keep.contains(name)
-            })
-            .filter_map(|((n, name), _)| local.get(&n, &name))
-            .collect();
-        for s in stale {
-            self.writer.delete(&s, "Service").await?;
-            wrote = true;
+    /// Applies Endpoints and their slices, and deletes the object's stale slices.
+    async fn publish(&self, p: Published) -> Result<bool, Error> {
+        let ns = p.endpoints.metadata.namespace.clone().unwrap_or_default();
+        let name = p.endpoints.metadata.name.clone().unwrap_or_default();
+        let live = self.stores.local_endpoints.get(&ns, &name);
+        let mut wrote = self
+            .writer
+            .apply("Endpoints", &p.endpoints, live.as_ref())
+            .await?
+            .is_some();
+        for slice in &p.slices {
+            let live = self.stores.local_slices.get(&ns, &slice.name_any());
+            wrote |= self
+                .writer
+                .apply("EndpointSlice", slice, live.as_ref())
+                .await?
+                .is_some();
+        }
+        for stale in &p.stale_slices {
+            if let Some(s) = self.stores.local_slices.get(&ns, stale) {
+                self.writer.delete(&s, "EndpointSlice").await?;
+                wrote = true;
+            }
         }
         Ok(wrote)
+    }
+
+    /// Tells the user, once per transition, why a Service is not mirrored.
+    async fn notify(&self, (ns, name): &Key, notice: Notice) {
+        let cluster = &self.target.cluster;
+        let (reason, note) = match notice {
+            Notice::MissingNamespace => {
+                tracing::warn!(namespace = %ns, service = %name, "namespace missing; will mirror when it appears");
+                (
+                    "MissingNamespace",
+                    format!(
+                        "Service {ns}/{name} of cluster {cluster} is not mirrored: namespace {ns} does not exist here"
+                    ),
+                )
+            }
+            Notice::NameTaken { mirror } => {
+                tracing::warn!(namespace = %ns, service = %name, %mirror, "mirror name taken by a Service this Link did not make; leaving it alone");
+                (
+                    "NameTaken",
+                    format!(
+                        "Service {ns}/{name} of cluster {cluster} is not mirrored: {ns}/{mirror} exists and is not its mirror"
+                    ),
+                )
+            }
+        };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Mirror".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .worker
+            .recorder
+            .publish(&ev, &self.worker.link_ref)
+            .await
+        {
+            tracing::warn!(%error, "recording an Event failed");
+        }
     }
 
     /// Whether a Service `ns/name` exists here that this Link did not make. Asked only before
@@ -1365,74 +890,16 @@ impl Loop<'_> {
             })?;
         Ok(found.is_some_and(|s| !desired::made_by(&s, &self.target.cluster)))
     }
-
-    /// Looks at `key` again after `delay` (a name held by a Service this controller does not
-    /// watch cannot wake it when it is freed).
-    fn recheck(&self, key: Key, delay: Duration) {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(Trigger::Key(key, None));
-        });
-    }
-
-    /// Records an Event on the Link; a failure to record is only logged.
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let ev = Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(note),
-            action: "Mirror".to_owned(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .worker
-            .recorder
-            .publish(&ev, &self.worker.link_ref)
-            .await
-        {
-            tracing::warn!(link = %self.worker.link_name, %error, "recording an Event failed");
-        }
-    }
-
-    /// This controller's slices of mirror `ns/mirror`: their names are fixed (one per address
-    /// family, see `desired::gateway_slices`), so they are looked up, not searched for.
-    fn slices_of(&self, ns: &str, mirror: &str) -> Vec<EndpointSlice> {
-        ["ipv4", "ipv6"]
-            .into_iter()
-            .filter_map(|family| {
-                self.stores
-                    .local_slices
-                    .get(ns, &format!("{mirror}-{family}"))
-            })
-            .collect()
-    }
-
-    /// Deletes a mirror Service; its Endpoints and EndpointSlices go with it (owner references).
-    async fn delete_mirror(&self, local: &Service) -> Result<(), Error> {
-        // Only objects this Link made: the watch selects on these labels, but check anyway.
-        let labels = local.labels();
-        if labels
-            .get(keys::MIRRORED_RESOURCE_LABEL)
-            .map(String::as_str)
-            != Some("true")
-            || labels.get(keys::CLUSTER_NAME_LABEL) != Some(&self.target.cluster)
-        {
-            return Ok(());
-        }
-        self.writer.delete(local, "Service").await
-    }
 }
 
-fn owner_reference(service: &Service) -> Option<OwnerReference> {
-    Some(OwnerReference {
-        api_version: "v1".into(),
-        kind: "Service".into(),
-        name: service.metadata.name.clone()?,
-        uid: service.metadata.uid.clone()?,
-        controller: Some(true),
-        block_owner_deletion: None,
-    })
+/// What one reconcile did.
+#[derive(Debug)]
+struct Done {
+    /// It wrote something (for the sync-lag metric).
+    wrote: bool,
+    /// Look again later: a name is held by a Service this controller does not watch, which
+    /// cannot wake it when it is freed.
+    recheck: bool,
 }
 
 #[cfg(test)]
