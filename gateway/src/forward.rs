@@ -25,21 +25,12 @@ use crate::{
 };
 
 /// Connections to endpoints for HTTP/2, per endpoint and per client identity: one client's
-/// stalled uploads or unread responses fill only its own connections.
-#[derive(Debug)]
-pub(crate) struct Clients {
-    http2: Http2Pool<Id>,
-}
-
-impl Clients {
-    pub(crate) fn new(options: &Options) -> Self {
-        Self {
-            http2: Http2Pool::new(PoolLimits {
-                connect_timeout: options.connect_timeout,
-                ..PoolLimits::default()
-            }),
-        }
-    }
+/// stalled uploads or unread answers fill only its own connections.
+pub(crate) fn clients(options: &Options) -> Http2Pool<Id> {
+    Http2Pool::new(PoolLimits {
+        connect_timeout: options.connect_timeout,
+        ..PoolLimits::default()
+    })
 }
 
 pub(crate) async fn forward<IO>(
@@ -192,8 +183,8 @@ async fn route(
     let sent = req;
     let connect_timeout = inner.options.connect_timeout;
     let sent = if http2 {
-        let clients = &inner.clients.http2;
-        clients
+        inner
+            .clients
             .send(addr, &target.client, sent)
             .await
             .map(|r| r.map(BodyExt::boxed))

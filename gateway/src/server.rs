@@ -40,7 +40,7 @@ pub(crate) struct Inner {
     pub metrics: Metrics,
     pub authz: Authorization,
     pub export: Export,
-    pub clients: forward::Clients,
+    pub clients: proxy_http::Http2Pool<Id>,
 }
 
 /// What a connection that passed every check is for.
@@ -61,7 +61,7 @@ impl Gateway {
     ) -> Self {
         let authz = options.authorization();
         let export = options.export();
-        let clients = forward::Clients::new(&options);
+        let clients = forward::clients(&options);
         Self {
             inner: Arc::new(Inner {
                 options,

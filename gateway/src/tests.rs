@@ -135,11 +135,19 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 /// A TCP server that reads until the client half-closes, then answers with what it read
 /// reversed and closes: only a half-close passed through gets an answer.
 async fn reverse_server() -> SocketAddr {
+    counted_reverse_server().await.0
+}
+
+/// [`reverse_server`], and how many connections it has accepted (a connection the gateway
+/// forwarded).
+async fn counted_reverse_server() -> (SocketAddr, tokio::sync::watch::Receiver<usize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let (accepted, count) = tokio::sync::watch::channel(0);
     tokio::spawn(async move {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
+            accepted.send_modify(|n| *n += 1);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 s.read_to_end(&mut buf).await.unwrap();
@@ -148,7 +156,7 @@ async fn reverse_server() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, count)
 }
 
 /// An HTTP server (HTTP/1 and HTTP/2) that answers with its name, the request's version and
@@ -360,12 +368,19 @@ impl Running {
 
     /// Waits until the refusal `reason` has been counted `n` times.
     async fn expect_refused(&self, reason: &str, n: u64) {
+        let name = format!("gateway_refused_connections_total{{reason=\"{reason}\"}}");
+        self.wait_metric(&name, |v| v >= n).await;
+    }
+
+    /// Waits (up to 5 s) until the metric `name` satisfies `done`. The gateway's counters are
+    /// the signal; they have no notification, so they are read every 10 ms.
+    async fn wait_metric(&self, name: &str, done: impl Fn(u64) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.refused(reason) < n {
+        while !done(self.metric(name)) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "refusal {reason} not counted (have {})",
-                self.refused(reason)
+                "{name} stayed at {}",
+                self.metric(name)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1276,15 +1291,14 @@ const ATTACKER: &str = "attacker.shop.serviceaccount.identity.linkerd.cluster.lo
 /// What the hostile-client backend has seen: uploads begun, bytes of large answers produced.
 #[derive(Default)]
 struct Seen {
-    uploads: std::sync::atomic::AtomicUsize,
-    produced: std::sync::atomic::AtomicUsize,
+    uploads: tokio::sync::watch::Sender<usize>,
+    produced: tokio::sync::watch::Sender<usize>,
 }
 
 /// An HTTP/2 backend allowing 100 streams per connection (as a typical server): `/upload` reads
 /// its request body to the end before answering, `/big` answers 8 MiB, anything else "hi".
 async fn h2_backend(seen: Arc<Seen>) -> SocketAddr {
     use futures::StreamExt as _;
-    use std::sync::atomic::Ordering::Relaxed;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1297,7 +1311,7 @@ async fn h2_backend(seen: Arc<Seen>) -> SocketAddr {
                     async move {
                         let body = match req.uri().path() {
                             "/upload" => {
-                                seen.uploads.fetch_add(1, Relaxed);
+                                seen.uploads.send_modify(|n| *n += 1);
                                 let _ = req.into_body().collect().await;
                                 http_body_util::Either::Left(Full::new(Bytes::from_static(
                                     b"uploaded",
@@ -1305,7 +1319,7 @@ async fn h2_backend(seen: Arc<Seen>) -> SocketAddr {
                             }
                             "/big" => {
                                 let chunks = futures::stream::iter(0..128).map(move |_| {
-                                    seen.produced.fetch_add(64 * 1024, Relaxed);
+                                    seen.produced.send_modify(|n| *n += 64 * 1024);
                                     Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
                                         Bytes::from(vec![0u8; 64 * 1024]),
                                     ))
@@ -1393,15 +1407,14 @@ async fn attacked() -> (Arc<Seen>, Running) {
 }
 
 /// Waits until `what` of the backend reaches `n`.
-async fn backend_reaches(what: &std::sync::atomic::AtomicUsize, n: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while what.load(std::sync::atomic::Ordering::Relaxed) < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the attack never reached the backend"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn backend_reaches(what: &tokio::sync::watch::Sender<usize>, n: usize) {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        what.subscribe().wait_for(|v| *v >= n),
+    )
+    .await
+    .expect("the attack reached the backend within 10 s")
+    .unwrap();
 }
 
 /// 200 uploads that never end fill a backend connection's 100 streams; they are one client's,
@@ -1451,7 +1464,7 @@ async fn unread_answers_stall_only_their_client() {
 /// not affected, and a closed connection gives its place back.
 #[tokio::test]
 async fn one_identity_holds_only_its_share() {
-    let backend = reverse_server().await;
+    let (backend, mut accepted) = counted_reverse_server().await;
     let gw = start(
         &["--max-connections-per-identity", "2"],
         with_backend(backend, "rev").await,
@@ -1472,12 +1485,11 @@ async fn one_identity_holds_only_its_share() {
     };
     let first = dial_as(WEB).await;
     let mut second = dial_as(WEB).await;
-    // Both forwarded (connected to the backend) before the third comes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while gw.metric("tcp_open_total{direction=\"outbound\"}") < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "never forwarded");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Both forwarded (the backend has them) before the third comes.
+    tokio::time::timeout(Duration::from_secs(5), accepted.wait_for(|n| *n >= 2))
+        .await
+        .expect("both forwarded within 5 s")
+        .unwrap();
     let mut third = dial_as(WEB).await;
     gw.expect_refused("identity_share", 1).await;
     assert!(closed(&mut third).await);
@@ -1486,14 +1498,10 @@ async fn one_identity_holds_only_its_share() {
     assert_eq!(reversed(&mut second, b"xyz").await, b"zyx");
     drop((first, second, other));
     // The places come back once the gateway has seen the connections end.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while gw.metric("tcp_open_connections{direction=\"inbound\"}") > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connections never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gw.wait_metric("tcp_open_connections{direction=\"inbound\"}", |open| {
+        open == 0
+    })
+    .await;
     let mut again = dial_as(WEB).await;
     assert_eq!(reversed(&mut again, b"ok").await, b"ko");
 }

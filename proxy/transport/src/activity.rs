@@ -43,12 +43,12 @@ impl Activity {
     }
 
     /// How long nothing has moved.
-    pub fn idle_for(&self) -> Duration {
+    fn idle_for(&self) -> Duration {
         self.last().elapsed()
     }
 
     /// When the connection will have been idle for `idle`, if nothing moves before.
-    pub fn deadline(&self, idle: Duration) -> Instant {
+    fn deadline(&self, idle: Duration) -> Instant {
         self.last() + idle
     }
 
