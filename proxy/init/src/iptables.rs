@@ -259,7 +259,12 @@ mod tests {
         // Half a legacy install does not count.
         const HALF_LEGACY: &[&str] = &["iptables-legacy-save", "iptables-save", "iptables-restore"];
         let ok = |save: &str, restore: &str| Ok((PathBuf::from(save), PathBuf::from(restore)));
-        let cases: Vec<(&[&str], &'static [&'static str], Result<(PathBuf, PathBuf), String>)> = vec![
+        type Case = (
+            &'static [&'static str],
+            &'static [&'static str],
+            Result<(PathBuf, PathBuf), String>,
+        );
+        let cases: Vec<Case> = vec![
             (&[], ALL, ok("/bin/iptables-legacy-save", "/bin/iptables-legacy-restore")),
             (&[], NFT_ONLY, ok("/bin/iptables-nft-save", "/bin/iptables-nft-restore")),
             (&[], PLAIN_ONLY, ok("/bin/iptables-save", "/bin/iptables-restore")),
