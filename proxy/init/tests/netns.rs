@@ -13,7 +13,7 @@ use std::{
     fs::File,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
@@ -56,6 +56,7 @@ fn require_root_and_tools() {
         ("iptables-legacy-save", "iptables"),
         ("iptables-nft-save", "iptables"),
         ("bash", "bash"),
+        ("setpriv", "util-linux"),
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {program}")])
@@ -367,6 +368,42 @@ fn legacy_redirects_and_is_idempotent() {
 #[test]
 fn nft_redirects_and_is_idempotent() {
     redirects_and_is_idempotent("nft");
+}
+
+/// iptables run without privilege: the real message from iptables-save, as a container
+/// without NET_ADMIN would see it (`setpriv` drops root for it alone).
+#[test]
+fn permission_denied_is_named() {
+    require_root_and_tools();
+    let ns = Netns::new("unprivileged");
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let save = dir.join("iptables-save");
+    std::fs::write(
+        &save,
+        "#!/bin/sh\nexec setpriv --reuid=2102 --regid=2102 --clear-groups iptables-legacy-save \"$@\"\n",
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&save, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let netns = ns.path();
+    let result = proxy_init::run(&options(&[
+        "--netns",
+        netns.to_str().expect("utf-8 path"),
+        "--firewall-save-bin-path",
+        save.to_str().expect("utf-8 path"),
+        "--iptables-mode",
+        "legacy",
+    ]));
+    std::fs::remove_dir_all(&dir).expect("remove the wrapper");
+    let err = result.expect_err("iptables-save without privilege");
+    assert!(matches!(err, InitError::PermissionDenied { .. }), "{err:?}");
+    let message = err.to_string();
+    for part in [
+        "needs root or the NET_ADMIN capability",
+        "Permission denied (you must be root)",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
 }
 
 /// Needs neither root nor iptables: the programs are looked for before anything runs.
