@@ -36,6 +36,12 @@ prerequisites:
 	    echo "installing iproute2 (network namespaces for the end-to-end tests)"; \
 	    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
 	  else echo "error: iproute2 (ip) is missing: install it (apt-get install iproute2); the end-to-end tests need it, as root" >&2; exit 1; fi; }
+	@# proxy-init's tests apply its rules with both iptables back ends, in network namespaces (as root).
+	@{ command -v iptables-legacy-restore && command -v iptables-nft-restore; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing iptables (proxy-init's tests)"; \
+	    apt-get update -qq && apt-get install -y -qq iptables >/dev/null; \
+	  else echo "error: iptables is missing: install it (apt-get install iptables); proxy-init's tests need it, as root" >&2; exit 1; fi; }
 
 .PHONY: kube-binaries
 kube-binaries: prerequisites
