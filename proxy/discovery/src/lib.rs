@@ -16,12 +16,13 @@ pub mod resolve;
 mod testing;
 
 pub use self::{
-    control::channel,
+    control::{ChannelError, channel},
     policy::{
         Authentication, Authorization, Authorized, Client, ClientTls, DefaultPolicy, Denied,
-        InboundPolicies, Network, Protocol, ServerPolicy, authorize,
+        InboundPolicies, InvalidServer, Network, Protocol, ServerPolicy, UnknownPolicy, authorize,
     },
     resolve::{
-        Endpoint, Hint, Profile, ProfileResolution, Resolution, Resolve, ResolveProfile, Resolver,
+        Endpoint, Hint, IDLE_TIMEOUT, Malformed, Profile, ProfileResolution, Resolution, Resolve,
+        ResolveProfile, Resolver,
     },
 };

@@ -111,24 +111,17 @@ impl InboundServerPolicies for Peer {
     }
 }
 
-/// A channel to a new in-memory peer, and the calls it receives.
-pub(crate) fn peer() -> (Channel, Calls) {
+/// The peer as an HTTP/2 service (to serve over any transport), and the calls it receives.
+pub(crate) fn service() -> (Service, Calls) {
     let (get, get_rx) = mpsc::unbounded_channel();
     let (profile, profile_rx) = mpsc::unbounded_channel();
     let (port, port_rx) = mpsc::unbounded_channel();
     let peer = Peer { get, profile, port };
-    let channel = Endpoint::from_static("http://peer.test").connect_with_connector_lazy(
-        tower::service_fn(move |_| {
-            let peer = peer.clone();
-            async move {
-                let (client, server) = tokio::io::duplex(64 * 1024);
-                tokio::spawn(serve(TokioIo::new(server), peer));
-                Ok::<_, std::io::Error>(TokioIo::new(client))
-            }
-        }),
-    );
     (
-        channel,
+        Service {
+            destination: DestinationServer::new(peer.clone()),
+            inbound: InboundServerPoliciesServer::new(peer),
+        },
         Calls {
             get: get_rx,
             profile: profile_rx,
@@ -137,27 +130,57 @@ pub(crate) fn peer() -> (Channel, Calls) {
     )
 }
 
-async fn serve(io: TokioIo<tokio::io::DuplexStream>, peer: Peer) {
-    let destination = DestinationServer::new(peer.clone());
-    let inbound = InboundServerPoliciesServer::new(peer);
-    let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (mut destination, mut inbound) = (destination.clone(), inbound.clone());
-        async move {
-            use tower::Service;
-            if req
-                .uri()
-                .path()
-                .starts_with("/io.linkerd.proxy.destination.")
-            {
-                destination.call(req).await
-            } else {
-                inbound.call(req).await
+/// The peer's two gRPC services, routed by path.
+#[derive(Clone, Debug)]
+pub(crate) struct Service {
+    destination: DestinationServer<Peer>,
+    inbound: InboundServerPoliciesServer<Peer>,
+}
+
+impl Service {
+    /// Serves one connection until it ends.
+    pub(crate) async fn serve<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let (mut destination, mut inbound) = (self.destination.clone(), self.inbound.clone());
+            async move {
+                use tower::Service;
+                if req
+                    .uri()
+                    .path()
+                    .starts_with("/io.linkerd.proxy.destination.")
+                {
+                    destination.call(req).await
+                } else {
+                    inbound.call(req).await
+                }
             }
-        }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(io, hyper_util::service::TowerToHyperService::new(service))
-        .await;
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(
+                TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .await;
+    }
+}
+
+/// A channel to a new in-memory peer, and the calls it receives.
+pub(crate) fn peer() -> (Channel, Calls) {
+    let (service, calls) = service();
+    let channel = Endpoint::from_static("http://peer.test").connect_with_connector_lazy(
+        tower::service_fn(move |_| {
+            let service = service.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(service.serve(server));
+                Ok::<_, std::io::Error>(TokioIo::new(client))
+            }
+        }),
+    );
+    (channel, calls)
 }
 
 /// Lets every task run until all wait: on paused time, a sleep ends only once the runtime has
