@@ -12,8 +12,9 @@ mod cache;
 pub mod control;
 pub mod policy;
 pub mod resolve;
-#[cfg(test)]
-mod testing;
+/// A test double of the control plane's gRPC peer, for this crate's tests and its users'.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use self::{
     control::{ChannelError, channel},
