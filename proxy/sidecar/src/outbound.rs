@@ -195,8 +195,11 @@ impl Outbound {
         let labels = Labels::new(Direction::Outbound, None, ep.addr, &tls_of(&ep), &ep.labels);
         let (mut client, _src) = self.metrics.tcp(&labels, End::Src, io, activity);
         let (mut remote, _dst) = self.metrics.tcp(&labels, End::Dst, remote, activity);
-        if let Err(error) = proxy_transport::copy_bidirectional(&mut client, &mut remote).await {
-            tracing::debug!(%orig, %error, "opaque connection ended");
+        let idle = self.timeouts.idle;
+        match proxy_transport::forward(&mut client, &mut remote, activity, idle).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!(%orig, ?idle, "idle connection closed"),
+            Err(error) => tracing::debug!(%orig, %error, "opaque connection ended"),
         }
         self.tcp.touch(&orig);
     }
