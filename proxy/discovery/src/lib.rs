@@ -7,7 +7,7 @@
 //! - [`InboundPolicies`]: `InboundServerPolicies.WatchPort` per inbound port, starting from the
 //!   locally configured default policy, and [`authorize`], the connection-level check.
 
-mod backoff;
+pub mod backoff;
 mod cache;
 pub mod control;
 pub mod policy;

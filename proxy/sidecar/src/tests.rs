@@ -551,3 +551,51 @@ async fn balancer_prefers_fast_endpoints_and_forgets_removed_ones() {
     assert_eq!(counts.get(&fast), None, "{counts:?}");
     assert_eq!(counts.get(&slow), Some(&20));
 }
+
+/// An endpoint whose connections fail is not picked again while it backs off: with another
+/// endpoint ready, the requests after the first failure all succeed.
+#[tokio::test(start_paused = true)]
+async fn failing_endpoints_back_off() {
+    use proxy_discovery::{Endpoint, Resolution};
+
+    use crate::{
+        balance::{AnyError, Backoff, Balancer},
+        endpoint::plain_endpoint,
+    };
+
+    let good: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let down: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let set = Resolution::Endpoints(Arc::new(
+        [good, down]
+            .iter()
+            .map(|a| (*a, plain_endpoint(*a)))
+            .collect::<BTreeMap<_, Endpoint>>(),
+    ));
+    let (_tx, rx) = tokio::sync::watch::channel(set);
+    let balancer = Balancer::new(
+        rx,
+        |ep: Arc<Endpoint>| {
+            let svc = tower::service_fn(move |()| {
+                let addr = ep.addr;
+                async move {
+                    if addr.ip().to_string().ends_with(".2") {
+                        Err("connection refused")
+                    } else {
+                        Ok(addr)
+                    }
+                }
+            });
+            Backoff::<_, AnyError>::new(svc)
+        },
+        Duration::from_secs(1),
+    );
+    let mut failures = 0;
+    for _ in 0..100 {
+        if balancer.call(()).await.is_err() {
+            failures += 1;
+        }
+    }
+    // The down endpoint is picked at most once before its first backoff (100 ms or more,
+    // longer than these 100 requests take on paused time), so at most one request fails.
+    assert!(failures <= 1, "{failures} requests failed");
+}
