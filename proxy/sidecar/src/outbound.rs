@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use http::{Request, Response, Uri, uri::Authority};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use proxy_discovery::{Resolution, Resolver};
+use proxy_discovery::{Resolution, Resolve, Resolver};
 use proxy_http::{Protocol, ProxyBody, ProxyError, ServeSettings, Version, is_grpc};
 use proxy_transport::{Activity, orig_dst};
 use proxy_transport_header::Prefixed;
@@ -170,13 +170,14 @@ impl Outbound {
             .is_ok_and(|p| p.profile().is_some_and(|p| p.opaque))
     }
 
-    /// Waits (within the fail-fast timeout) for discovery's first answer about `target`.
-    async fn first(&self, target: &str) -> Option<tokio::sync::watch::Receiver<Resolution>> {
+    /// Waits (within the fail-fast timeout) for discovery's first answer about `target`:
+    /// `None` when the target is not discovery's (or it did not answer in time).
+    async fn first(&self, target: &str) -> Option<Resolve> {
         let mut resolve = self.resolver.resolve(target);
         let first = tokio::time::timeout(self.timeouts.failfast, resolve.first()).await;
         match first {
             Ok(Resolution::NotFound) | Err(_) => None,
-            Ok(_) => Some(resolve.watch()),
+            Ok(_) => Some(resolve),
         }
     }
 
@@ -228,7 +229,7 @@ impl Outbound {
         let failfast = self.timeouts.failfast;
         self.tcp.get_or_insert_with(&orig, move || match rx {
             None => Route::Forward,
-            Some(rx) => Route::Balanced(Balancer::new(
+            Some(rx) => Route::Balanced(Balancer::discovered(
                 rx,
                 move |ep| Backoff::new(TcpEndpoint::new(&dialer, ep)),
                 failfast,
@@ -248,7 +249,7 @@ impl Outbound {
         self.http
             .get_or_insert_with(&target.to_owned(), move || match rx {
                 None => Route::Forward,
-                Some(rx) => Route::Balanced(Balancer::new(
+                Some(rx) => Route::Balanced(Balancer::discovered(
                     rx,
                     move |ep| {
                         let http = HttpEndpoint::new(&dialer, ep.clone());

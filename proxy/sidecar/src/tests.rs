@@ -599,3 +599,46 @@ async fn failing_endpoints_back_off() {
     // longer than these 100 requests take on paused time), so at most one request fails.
     assert!(failures <= 1, "{failures} requests failed");
 }
+
+/// A balancer keeps hearing discovery for as long as it lives, past the resolver's idle
+/// timeout (which closes streams no one holds): an endpoint removed a minute later gets no
+/// more requests.
+#[tokio::test(start_paused = true)]
+async fn balancers_hold_their_discovery_open() {
+    use linkerd2_proxy_api::destination::AddrSet;
+    use proxy_discovery::Endpoint;
+
+    use crate::balance::Balancer;
+
+    let a: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let b: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let (channel, mut calls) = testing::peer();
+    let resolver = Resolver::new(channel, String::new(), Duration::from_secs(5));
+    let mut resolve = resolver.resolve("web.shop.svc.cluster.local:80");
+    let call = calls.get.recv().await.unwrap();
+    let plain = |addr: SocketAddr| WeightedAddr {
+        addr: Some(addr.into()),
+        weight: 1,
+        ..Default::default()
+    };
+    call.send(add(vec![plain(a), plain(b)]));
+    resolve.first().await;
+    let balancer = Balancer::discovered(
+        resolve,
+        |ep: Arc<Endpoint>| {
+            tower::service_fn(move |()| std::future::ready(Ok::<_, Infallible>(ep.addr)))
+        },
+        Duration::from_secs(1),
+    );
+    assert!(balancer.call(()).await.is_ok());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    call.send(Update {
+        update: Some(update::Update::Remove(AddrSet {
+            addrs: vec![b.into()],
+        })),
+    });
+    testing::settle().await;
+    for _ in 0..20 {
+        assert_eq!(balancer.call(()).await.unwrap(), a);
+    }
+}
