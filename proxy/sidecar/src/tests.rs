@@ -87,13 +87,28 @@ struct Seen {
 /// An HTTP application on loopback (HTTP/1 or, with `h2`, HTTP/2) that records each request
 /// and answers `ok`.
 async fn app(h2: bool) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let (addr, seen, _) = app_counting(h2).await;
+    (addr, seen)
+}
+
+/// [`app`], and how many connections it accepted.
+async fn app_counting(
+    h2: bool,
+) -> (
+    SocketAddr,
+    Arc<Mutex<Vec<Seen>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let record = seen.clone();
+    let counted = conns.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let record = record.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 record.lock().unwrap().push(Seen {
@@ -120,7 +135,7 @@ async fn app(h2: bool) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
             });
         }
     });
-    (addr, seen)
+    (addr, seen, conns)
 }
 
 /// The server pod's proxy: its inbound port, for connections sent to `app`'s port, clients
@@ -641,4 +656,49 @@ async fn balancers_hold_their_discovery_open() {
     for _ in 0..20 {
         assert_eq!(balancer.call(()).await.unwrap(), a);
     }
+}
+
+/// Requests of many HTTP/1 clients, multiplexed between the proxies, reach an HTTP/1
+/// application on pooled connections: as many as were in flight at once, not one per request.
+#[tokio::test]
+async fn the_application_gets_pooled_connections() {
+    let pki = pki();
+    let (app, seen, conns) = app_counting(false).await;
+    let (inbound, _) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let clients = (0..8).map(|_| {
+        tokio::spawn(async move {
+            let tcp = TcpStream::connect(outbound).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for _ in 0..25 {
+                let req = Request::builder()
+                    .uri("/")
+                    .header("host", "web.shop.svc.cluster.local")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let rsp = send.send_request(req).await.unwrap();
+                assert_eq!(rsp.status(), 200);
+                rsp.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    for c in clients.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().len(), 200);
+    let opened = conns.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        opened <= 8,
+        "{opened} connections for 200 requests of 8 clients"
+    );
 }
