@@ -52,9 +52,10 @@ use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
     measure::{
-        BULK_CHUNK, BulkFigures, BulkSlice, Guard, HttpFigures, HttpSlice, Results, Route as _,
-        RssSampler, Timing, haproxy_binary, haproxy_check, haproxy_version, interleaved, mib,
-        micros, percentile, sink, status_kib, upload, wait_listening,
+        BULK_CHUNK, BulkFigures, BulkSlice, Goal, Guard, HttpFigures, HttpSlice, Results,
+        Route as _, RssSampler, Timing, haproxy_binary, haproxy_check, haproxy_version,
+        interleaved, mib, micros, percentile, print_bulk, print_requests, print_verdict, sink,
+        status_kib, upload, wait_listening, write_json,
     },
     mesh::{self, GatewaySettings, start_gateway, start_identity},
     meshlink::{Program, free_port, labels},
@@ -1115,14 +1116,6 @@ mod backend {
 // ---------------------------------------------------------------------------------------------
 // The report
 
-/// One of the issue's goals, as measured.
-#[derive(Debug, Serialize)]
-struct Goal {
-    goal: &'static str,
-    figure: String,
-    met: bool,
-}
-
 #[derive(Debug, Serialize)]
 struct Ratios {
     /// Gateway p50 minus direct p50 at 1 connection.
@@ -1215,48 +1208,14 @@ impl Report {
              slices, each after {} s of warm-up",
             s["seconds_per_run"], s["rounds"], s["warmup_seconds_per_http_slice"]
         )?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10} {:>10} {:>10}   slices: slowest-fastest req/s",
-            "conns", "route", "req/s", "p50 µs", "p99 µs"
-        )?;
-        for (conns, routes) in &self.http {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.0} {:>10.1} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.requests_per_s,
-                    f.p50_us,
-                    f.p99_us,
-                    f.slowest_slice_per_s,
-                    f.fastest_slice_per_s
-                )?;
-            }
-        }
+        print_requests(out, &self.http)?;
         writeln!(out)?;
         writeln!(
             out,
             "bulk TCP upload into a sink (MB = 10^6 bytes the sink counted), {} s per run in {} slices",
             s["seconds_per_run"], s["rounds"]
         )?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10}   slices: slowest-fastest MB/s",
-            "conns", "route", "MB/s"
-        )?;
-        for (conns, routes) in &self.bulk {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.mb_per_s,
-                    f.slowest_slice_mb_per_s,
-                    f.fastest_slice_mb_per_s
-                )?;
-            }
-        }
+        print_bulk(out, &self.bulk)?;
         let m = &self.memory;
         writeln!(out)?;
         writeln!(
@@ -1271,53 +1230,47 @@ impl Report {
         self.print_flood(out)?;
         self.per_connection.print(out)?;
         let r = &self.ratios;
-        writeln!(out)?;
-        writeln!(out, "ratios")?;
-        for (what, value, unit) in [
-            (
-                "gateway p50 - direct p50, 1 conn",
-                r.gateway_added_p50_us_1,
-                " µs",
-            ),
-            (
-                "haproxy p50 - direct p50, 1 conn",
-                r.haproxy_added_p50_us_1,
-                " µs",
-            ),
-            (
-                "gateway / direct, HTTP req/s, 16 conns",
-                r.gateway_over_direct_http_16,
-                "",
-            ),
-            (
-                "gateway / direct, bulk MB/s, 16 conns",
-                r.gateway_over_direct_bulk_16,
-                "",
-            ),
-            (
-                "gateway / haproxy, HTTP req/s, 16 conns",
-                r.gateway_over_haproxy_http_16,
-                "",
-            ),
-            (
-                "gateway / haproxy, bulk MB/s, 16 conns",
-                r.gateway_over_haproxy_bulk_16,
-                "",
-            ),
-            (
-                "gateway peak RSS under load",
-                r.gateway_peak_rss_mib,
-                " MiB",
-            ),
-        ] {
-            writeln!(out, "  {what:<40} {value:>8.2}{unit}")?;
-        }
-        writeln!(out)?;
-        writeln!(out, "goals (reported, never enforced)")?;
-        for g in &self.goals {
-            let mark = if g.met { "met   " } else { "MISSED" };
-            writeln!(out, "  [{mark}] {:<62} {}", g.goal, g.figure)?;
-        }
+        print_verdict(
+            out,
+            &[
+                (
+                    "gateway p50 - direct p50, 1 conn",
+                    r.gateway_added_p50_us_1,
+                    " µs",
+                ),
+                (
+                    "haproxy p50 - direct p50, 1 conn",
+                    r.haproxy_added_p50_us_1,
+                    " µs",
+                ),
+                (
+                    "gateway / direct, HTTP req/s, 16 conns",
+                    r.gateway_over_direct_http_16,
+                    "",
+                ),
+                (
+                    "gateway / direct, bulk MB/s, 16 conns",
+                    r.gateway_over_direct_bulk_16,
+                    "",
+                ),
+                (
+                    "gateway / haproxy, HTTP req/s, 16 conns",
+                    r.gateway_over_haproxy_http_16,
+                    "",
+                ),
+                (
+                    "gateway / haproxy, bulk MB/s, 16 conns",
+                    r.gateway_over_haproxy_bulk_16,
+                    "",
+                ),
+                (
+                    "gateway peak RSS under load",
+                    r.gateway_peak_rss_mib,
+                    " MiB",
+                ),
+            ],
+            &self.goals,
+        )?;
         writeln!(out)?;
         writeln!(
             out,
@@ -1383,13 +1336,7 @@ impl Report {
             "goals": self.goals,
             "elapsed_seconds": elapsed.as_secs_f64(),
         });
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(
-            out.join("gateway.json"),
-            serde_json::to_string_pretty(&results)?,
-        )?;
-        Ok(())
+        Ok(write_json("gateway", &results)?)
     }
 }
 
@@ -1397,32 +1344,32 @@ fn goals(r: &Ratios) -> Vec<Goal> {
     let at_least = |x: f64, min: f64| x >= min;
     vec![
         Goal {
-            goal: "1 conn: the gateway adds under 50 µs to p50",
+            goal: "1 conn: the gateway adds under 50 µs to p50".to_owned(),
             figure: format!("{:.1} µs", r.gateway_added_p50_us_1),
             met: r.gateway_added_p50_us_1 < 50.0,
         },
         Goal {
-            goal: "16 conns: at least 35 % of direct HTTP req/s",
+            goal: "16 conns: at least 35 % of direct HTTP req/s".to_owned(),
             figure: format!("{:.0} %", r.gateway_over_direct_http_16 * 100.0),
             met: at_least(r.gateway_over_direct_http_16, 0.35),
         },
         Goal {
-            goal: "16 conns: at least 35 % of direct bulk MB/s",
+            goal: "16 conns: at least 35 % of direct bulk MB/s".to_owned(),
             figure: format!("{:.0} %", r.gateway_over_direct_bulk_16 * 100.0),
             met: at_least(r.gateway_over_direct_bulk_16, 0.35),
         },
         Goal {
-            goal: "16 conns: matches (within 5 %) or beats HAProxy, HTTP req/s",
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, HTTP req/s".to_owned(),
             figure: format!("{:.2}x", r.gateway_over_haproxy_http_16),
             met: at_least(r.gateway_over_haproxy_http_16, 1.0 - MATCH_TOLERANCE),
         },
         Goal {
-            goal: "16 conns: matches (within 5 %) or beats HAProxy, bulk MB/s",
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, bulk MB/s".to_owned(),
             figure: format!("{:.2}x", r.gateway_over_haproxy_bulk_16),
             met: at_least(r.gateway_over_haproxy_bulk_16, 1.0 - MATCH_TOLERANCE),
         },
         Goal {
-            goal: "gateway RSS under 16 MiB under load (VmHWM)",
+            goal: "gateway RSS under 16 MiB under load (VmHWM)".to_owned(),
             figure: format!("{:.1} MiB", r.gateway_peak_rss_mib),
             met: r.gateway_peak_rss_mib < 16.0,
         },

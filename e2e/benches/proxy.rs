@@ -58,9 +58,10 @@ use e2e::{
     destination::{destination_id, start_destination},
     install_link_crd,
     measure::{
-        BULK_CHUNK, BulkFigures, BulkSlice, Guard, HttpFigures, HttpSlice, Results, Route as _,
-        RssSampler, Timing, haproxy_binary, haproxy_check, haproxy_version, interleaved, mib, sink,
-        status_kib, upload, wait_listening,
+        BULK_CHUNK, BulkFigures, BulkSlice, Goal, Guard, HttpFigures, HttpSlice, Results,
+        Route as _, RssSampler, Timing, haproxy_binary, haproxy_check, haproxy_version,
+        interleaved, mib, print_bulk, print_requests, print_verdict, sink, status_kib, upload,
+        wait_listening, write_json,
     },
     mesh::{self, IDENTITY_AUDIENCE, identity_id, start_identity, workload_id},
     meshlink::{Program, free_port, http_get, labels, service_account_token_for, workspace_binary},
@@ -1471,14 +1472,6 @@ struct Memory {
     max_sampled_mib: f64,
 }
 
-/// One of the goals, as measured.
-#[derive(Debug, Serialize)]
-struct Goal {
-    goal: String,
-    figure: String,
-    met: bool,
-}
-
 #[derive(Debug, Serialize)]
 struct Ratios {
     /// Meshed p50 minus direct p50 at 1 connection.
@@ -1556,32 +1549,14 @@ impl Report {
         }
     }
 
-    fn print_requests(
+    fn print_titled_requests(
         out: &mut impl std::io::Write,
         title: &str,
         results: &Results<Route, HttpFigures>,
     ) -> Result<()> {
         writeln!(out)?;
         writeln!(out, "{title}")?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10} {:>10} {:>10}   slices: slowest-fastest req/s",
-            "conns", "route", "req/s", "p50 µs", "p99 µs"
-        )?;
-        for (conns, routes) in results {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.0} {:>10.1} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.requests_per_s,
-                    f.p50_us,
-                    f.p99_us,
-                    f.slowest_slice_per_s,
-                    f.fastest_slice_per_s
-                )?;
-            }
-        }
+        print_requests(out, results)?;
         Ok(())
     }
 
@@ -1608,12 +1583,12 @@ impl Report {
             "{} s per run in {} slices, each after {} s of warm-up",
             s["seconds_per_run"], s["rounds"], s["warmup_seconds_per_request_slice"]
         );
-        Self::print_requests(
+        Self::print_titled_requests(
             out,
             &format!("HTTP/1.1 GET on keep-alive connections, one request at a time each: {each}"),
             &self.http,
         )?;
-        Self::print_requests(
+        Self::print_titled_requests(
             out,
             &format!("gRPC unary calls (HTTP/2), one at a time per connection: {each}"),
             &self.grpc,
@@ -1624,23 +1599,7 @@ impl Report {
             "bulk TCP upload into a sink (MB = 10^6 bytes the sink counted), {} s per run in {} slices",
             s["seconds_per_run"], s["rounds"]
         )?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10}   slices: slowest-fastest MB/s",
-            "conns", "route", "MB/s"
-        )?;
-        for (conns, routes) in &self.bulk {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.mb_per_s,
-                    f.slowest_slice_mb_per_s,
-                    f.fastest_slice_mb_per_s
-                )?;
-            }
-        }
+        print_bulk(out, &self.bulk)?;
         writeln!(out)?;
         writeln!(
             out,
@@ -1654,70 +1613,64 @@ impl Report {
             )?;
         }
         let r = &self.ratios;
-        writeln!(out)?;
-        writeln!(out, "ratios")?;
-        for (what, value, unit) in [
-            (
-                "meshed p50 - direct p50, HTTP, 1 conn",
-                r.meshed_added_p50_us_http_1,
-                " µs",
-            ),
-            (
-                "meshed p50 - direct p50, gRPC, 1 conn",
-                r.meshed_added_p50_us_grpc_1,
-                " µs",
-            ),
-            (
-                "haproxy p50 - direct p50, HTTP, 1 conn",
-                r.haproxy_added_p50_us_http_1,
-                " µs",
-            ),
-            (
-                "haproxy p50 - direct p50, gRPC, 1 conn",
-                r.haproxy_added_p50_us_grpc_1,
-                " µs",
-            ),
-            (
-                "meshed / direct, HTTP req/s, 16 conns",
-                r.meshed_over_direct_http_16,
-                "",
-            ),
-            (
-                "meshed / direct, gRPC req/s, 16 conns",
-                r.meshed_over_direct_grpc_16,
-                "",
-            ),
-            (
-                "meshed / direct, bulk MB/s, 16 conns",
-                r.meshed_over_direct_bulk_16,
-                "",
-            ),
-            (
-                "meshed / haproxy, HTTP req/s, 16 conns",
-                r.meshed_over_haproxy_http_16,
-                "",
-            ),
-            (
-                "meshed / haproxy, gRPC req/s, 16 conns",
-                r.meshed_over_haproxy_grpc_16,
-                "",
-            ),
-            (
-                "meshed / haproxy, bulk MB/s, 16 conns",
-                r.meshed_over_haproxy_bulk_16,
-                "",
-            ),
-            ("client proxy peak RSS", r.client_proxy_peak_rss_mib, " MiB"),
-            ("server proxy peak RSS", r.server_proxy_peak_rss_mib, " MiB"),
-        ] {
-            writeln!(out, "  {what:<40} {value:>8.2}{unit}")?;
-        }
-        writeln!(out)?;
-        writeln!(out, "goals (reported, never enforced)")?;
-        for g in &self.goals {
-            let mark = if g.met { "met   " } else { "MISSED" };
-            writeln!(out, "  [{mark}] {:<62} {}", g.goal, g.figure)?;
-        }
+        print_verdict(
+            out,
+            &[
+                (
+                    "meshed p50 - direct p50, HTTP, 1 conn",
+                    r.meshed_added_p50_us_http_1,
+                    " µs",
+                ),
+                (
+                    "meshed p50 - direct p50, gRPC, 1 conn",
+                    r.meshed_added_p50_us_grpc_1,
+                    " µs",
+                ),
+                (
+                    "haproxy p50 - direct p50, HTTP, 1 conn",
+                    r.haproxy_added_p50_us_http_1,
+                    " µs",
+                ),
+                (
+                    "haproxy p50 - direct p50, gRPC, 1 conn",
+                    r.haproxy_added_p50_us_grpc_1,
+                    " µs",
+                ),
+                (
+                    "meshed / direct, HTTP req/s, 16 conns",
+                    r.meshed_over_direct_http_16,
+                    "",
+                ),
+                (
+                    "meshed / direct, gRPC req/s, 16 conns",
+                    r.meshed_over_direct_grpc_16,
+                    "",
+                ),
+                (
+                    "meshed / direct, bulk MB/s, 16 conns",
+                    r.meshed_over_direct_bulk_16,
+                    "",
+                ),
+                (
+                    "meshed / haproxy, HTTP req/s, 16 conns",
+                    r.meshed_over_haproxy_http_16,
+                    "",
+                ),
+                (
+                    "meshed / haproxy, gRPC req/s, 16 conns",
+                    r.meshed_over_haproxy_grpc_16,
+                    "",
+                ),
+                (
+                    "meshed / haproxy, bulk MB/s, 16 conns",
+                    r.meshed_over_haproxy_bulk_16,
+                    "",
+                ),
+                ("client proxy peak RSS", r.client_proxy_peak_rss_mib, " MiB"),
+                ("server proxy peak RSS", r.server_proxy_peak_rss_mib, " MiB"),
+            ],
+            &self.goals,
+        )?;
         writeln!(out)?;
         writeln!(
             out,
@@ -1739,13 +1692,7 @@ impl Report {
             "goals": self.goals,
             "elapsed_seconds": elapsed.as_secs_f64(),
         });
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(
-            out.join("proxy.json"),
-            serde_json::to_string_pretty(&results)?,
-        )?;
-        Ok(())
+        Ok(write_json("proxy", &results)?)
     }
 }
 

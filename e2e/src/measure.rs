@@ -432,3 +432,96 @@ pub fn wait_listening(child: &mut Guard, addrs: &[std::net::SocketAddr], log: &P
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The benchmarks' reports
+
+/// One of an issue's goals, as measured (reported, never enforced).
+#[derive(Debug, Serialize)]
+pub struct Goal {
+    pub goal: String,
+    pub figure: String,
+    pub met: bool,
+}
+
+/// Request figures as a table: a row per connection count and route.
+pub fn print_requests<R: Route>(
+    out: &mut impl std::io::Write,
+    results: &Results<R, HttpFigures>,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>5}  {:<8} {:>10} {:>10} {:>10}   slices: slowest-fastest req/s",
+        "conns", "route", "req/s", "p50 µs", "p99 µs"
+    )?;
+    for (conns, routes) in results {
+        for (route, f) in routes {
+            writeln!(
+                out,
+                "{conns:>5}  {:<8} {:>10.0} {:>10.1} {:>10.1}   {:.0}-{:.0}",
+                route.name(),
+                f.requests_per_s,
+                f.p50_us,
+                f.p99_us,
+                f.slowest_slice_per_s,
+                f.fastest_slice_per_s
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Bulk figures as a table: a row per connection count and route.
+pub fn print_bulk<R: Route>(
+    out: &mut impl std::io::Write,
+    results: &Results<R, BulkFigures>,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>5}  {:<8} {:>10}   slices: slowest-fastest MB/s",
+        "conns", "route", "MB/s"
+    )?;
+    for (conns, routes) in results {
+        for (route, f) in routes {
+            writeln!(
+                out,
+                "{conns:>5}  {:<8} {:>10.1}   {:.0}-{:.0}",
+                route.name(),
+                f.mb_per_s,
+                f.slowest_slice_mb_per_s,
+                f.fastest_slice_mb_per_s
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The ratios (what, value, unit) and the goals, as the end of a report.
+pub fn print_verdict(
+    out: &mut impl std::io::Write,
+    ratios: &[(&str, f64, &str)],
+    goals: &[Goal],
+) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "ratios")?;
+    for (what, value, unit) in ratios {
+        writeln!(out, "  {what:<40} {value:>8.2}{unit}")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "goals (reported, never enforced)")?;
+    for g in goals {
+        let mark = if g.met { "met   " } else { "MISSED" };
+        writeln!(out, "  [{mark}] {:<62} {}", g.goal, g.figure)?;
+    }
+    Ok(())
+}
+
+/// Writes `results` to `target/bench/<name>.json`.
+pub fn write_json(name: &str, results: &serde_json::Value) -> std::io::Result<()> {
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(results).map_err(std::io::Error::other)?,
+    )
+}
