@@ -118,7 +118,8 @@ bench-proxy: prerequisites kube-binaries haproxy
 
 .PHONY: fuzz
 # The parsers of network bytes under libFuzzer (nightly; cargo-fuzz is installed on first use):
-# the transport-header decoder and the protocol detector, FUZZ_SECONDS each (600 by default);
+# the transport-header decoder, the protocol detector and the ClientHello look, FUZZ_SECONDS each
+# (600 by default);
 # the corpora stay in each crate's fuzz/corpus.
 FUZZ_SECONDS ?= 600
 FUZZ_TARGETS ?= proxy/transport-header:decode proxy/http:detect proxy/sidecar:client_hello
