@@ -136,6 +136,15 @@ impl Inbound {
         })
     }
 
+    /// Whether `port` is opaque: configured so, or by its policy.
+    fn is_opaque(&self, port: u16, policy: &ServerPolicy) -> bool {
+        self.opaque_ports.contains(&port)
+            || matches!(
+                policy.protocol,
+                proxy_discovery::Protocol::Opaque | proxy_discovery::Protocol::Tls
+            )
+    }
+
     /// The clients of the application's `port`.
     fn app(&self, port: u16) -> AppClients {
         let mut apps = self
@@ -193,12 +202,20 @@ impl Inbound {
         let policy = self.policies.port(orig.port()).borrow().clone();
         let mut tcp = tcp;
         let mut buf = BytesMut::new();
-        let opening = match tokio::time::timeout(
-            self.timeouts.detect,
-            read_opening(&mut tcp, &mut buf, &self.own),
-        )
-        .await
-        {
+        // On an opaque port nothing is read first: meshed clients reach it by opaque transport
+        // (mTLS to the inbound port, which discovery tells them), so a connection to the port
+        // itself is plaintext, and its client may be waiting for the server to speak first
+        // (waiting for its first bytes would hold such a protocol for the detect timeout).
+        let opening = if self.is_opaque(orig.port(), &policy) {
+            Ok(Ok(Opening::Plain))
+        } else {
+            tokio::time::timeout(
+                self.timeouts.detect,
+                read_opening(&mut tcp, &mut buf, &self.own),
+            )
+            .await
+        };
+        let opening = match opening {
             Ok(Ok(o)) => o,
             Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "reading the first bytes");
@@ -285,11 +302,10 @@ impl Inbound {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         use proxy_discovery::Protocol as P;
-        let opaque_port = self.opaque_ports.contains(&orig.port());
         let mut buf = BytesMut::new();
         let protocol = match policy.protocol {
-            _ if opaque_port => Protocol::Opaque,
             P::Opaque | P::Tls => Protocol::Opaque,
+            P::Detect { .. } if self.opaque_ports.contains(&orig.port()) => Protocol::Opaque,
             P::Http1 => Protocol::Http1,
             P::Http2 | P::Grpc => Protocol::Http2,
             P::Detect { .. } => {

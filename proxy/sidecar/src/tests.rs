@@ -146,6 +146,17 @@ async fn server_proxy(
     policy: DefaultPolicy,
     client_ip: std::net::IpAddr,
 ) -> (SocketAddr, Metrics) {
+    server_proxy_with(pki, app, policy, client_ip, Vec::new()).await
+}
+
+/// [`server_proxy`] with ports configured opaque.
+async fn server_proxy_with(
+    pki: &Pki,
+    app: SocketAddr,
+    policy: DefaultPolicy,
+    client_ip: std::net::IpAddr,
+    opaque_ports: Vec<u16>,
+) -> (SocketAddr, Metrics) {
     let creds = creds(pki, SERVER);
     let (channel, calls) = testing::peer();
     // The policy service never answers: the port keeps the default policy.
@@ -169,7 +180,7 @@ async fn server_proxy(
         &creds,
         direct,
         policies,
-        Vec::new(),
+        opaque_ports,
         addr.port(),
         timeouts(Duration::from_secs(1)),
         metrics.clone(),
@@ -701,4 +712,34 @@ async fn the_application_gets_pooled_connections() {
         opened <= 8,
         "{opened} connections for 200 requests of 8 clients"
     );
+}
+
+/// A plaintext client of an opaque port whose server speaks first (a database, SMTP) gets the
+/// greeting at once: the inbound side does not wait for the client's first bytes (it would for
+/// the detect timeout, 60 s here).
+#[tokio::test]
+async fn inbound_opaque_ports_let_the_server_speak_first() {
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"220 ready\r\n").await.unwrap();
+        let _ = tcp.read(&mut [0u8; 16]).await;
+    });
+    let (inbound, _) = server_proxy_with(
+        &pki,
+        banner,
+        DefaultPolicy::AllUnauthenticated,
+        REMOTE_IP.into(),
+        vec![banner.port()],
+    )
+    .await;
+    let mut tcp = TcpStream::connect(inbound).await.unwrap();
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut buf))
+        .await
+        .expect("the greeting came before the detect timeout")
+        .unwrap();
+    assert_eq!(&buf, b"220 ready\r\n");
 }
