@@ -23,7 +23,7 @@ help:
 	@echo "make bench-gateway  the gateway against direct TCP and HAProxy (root; GATEWAY_BENCH_ARGS)"
 	@echo "make bench-destination  update latency, memory per stream and CPU of the destination service"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
-	@echo "make fuzz           fuzz the transport-header decoder (FUZZ_SECONDS=600)"
+	@echo "make fuzz           fuzz the transport-header decoder and the protocol detector (FUZZ_SECONDS=600 each)"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
 
 .PHONY: prerequisites
@@ -36,6 +36,12 @@ prerequisites:
 	    echo "installing iproute2 (network namespaces for the end-to-end tests)"; \
 	    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
 	  else echo "error: iproute2 (ip) is missing: install it (apt-get install iproute2); the end-to-end tests need it, as root" >&2; exit 1; fi; }
+	@# proxy-init's tests apply its rules with both iptables back ends, in network namespaces (as root).
+	@{ command -v iptables-legacy-restore && command -v iptables-nft-restore; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing iptables (proxy-init's tests)"; \
+	    apt-get update -qq && apt-get install -y -qq iptables >/dev/null; \
+	  else echo "error: iptables is missing: install it (apt-get install iptables); proxy-init's tests need it, as root" >&2; exit 1; fi; }
 
 .PHONY: kube-binaries
 kube-binaries: prerequisites
@@ -96,14 +102,19 @@ bench-gateway: prerequisites kube-binaries
 	$(CARGO) bench --locked --workspace --bench gateway -- $(GATEWAY_BENCH_ARGS)
 
 .PHONY: fuzz
-# The transport-header decoder under libFuzzer (nightly; cargo-fuzz is installed on first use).
-# FUZZ_SECONDS=600 by default; the corpus stays in proxy/transport-header/fuzz/corpus.
+# The parsers of network bytes under libFuzzer (nightly; cargo-fuzz is installed on first use):
+# the transport-header decoder and the protocol detector, FUZZ_SECONDS each (600 by default);
+# the corpora stay in each crate's fuzz/corpus.
 FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= proxy/transport-header:decode proxy/http:detect
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-	mkdir -p proxy/transport-header/fuzz/corpus/decode
-	cd proxy/transport-header && $(CARGO) +nightly fuzz run decode fuzz/corpus/decode fuzz/seeds/decode -- -max_total_time=$(FUZZ_SECONDS)
+	@for t in $(FUZZ_TARGETS); do dir=$${t%%:*}; name=$${t##*:}; \
+	  mkdir -p $$dir/fuzz/corpus/$$name; \
+	  echo "fuzzing $$name in $$dir for $(FUZZ_SECONDS)s"; \
+	  (cd $$dir && $(CARGO) +nightly fuzz run $$name fuzz/corpus/$$name fuzz/seeds/$$name -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
+	done
 
 .PHONY: clusters
 clusters: kube-binaries

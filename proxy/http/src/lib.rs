@@ -1,6 +1,7 @@
 //! HTTP plumbing every meshlink proxy needs, whatever its mode: what a proxy removes, adds and
 //! rewrites on a request before it reaches an application, as pure functions over `http` types.
 //!
+//! - [`detect`]: what a connection speaks, from its first bytes (HTTP/2, HTTP/1 or opaque).
 //! - [`headers`]: hop-by-hop hygiene, `Forwarded` loop detection, and `l5d-client-id` set from
 //!   the verified peer identity only.
 //! - [`orig_proto`]: Linkerd's HTTP/1-over-HTTP/2 upgrade (`l5d-orig-proto`), undone on the
@@ -12,11 +13,13 @@
 //! - [`error`]: the responses a proxy writes itself (`l5d-proxy-error`, gRPC statuses).
 
 pub mod client;
+pub mod detect;
 pub mod error;
 pub mod headers;
 pub mod orig_proto;
 pub mod server;
 
+pub use self::detect::{Protocol, classify, detect};
 pub use self::client::{Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError};
 pub use self::error::{ProxyBody, ProxyError, is_grpc};
 pub use self::headers::{L5D_CLIENT_ID, forwarded_by, set_client_id, strip_hop_by_hop};

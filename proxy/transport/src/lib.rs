@@ -29,6 +29,7 @@ mod duplex;
 pub mod files;
 mod listen;
 mod metrics;
+mod orig_dst;
 mod pending;
 mod share;
 pub mod tcp;
@@ -40,6 +41,7 @@ pub use self::{
     duplex::{BUFFER, Moved, copy_bidirectional},
     listen::{serve_connections, worker_runtimes},
     metrics::{Direction, Open, TcpMetrics},
+    orig_dst::orig_dst,
     pending::{Pending, Slot},
     share::{Held, PeerShare, PeerSlot, Share},
 };
