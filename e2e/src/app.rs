@@ -239,8 +239,14 @@ pub async fn client_loop(addr: SocketAddr, timeout: Duration) -> Result<()> {
                 format!("{e:#}").replace('\n', " ")
             ),
         };
+        let failed = line.contains(" ERR ");
         writeln!(out, "{line}")?;
         out.flush()?;
+        if failed {
+            // A client's back-off: a refused connection fails at once, and a loop of them
+            // would only burn the CPU the proxies need.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! through this host, which then forwards between the veths ([`Forwarding`]) as a node with a
 //! point-to-point CNI does, and every other address (a Service's ClusterIP, which no real route
 //! leads to) has a route only so that the Pod's iptables rules can redirect connections to it to
-//! the proxy; what they do not redirect goes to a dummy device and is dropped, never to this
+//! the proxy; what they do not redirect goes to a dead-end device and is dropped, never to this
 //! machine's own network.
 
 use std::{
@@ -97,20 +97,24 @@ impl Host {
     }
 
     /// Gives the namespace a Pod's routes: [`TEST_NETWORK`] (other Pods, and the control plane
-    /// on this host's veth addresses) through this host, and a default route to a dummy device.
+    /// on this host's veth addresses) through this host, and a default route to a dead-end device.
     /// The default route exists so that a connection to a Service's ClusterIP gets past the
     /// route lookup to the iptables `OUTPUT` chain, whose REDIRECT hands it to the proxy (a real
     /// Pod's default route leads to its node, which knows no ClusterIP either without
-    /// kube-proxy). A packet that nothing redirects is dropped by the dummy device: this host
+    /// kube-proxy). A packet that nothing redirects is dropped there: this host
     /// never forwards it to its own network. Pods reach each other only while a [`Forwarding`]
     /// is held.
     pub fn route_as_pod(&self) -> Result<(), Error> {
         let via = self.host_address.to_string();
-        let null = "mlnull";
+        // A veth pair inside the namespace: what is sent out of one end arrives at the other,
+        // which has no address and forwards nothing (the `dummy` device would do, but its
+        // kernel module is not always there).
+        let (null, sink) = ("mlnull", "mlnull1");
         for args in [
             vec!["ip", "route", "add", TEST_NETWORK, "via", &via],
-            vec!["ip", "link", "add", null, "type", "dummy"],
+            vec!["ip", "link", "add", null, "type", "veth", "peer", "name", sink],
             vec!["ip", "link", "set", null, "up"],
+            vec!["ip", "link", "set", sink, "up"],
             vec!["ip", "route", "add", "default", "dev", null],
         ] {
             let mut all = vec!["netns", "exec", &self.name];
