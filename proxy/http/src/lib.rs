@@ -19,8 +19,8 @@ pub mod headers;
 pub mod orig_proto;
 pub mod server;
 
-pub use self::detect::{Protocol, classify, detect};
 pub use self::client::{Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError};
+pub use self::detect::{Protocol, classify, detect};
 pub use self::error::{ProxyBody, ProxyError, is_grpc};
 pub use self::headers::{L5D_CLIENT_ID, forwarded_by, set_client_id, strip_hop_by_hop};
 pub use self::orig_proto::{L5D_ORIG_PROTO, OrigProto};

@@ -63,6 +63,40 @@ impl OrigProto {
         Some(orig)
     }
 
+    /// The calling side's upgrade: an HTTP/1 request to a meshed peer travels as HTTP/2 with
+    /// its version in `l5d-orig-proto` (`; absolute-form` when the client sent an absolute URI,
+    /// `absolute_form`). Its URI must already carry the authority. `false` for a request that
+    /// is not HTTP/1 (nothing to do).
+    pub fn upgrade<B>(req: &mut Request<B>, absolute_form: bool) -> bool {
+        let orig = match req.version() {
+            Version::HTTP_11 => "HTTP/1.1",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => return false,
+        };
+        let value = if absolute_form {
+            HeaderValue::from_str(&format!("{orig}; absolute-form"))
+        } else {
+            HeaderValue::from_str(orig)
+        };
+        if let Ok(v) = value {
+            req.headers_mut().insert(L5D_ORIG_PROTO, v);
+        }
+        // Connection-specific headers cannot be in an HTTP/2 request.
+        crate::headers::strip_hop_by_hop(req.headers_mut());
+        *req.version_mut() = Version::HTTP_2;
+        true
+    }
+
+    /// The calling side's half of the round trip: the peer marked the response with the
+    /// version its application answered in; the client gets that version, without the header.
+    pub fn downgrade_response<B>(rsp: &mut Response<B>) {
+        if let Some(v) = rsp.headers_mut().remove(L5D_ORIG_PROTO)
+            && let Some(orig) = Self::parse(v.as_bytes())
+        {
+            *rsp.version_mut() = orig.version;
+        }
+    }
+
     /// Marks the response to a downgraded request with the HTTP/1 version the backend
     /// answered in; it goes back to the caller's proxy over HTTP/2.
     pub fn upgrade_response<B>(rsp: &mut Response<B>) {
@@ -146,5 +180,41 @@ mod tests {
         assert_eq!(rsp.version(), Version::HTTP_2);
         assert_eq!(rsp.headers()[L5D_ORIG_PROTO], "HTTP/1.0");
         assert!(!rsp.headers().contains_key(header::TRANSFER_ENCODING));
+    }
+
+    /// Upgrade on the client's side, downgrade on the server's, and back: the application and
+    /// its client each see the version they spoke, and no `l5d-orig-proto`.
+    #[test]
+    fn round_trip() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_10)
+            .uri("http://web.shop:8080/x")
+            .header(header::CONNECTION, "keep-alive")
+            .body(())
+            .unwrap();
+        assert!(OrigProto::upgrade(&mut req, true));
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(!req.headers().contains_key(header::CONNECTION));
+        assert_eq!(req.headers()[L5D_ORIG_PROTO], "HTTP/1.0; absolute-form");
+        let orig = OrigProto::downgrade(&mut req).unwrap();
+        assert_eq!((orig.version, orig.absolute_form), (Version::HTTP_10, true));
+        assert_eq!(req.version(), Version::HTTP_10);
+
+        let mut rsp = Response::builder()
+            .version(Version::HTTP_11)
+            .body(())
+            .unwrap();
+        OrigProto::upgrade_response(&mut rsp);
+        OrigProto::downgrade_response(&mut rsp);
+        assert_eq!(rsp.version(), Version::HTTP_11);
+        assert!(!rsp.headers().contains_key(L5D_ORIG_PROTO));
+
+        // HTTP/2 requests are not upgraded.
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(!OrigProto::upgrade(&mut req, false));
+        assert!(!req.headers().contains_key(L5D_ORIG_PROTO));
     }
 }
