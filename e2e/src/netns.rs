@@ -112,7 +112,9 @@ impl Host {
         let (null, sink) = ("mlnull", "mlnull1");
         for args in [
             vec!["ip", "route", "add", TEST_NETWORK, "via", &via],
-            vec!["ip", "link", "add", null, "type", "veth", "peer", "name", sink],
+            vec![
+                "ip", "link", "add", null, "type", "veth", "peer", "name", sink,
+            ],
             vec!["ip", "link", "set", null, "up"],
             vec!["ip", "link", "set", sink, "up"],
             vec!["ip", "route", "add", "default", "dev", null],
