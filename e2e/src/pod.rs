@@ -285,37 +285,48 @@ impl MeshedPod {
     /// log of whichever exited.
     async fn wait_started(&mut self) -> Result<()> {
         let ready = SocketAddr::new(IpAddr::V4(self.host.address()), ADMIN_PORT);
-        let deadline = tokio::time::Instant::now() + START;
-        loop {
-            for p in [&mut self.proxy, &mut self.app] {
-                if let Some(status) = p.exited() {
-                    bail!(
-                        "{} of Pod {} exited ({status}); last lines of {}:\n{}",
+        let name = self.spec.name.clone();
+        let (proxy, app) = (&mut self.proxy, &mut self.app);
+        let app_log = app.log_path().to_owned();
+        let started = wait_for(
+            &format!("Pod {name}: its app to listen and its proxy's /ready to answer 200"),
+            START,
+            || {
+                // A process that exited ends the wait at once, with its log.
+                let exited = [&mut *proxy, &mut *app].into_iter().find_map(|p| {
+                    let status = p.exited()?;
+                    Some(anyhow::anyhow!(
+                        "{} of Pod {name} exited ({status}); last lines of {}:\n{}",
                         p.name(),
-                        self.spec.name,
                         p.log_path().display(),
                         p.log_tail()
-                    );
+                    ))
+                });
+                let app_log = &app_log;
+                async move {
+                    if let Some(e) = exited {
+                        return Some(Err(e));
+                    }
+                    let listening = std::fs::read_to_string(app_log)
+                        .is_ok_and(|l| l.lines().any(|l| l == crate::app::LISTENING));
+                    let ready = http_get(ready, "/ready").await.is_ok_and(|r| r.0 == 200);
+                    (listening && ready).then_some(Ok(()))
                 }
-            }
-            let listening = std::fs::read_to_string(self.app.log_path())
-                .is_ok_and(|l| l.lines().any(|l| l == crate::app::LISTENING));
-            if listening && http_get(ready, "/ready").await.is_ok_and(|r| r.0 == 200) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
+            },
+        )
+        .await;
+        match started {
+            Ok(result) => result,
+            Err(timeout) => {
                 let (code, body) = http_get(ready, "/ready")
                     .await
                     .unwrap_or((0, String::new()));
                 bail!(
-                    "Pod {}: after {START:?} the app listens: {listening}, the proxy's /ready \
-                     answers {code} {body:?}; last lines of {}:\n{}",
-                    self.spec.name,
+                    "{timeout}: /ready answers {code} {body:?}; last lines of {}:\n{}",
                     self.proxy.log_path().display(),
                     self.proxy.log_tail()
-                );
+                )
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
