@@ -23,7 +23,7 @@ help:
 	@echo "make bench-gateway  the gateway against direct TCP and HAProxy (root; GATEWAY_BENCH_ARGS)"
 	@echo "make bench-destination  update latency, memory per stream and CPU of the destination service"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
-	@echo "make fuzz           fuzz the transport-header decoder and the protocol detector (FUZZ_SECONDS=600 each)"
+	@echo "make fuzz           fuzz the parsers of network bytes: transport header, protocol detection, ClientHello (FUZZ_SECONDS=600 each)"
 	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
 
 .PHONY: prerequisites
@@ -106,7 +106,7 @@ bench-gateway: prerequisites kube-binaries
 # the transport-header decoder and the protocol detector, FUZZ_SECONDS each (600 by default);
 # the corpora stay in each crate's fuzz/corpus.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= proxy/transport-header:decode proxy/http:detect
+FUZZ_TARGETS ?= proxy/transport-header:decode proxy/http:detect proxy/sidecar:client_hello
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -69,12 +69,12 @@ where
         .tcp
         .tracked(stream, activity, Direction::Outbound);
     let idle = inner.options.idle_timeout;
-    tokio::select! {
-        res = proxy_transport::copy_bidirectional(&mut client, &mut server) => match res {
-            Ok(moved) => tracing::debug!(%addr, up = moved.a_to_b, down = moved.b_to_a, "opaque connection closed"),
-            Err(error) => tracing::debug!(%addr, %error, "opaque connection failed"),
-        },
-        () = activity.idle(idle) => tracing::info!(%addr, ?idle, "idle connection closed"),
+    match proxy_transport::forward(&mut client, &mut server, activity, idle).await {
+        Ok(Some(moved)) => {
+            tracing::debug!(%addr, up = moved.a_to_b, down = moved.b_to_a, "opaque connection closed")
+        }
+        Ok(None) => tracing::info!(%addr, ?idle, "idle connection closed"),
+        Err(error) => tracing::debug!(%addr, %error, "opaque connection failed"),
     }
 }
 

@@ -142,29 +142,6 @@ pub struct Options {
     pub max_connections_per_identity: Option<usize>,
 }
 
-/// Who may read `/metrics` over mTLS: `configured`, or else the Prometheus of Linkerd viz in
-/// the gateway's own install (`prometheus.linkerd-viz.serviceaccount.identity.<the suffix of
-/// the gateway's own identity>`): the metrics name every client identity and target, and every
-/// workload of every linked cluster has a certificate from the same anchors. Empty when the
-/// gateway's identity is not Linkerd-shaped (then only loopback and the networks may read).
-pub fn metrics_identities(configured: &[Id], own: &Id) -> Vec<Id> {
-    if !configured.is_empty() {
-        return configured.to_vec();
-    }
-    const MARK: &str = ".serviceaccount.identity.";
-    let Id::Dns(own) = own else { return vec![] };
-    own.find(MARK)
-        .and_then(|i| {
-            Id::parse(&format!(
-                "prometheus.linkerd-viz{MARK}{}",
-                &own[i + MARK.len()..]
-            ))
-            .ok()
-        })
-        .into_iter()
-        .collect()
-}
-
 impl Options {
     /// Forwarded connections one identity may hold.
     pub fn identity_share(&self) -> usize {

@@ -87,7 +87,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     let discovery = Discovery::default();
     let ready = proxy_admin::all_ready(vec![creds.valid(), discovery.synced()]);
     let admin_tls = proxy_identity::tls::server_config(&creds, &[b"http/1.1"]);
-    let metrics_identities = gateway::metrics_identities(&args.metrics_identities, creds.id());
+    let metrics_identities = proxy_admin::metrics_identities(&args.metrics_identities, creds.id());
     tracing::info!(identities = ?metrics_identities, "who may read /metrics over mTLS");
     let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready)
         .metrics_access(

@@ -1252,40 +1252,6 @@ async fn the_http1_head_limit_is_exact() {
     }
 }
 
-#[test]
-fn metrics_identities_default_to_the_installs_prometheus() {
-    let id = |s: &str| Id::parse(s).unwrap();
-    let gw =
-        id("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.east.example");
-    let cases = [
-        (
-            vec![],
-            gw.clone(),
-            vec![id(
-                "prometheus.linkerd-viz.serviceaccount.identity.linkerd.east.example",
-            )],
-        ),
-        (
-            vec![id(
-                "scraper.mon.serviceaccount.identity.linkerd.cluster.local",
-            )],
-            gw.clone(),
-            vec![id(
-                "scraper.mon.serviceaccount.identity.linkerd.cluster.local",
-            )],
-        ),
-        (vec![], id("gateway.example.com"), vec![]),
-        (vec![], id("spiffe://cluster.local/ns/a/sa/b"), vec![]),
-    ];
-    for (configured, own, expected) in cases {
-        assert_eq!(
-            crate::metrics_identities(&configured, &own),
-            expected,
-            "{own}"
-        );
-    }
-}
-
 const ATTACKER: &str = "attacker.shop.serviceaccount.identity.linkerd.cluster.local";
 
 /// What the hostile-client backend has seen: uploads begun, bytes of large answers produced.

@@ -118,6 +118,29 @@ impl MetricsAccess {
     }
 }
 
+/// Who may read `/metrics` over mTLS: `configured`, or else the Prometheus of Linkerd viz in
+/// the proxy's own install (`prometheus.linkerd-viz.serviceaccount.identity.<the suffix of
+/// the proxy's own identity>`): the metrics name every client identity and target, and every
+/// workload of every linked cluster has a certificate from the same anchors. Empty when the
+/// proxy's identity is not Linkerd-shaped (then only loopback and the networks may read).
+pub fn metrics_identities(configured: &[Id], own: &Id) -> Vec<Id> {
+    if !configured.is_empty() {
+        return configured.to_vec();
+    }
+    const MARK: &str = ".serviceaccount.identity.";
+    let Id::Dns(own) = own else { return vec![] };
+    own.find(MARK)
+        .and_then(|i| {
+            Id::parse(&format!(
+                "prometheus.linkerd-viz{MARK}{}",
+                &own[i + MARK.len()..]
+            ))
+            .ok()
+        })
+        .into_iter()
+        .collect()
+}
+
 /// What the admin server serves.
 #[derive(Clone, Debug)]
 pub struct Admin {
@@ -346,6 +369,40 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn metrics_identities_default_to_the_installs_prometheus() {
+        let id = |s: &str| Id::parse(s).unwrap();
+        let gw =
+            id("linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.east.example");
+        let cases = [
+            (
+                vec![],
+                gw.clone(),
+                vec![id(
+                    "prometheus.linkerd-viz.serviceaccount.identity.linkerd.east.example",
+                )],
+            ),
+            (
+                vec![id(
+                    "scraper.mon.serviceaccount.identity.linkerd.cluster.local",
+                )],
+                gw.clone(),
+                vec![id(
+                    "scraper.mon.serviceaccount.identity.linkerd.cluster.local",
+                )],
+            ),
+            (vec![], id("gateway.example.com"), vec![]),
+            (vec![], id("spiffe://cluster.local/ns/a/sa/b"), vec![]),
+        ];
+        for (configured, own, expected) in cases {
+            assert_eq!(
+                super::metrics_identities(&configured, &own),
+                expected,
+                "{own}"
+            );
+        }
+    }
     use prometheus_client::metrics::counter::Counter;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

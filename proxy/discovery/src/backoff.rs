@@ -1,4 +1,5 @@
-//! The backoff between attempts of a control-plane stream.
+//! The backoff between attempts of a control-plane stream, and between connection attempts to
+//! an endpoint that failed (the sidecar's balancer): Linkerd's reconnect bounds.
 
 use std::time::Duration;
 
@@ -8,16 +9,16 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 /// with jitter so that the proxies of a cluster do not all call back at once after a
 /// control-plane restart. backon's jitter adds up to the current delay, so the delay doubles
 /// from MIN up to MAX / 2 and every delay, jitter included, lies within MIN..=MAX.
-pub(crate) const MIN: Duration = Duration::from_millis(100);
-pub(crate) const MAX: Duration = Duration::from_secs(60);
+pub const MIN: Duration = Duration::from_millis(100);
+pub const MAX: Duration = Duration::from_secs(60);
 
 /// The delays between attempts, for ever. A stream that answered starts a new one, so that a
 /// failure after a long healthy stream is retried quickly.
 #[derive(Debug)]
-pub(crate) struct Backoff(backon::ExponentialBackoff);
+pub struct Backoff(backon::ExponentialBackoff);
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self(
             ExponentialBuilder::new()
                 .with_min_delay(MIN)
@@ -28,12 +29,12 @@ impl Backoff {
         )
     }
 
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         *self = Self::new();
     }
 
     /// The next delay.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         // Without a maximum number of attempts the iterator never ends; MAX is only a fallback.
         self.0.next().unwrap_or(MAX)
     }

@@ -7,21 +7,23 @@
 //! - [`InboundPolicies`]: `InboundServerPolicies.WatchPort` per inbound port, starting from the
 //!   locally configured default policy, and [`authorize`], the connection-level check.
 
-mod backoff;
+pub mod backoff;
 mod cache;
 pub mod control;
 pub mod policy;
 pub mod resolve;
-#[cfg(test)]
-mod testing;
+/// A test double of the control plane's gRPC peer, for this crate's tests and its users'.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use self::{
-    control::channel,
+    control::{ChannelError, channel},
     policy::{
         Authentication, Authorization, Authorized, Client, ClientTls, DefaultPolicy, Denied,
-        InboundPolicies, Network, Protocol, ServerPolicy, authorize,
+        InboundPolicies, InvalidServer, Network, Protocol, ServerPolicy, UnknownPolicy, authorize,
     },
     resolve::{
-        Endpoint, Hint, Profile, ProfileResolution, Resolution, Resolve, ResolveProfile, Resolver,
+        Endpoint, Hint, IDLE_TIMEOUT, Malformed, Profile, ProfileResolution, Resolution, Resolve,
+        ResolveProfile, Resolver,
     },
 };

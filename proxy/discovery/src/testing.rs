@@ -27,31 +27,31 @@ type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// One call: what was asked, and the sender of its answers. `answers.closed()` resolves when
 /// the client cancelled the call.
 #[derive(Debug)]
-pub(crate) struct Call<Req, T> {
-    pub(crate) request: Req,
-    pub(crate) answers: mpsc::UnboundedSender<Result<T, Status>>,
+pub struct Call<Req, T> {
+    pub request: Req,
+    pub answers: mpsc::UnboundedSender<Result<T, Status>>,
 }
 
 impl<Req, T> Call<Req, T> {
-    pub(crate) fn send(&self, answer: T) {
+    pub fn send(&self, answer: T) {
         self.answers.send(Ok(answer)).expect("the call is open");
     }
 
-    pub(crate) fn fail(&self, status: Status) {
+    pub fn fail(&self, status: Status) {
         self.answers.send(Err(status)).expect("the call is open");
     }
 }
 
-pub(crate) type GetCall = Call<GetDestination, Update>;
-pub(crate) type ProfileCall = Call<GetDestination, DestinationProfile>;
-pub(crate) type PortCall = Call<PortSpec, Server>;
+pub type GetCall = Call<GetDestination, Update>;
+pub type ProfileCall = Call<GetDestination, DestinationProfile>;
+pub type PortCall = Call<PortSpec, Server>;
 
 /// The calls the peer received, in order.
 #[derive(Debug)]
-pub(crate) struct Calls {
-    pub(crate) get: mpsc::UnboundedReceiver<GetCall>,
-    pub(crate) profile: mpsc::UnboundedReceiver<ProfileCall>,
-    pub(crate) port: mpsc::UnboundedReceiver<PortCall>,
+pub struct Calls {
+    pub get: mpsc::UnboundedReceiver<GetCall>,
+    pub profile: mpsc::UnboundedReceiver<ProfileCall>,
+    pub port: mpsc::UnboundedReceiver<PortCall>,
 }
 
 #[derive(Clone, Debug)]
@@ -111,24 +111,17 @@ impl InboundServerPolicies for Peer {
     }
 }
 
-/// A channel to a new in-memory peer, and the calls it receives.
-pub(crate) fn peer() -> (Channel, Calls) {
+/// The peer as an HTTP/2 service (to serve over any transport), and the calls it receives.
+pub fn service() -> (Service, Calls) {
     let (get, get_rx) = mpsc::unbounded_channel();
     let (profile, profile_rx) = mpsc::unbounded_channel();
     let (port, port_rx) = mpsc::unbounded_channel();
     let peer = Peer { get, profile, port };
-    let channel = Endpoint::from_static("http://peer.test").connect_with_connector_lazy(
-        tower::service_fn(move |_| {
-            let peer = peer.clone();
-            async move {
-                let (client, server) = tokio::io::duplex(64 * 1024);
-                tokio::spawn(serve(TokioIo::new(server), peer));
-                Ok::<_, std::io::Error>(TokioIo::new(client))
-            }
-        }),
-    );
     (
-        channel,
+        Service {
+            destination: DestinationServer::new(peer.clone()),
+            inbound: InboundServerPoliciesServer::new(peer),
+        },
         Calls {
             get: get_rx,
             profile: profile_rx,
@@ -137,31 +130,61 @@ pub(crate) fn peer() -> (Channel, Calls) {
     )
 }
 
-async fn serve(io: TokioIo<tokio::io::DuplexStream>, peer: Peer) {
-    let destination = DestinationServer::new(peer.clone());
-    let inbound = InboundServerPoliciesServer::new(peer);
-    let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (mut destination, mut inbound) = (destination.clone(), inbound.clone());
-        async move {
-            use tower::Service;
-            if req
-                .uri()
-                .path()
-                .starts_with("/io.linkerd.proxy.destination.")
-            {
-                destination.call(req).await
-            } else {
-                inbound.call(req).await
+/// The peer's two gRPC services, routed by path.
+#[derive(Clone, Debug)]
+pub struct Service {
+    destination: DestinationServer<Peer>,
+    inbound: InboundServerPoliciesServer<Peer>,
+}
+
+impl Service {
+    /// Serves one connection until it ends.
+    pub async fn serve<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let (mut destination, mut inbound) = (self.destination.clone(), self.inbound.clone());
+            async move {
+                use tower::Service;
+                if req
+                    .uri()
+                    .path()
+                    .starts_with("/io.linkerd.proxy.destination.")
+                {
+                    destination.call(req).await
+                } else {
+                    inbound.call(req).await
+                }
             }
-        }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(io, hyper_util::service::TowerToHyperService::new(service))
-        .await;
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(
+                TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .await;
+    }
+}
+
+/// A channel to a new in-memory peer, and the calls it receives.
+pub fn peer() -> (Channel, Calls) {
+    let (service, calls) = service();
+    let channel = Endpoint::from_static("http://peer.test").connect_with_connector_lazy(
+        tower::service_fn(move |_| {
+            let service = service.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(service.serve(server));
+                Ok::<_, std::io::Error>(TokioIo::new(client))
+            }
+        }),
+    );
+    (channel, calls)
 }
 
 /// Lets every task run until all wait: on paused time, a sleep ends only once the runtime has
 /// nothing else to do (the clock then moves by the millisecond slept, not more).
-pub(crate) async fn settle() {
+pub async fn settle() {
     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
 }

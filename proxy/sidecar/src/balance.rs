@@ -161,3 +161,114 @@ where
         }
     })
 }
+
+/// An endpoint that failed to connect is not picked again until a backoff has passed
+/// (Linkerd's endpoint stack reconnects with backoff), so that while another endpoint is ready
+/// requests go there instead of failing; a success resets it. The balancer sees the endpoint
+/// not ready meanwhile.
+pub struct Backoff<S, F> {
+    inner: S,
+    state: Arc<std::sync::Mutex<BackoffState>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    failed: std::marker::PhantomData<fn() -> F>,
+}
+
+/// Which errors of a service are its endpoint's fault (a failed connection), not the request's.
+pub trait Failed<E> {
+    fn failed(error: &E) -> bool;
+}
+
+/// Every error is the endpoint's (opening a connection is all the service does).
+#[derive(Debug)]
+pub enum AnyError {}
+
+impl<E> Failed<E> for AnyError {
+    fn failed(_: &E) -> bool {
+        true
+    }
+}
+
+impl<S, F> std::fmt::Debug for Backoff<S, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backoff").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct BackoffState {
+    delays: proxy_discovery::backoff::Backoff,
+    until: Option<tokio::time::Instant>,
+}
+
+impl<S, F> Backoff<S, F> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            state: Arc::new(std::sync::Mutex::new(BackoffState {
+                delays: proxy_discovery::backoff::Backoff::new(),
+                until: None,
+            })),
+            sleep: None,
+            failed: std::marker::PhantomData,
+        }
+    }
+}
+
+fn lock(state: &std::sync::Mutex<BackoffState>) -> std::sync::MutexGuard<'_, BackoffState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<Req, S, F> Service<Req> for Backoff<S, F>
+where
+    S: Service<Req>,
+    F: Failed<S::Error>,
+    S::Future: Send + 'static,
+    S::Response: 'static,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        let until = lock(&self.state).until;
+        if let Some(until) = until.filter(|u| *u > tokio::time::Instant::now()) {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            std::task::ready!(sleep.as_mut().poll(cx));
+        }
+        self.sleep = None;
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let fut = self.inner.call(req);
+        let state = self.state.clone();
+        Box::pin(async move {
+            let result = fut.await;
+            let mut st = lock(&state);
+            match &result {
+                Err(e) if F::failed(e) => {
+                    let delay = st.delays.next_delay();
+                    st.until = Some(tokio::time::Instant::now() + delay);
+                }
+                Err(_) => {}
+                Ok(_) => {
+                    if st.until.take().is_some() {
+                        st.delays.reset();
+                    }
+                }
+            }
+            result
+        })
+    }
+}

@@ -91,6 +91,8 @@ pub struct Config {
     pub log: String,
     /// Networks that may read /metrics over plain HTTP, besides loopback.
     pub metrics_networks: Vec<IpNet>,
+    /// Identities that may read /metrics over mTLS (default: Linkerd viz's Prometheus).
+    pub metrics_identities: Vec<Id>,
 }
 
 struct Reader<'a, E: Env>(&'a E);
@@ -320,6 +322,7 @@ impl Config {
                 .raw("LINKERD2_PROXY_LOG")
                 .unwrap_or_else(|| "warn,proxy_sidecar=info,meshlink_proxy=info".into()),
             metrics_networks: r.list("MESHLINK_METRICS_NETWORKS")?,
+            metrics_identities: r.list("MESHLINK_METRICS_IDENTITIES")?,
         })
     }
 }

@@ -71,7 +71,20 @@ impl DialError {
 pub fn is_connect_timeout(error: &(dyn StdError + 'static)) -> bool {
     let mut e = Some(error);
     while let Some(err) = e {
+        // `DialError` wraps it transparently, so its `source()` skips it: look at both.
         if let Some(ConnectError::Timeout(_)) = err.downcast_ref::<ConnectError>() {
+            return true;
+        }
+        if let Some(DialError::Connect(ConnectError::Timeout(_))) = err.downcast_ref::<DialError>()
+        {
+            return true;
+        }
+        // An io::Error's `source()` is its inner error's source, not the inner error.
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && is_connect_timeout(inner)
+        {
             return true;
         }
         e = err.source();

@@ -290,9 +290,11 @@ impl Inbound {
                 };
                 let (mut remote, _dst) = self.metrics.tcp(&labels, End::Dst, remote, &activity);
                 let mut io = io;
-                if let Err(error) = proxy_transport::copy_bidirectional(&mut io, &mut remote).await
-                {
-                    tracing::debug!(%peer, %error, "opaque connection ended");
+                let idle = self.timeouts.idle;
+                match proxy_transport::forward(&mut io, &mut remote, &activity, idle).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => tracing::debug!(%peer, ?idle, "idle connection closed"),
+                    Err(error) => tracing::debug!(%peer, %error, "opaque connection ended"),
                 }
             }
             Protocol::Http1 | Protocol::Http2 => {

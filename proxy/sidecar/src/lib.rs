@@ -17,6 +17,8 @@ mod gateway;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+#[cfg(test)]
+mod tests;
 
 pub use self::{
     config::{Config, ConfigError, Env, ProcessEnv},

@@ -70,11 +70,17 @@ async fn run(config: Config, workers: Vec<tokio::runtime::Handle>) -> Result<()>
         let _ = policy_tx.send(true);
     });
     let ready = proxy_admin::all_ready(vec![creds.valid(), policy_ready]);
+    // /metrics names every client and target of the pod: restricted as the gateway's is.
+    let metrics_identities =
+        proxy_admin::metrics_identities(&config.metrics_identities, creds.id());
     let (admin_addr, admin) = proxy_admin::Admin::new(registry, ready)
-        .metrics_access(proxy_admin::MetricsAccess::restricted(
-            config.metrics_networks.clone(),
-            Some(proxy_identity::tls::server_config(&creds, &[b"http/1.1"])),
-        ))
+        .metrics_access(
+            proxy_admin::MetricsAccess::restricted(
+                config.metrics_networks.clone(),
+                Some(proxy_identity::tls::server_config(&creds, &[b"http/1.1"])),
+            )
+            .identities(metrics_identities),
+        )
         .bind(config.admin_addr, cancel.clone())
         .await?;
     tracing::info!(

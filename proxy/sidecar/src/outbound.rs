@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    balance::{BalanceError, Balancer},
+    balance::{AnyError, Backoff, BalanceError, Balancer, Failed},
     cache::Cache,
     config::Timeouts,
     endpoint::{
@@ -41,8 +41,20 @@ use crate::{
 /// (Linkerd's `LINKERD2_PROXY_DESTINATION_PROFILE_INITIAL_TIMEOUT`).
 const PROFILE_INITIAL_TIMEOUT: Duration = Duration::from_millis(500);
 
-type HttpBalancer = Balancer<Request<Incoming>, Metered>;
-type TcpBalancer = Balancer<(), TcpEndpoint>;
+type HttpBalancer = Balancer<Request<Incoming>, Backoff<Metered, ConnectFailed>>;
+type TcpBalancer = Balancer<(), Backoff<TcpEndpoint, AnyError>>;
+
+/// An HTTP endpoint's fault: its connection failed (a request's own failure is not).
+#[derive(Debug)]
+enum ConnectFailed {}
+
+impl Failed<tower::BoxError> for ConnectFailed {
+    fn failed(error: &tower::BoxError) -> bool {
+        error
+            .downcast_ref::<crate::endpoint::HttpError>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    }
+}
 
 /// A target's route: its endpoints, or its original address when discovery has none.
 #[derive(Debug)]
@@ -195,8 +207,11 @@ impl Outbound {
         let labels = Labels::new(Direction::Outbound, None, ep.addr, &tls_of(&ep), &ep.labels);
         let (mut client, _src) = self.metrics.tcp(&labels, End::Src, io, activity);
         let (mut remote, _dst) = self.metrics.tcp(&labels, End::Dst, remote, activity);
-        if let Err(error) = proxy_transport::copy_bidirectional(&mut client, &mut remote).await {
-            tracing::debug!(%orig, %error, "opaque connection ended");
+        let idle = self.timeouts.idle;
+        match proxy_transport::forward(&mut client, &mut remote, activity, idle).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!(%orig, ?idle, "idle connection closed"),
+            Err(error) => tracing::debug!(%orig, %error, "opaque connection ended"),
         }
         self.tcp.touch(&orig);
     }
@@ -215,7 +230,7 @@ impl Outbound {
             None => Route::Forward,
             Some(rx) => Route::Balanced(Balancer::new(
                 rx,
-                move |ep| TcpEndpoint::new(&dialer, ep),
+                move |ep| Backoff::new(TcpEndpoint::new(&dialer, ep)),
                 failfast,
             )),
         })
@@ -236,7 +251,8 @@ impl Outbound {
                 Some(rx) => Route::Balanced(Balancer::new(
                     rx,
                     move |ep| {
-                        Metered::new(HttpEndpoint::new(&dialer, ep.clone()), &metrics, &authority)
+                        let http = HttpEndpoint::new(&dialer, ep.clone());
+                        Backoff::new(Metered::new(http, &metrics, &authority))
                     },
                     failfast,
                 )),

@@ -54,6 +54,26 @@ where
     .await
 }
 
+/// Opaque forwarding between `a` and `b` ([`copy_bidirectional`]) that ends, too, when nothing
+/// has moved either way for `idle` (read from `activity`, which tracked streams update): what
+/// every proxy does with a stream it cannot parse. `Ok(None)` when it idled out. On shutdown an
+/// opaque stream cannot be asked to finish: it runs until it ends or the drain deadline.
+pub async fn forward<A, B>(
+    a: &mut A,
+    b: &mut B,
+    activity: &crate::Activity,
+    idle: std::time::Duration,
+) -> io::Result<Option<Moved>>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        moved = copy_bidirectional(a, b) => moved.map(Some),
+        () = activity.idle(idle) => Ok(None),
+    }
+}
+
 /// One direction.
 #[derive(Debug, Default)]
 struct Half {

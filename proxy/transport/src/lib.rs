@@ -38,7 +38,7 @@ pub use self::{
     accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, accept},
     activity::{Activity, Tracked},
     deadline::{BodyDeadline, CallDeadlines, TimedBody, WithDeadlines},
-    duplex::{BUFFER, Moved, copy_bidirectional},
+    duplex::{BUFFER, Moved, copy_bidirectional, forward},
     listen::{serve_connections, worker_runtimes},
     metrics::{Direction, Open, TcpMetrics},
     orig_dst::orig_dst,

@@ -587,3 +587,23 @@ async fn profiles_are_shared_and_not_found_is_immediate() {
     assert_eq!(outside.first().await, ProfileResolution::NotFound);
     assert_eq!(outside.current().profile(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_counts_from_the_last_release() {
+    let (channel, mut calls) = testing::peer();
+    let resolver = Resolver::new(channel, String::new(), IDLE_TIMEOUT);
+    drop(resolver.resolve(WEB));
+    let call = calls.get.recv().await.unwrap();
+    // Taken and released again 4 s later: the first release's timer must not end it at 5 s.
+    tokio::time::advance(Duration::from_secs(4)).await;
+    drop(resolver.resolve(WEB));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert!(!call.answers.is_closed(), "expired by an earlier release");
+    assert_eq!(resolver.endpoints.len(), 1);
+    tokio::time::advance(Duration::from_secs(3)).await;
+    tokio::time::timeout(Duration::from_secs(60), call.answers.closed())
+        .await
+        .expect("the idle stream was not cancelled");
+    assert_eq!(resolver.endpoints.len(), 0);
+}

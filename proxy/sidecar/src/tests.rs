@@ -1,0 +1,601 @@
+//! The proxy in process, over real sockets on loopback, with rcgen certificates: a client-side
+//! proxy's outbound and a server-side proxy's inbound, discovery answered by the in-memory
+//! control-plane peer. Original destinations are given, as iptables would have.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use linkerd2_proxy_api::destination::{
+    DestinationProfile, ProtocolHint, TlsIdentity, Update, WeightedAddr, WeightedAddrSet,
+    protocol_hint::{self, H2},
+    tls_identity::{DnsLikeIdentity, Strategy},
+    update,
+};
+use proxy_discovery::{DefaultPolicy, InboundPolicies, Resolver, testing};
+use proxy_identity::{Credentials, Id, TrustAnchors, ca, tls};
+use proxy_transport::direct::{Admission, Limits};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Inbound, Metrics, Outbound, config::Timeouts, endpoint::Dialer};
+
+const CLIENT: &str = "client.shop.serviceaccount.identity.linkerd.cluster.local";
+const SERVER: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
+/// The Service the application calls (never dialled: discovery answers for it).
+const SERVICE: &str = "10.96.0.10:80";
+/// An address outside the pod, as a client of the server pod appears.
+const REMOTE_IP: [u8; 4] = [10, 1, 0, 9];
+
+struct Pki {
+    anchor: ca::CertKey,
+    issuer: ca::Signer,
+}
+
+fn pki() -> Pki {
+    tls::install_default_provider();
+    let anchor = ca::new_anchor("root", Duration::from_secs(3600)).unwrap();
+    let issuer = ca::new_issuer(&anchor, "issuer", Duration::from_secs(3600)).unwrap();
+    Pki {
+        issuer: ca::Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap(),
+        anchor,
+    }
+}
+
+fn creds(pki: &Pki, id: &str) -> Arc<Credentials> {
+    let id = Id::parse(id).unwrap();
+    let creds = Credentials::new(
+        id.clone(),
+        TrustAnchors::from_pem(&pki.anchor.cert_pem).unwrap(),
+    );
+    let (leaf, key) = pki.issuer.issue(&id, Duration::from_secs(600)).unwrap();
+    creds
+        .install(leaf, vec![pki.issuer.cert_der().to_vec()], &key)
+        .unwrap();
+    creds
+}
+
+fn timeouts(failfast: Duration) -> Timeouts {
+    Timeouts {
+        detect: Duration::from_secs(60),
+        connect: Duration::from_secs(1),
+        failfast,
+        idle: Duration::from_secs(60),
+    }
+}
+
+/// What the application saw of a request.
+#[derive(Clone, Debug, PartialEq)]
+struct Seen {
+    version: http::Version,
+    client_id: Option<String>,
+    orig_proto: bool,
+}
+
+/// An HTTP application on loopback (HTTP/1 or, with `h2`, HTTP/2) that records each request
+/// and answers `ok`.
+async fn app(h2: bool) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let record = record.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                record.lock().unwrap().push(Seen {
+                    version: req.version(),
+                    client_id: req
+                        .headers()
+                        .get("l5d-client-id")
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    orig_proto: req.headers().contains_key("l5d-orig-proto"),
+                });
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+            });
+            tokio::spawn(async move {
+                let io = TokioIo::new(tcp);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The server pod's proxy: its inbound port, for connections sent to `app`'s port, clients
+/// appearing at `client_ip` (not loopback, which policy always allows).
+async fn server_proxy(
+    pki: &Pki,
+    app: SocketAddr,
+    policy: DefaultPolicy,
+    client_ip: std::net::IpAddr,
+) -> (SocketAddr, Metrics) {
+    let creds = creds(pki, SERVER);
+    let (channel, calls) = testing::peer();
+    // The policy service never answers: the port keeps the default policy.
+    std::mem::forget(calls);
+    let policies = InboundPolicies::new(channel, r#"{"ns":"shop","pod":"web-0"}"#.into(), policy);
+    let metrics = Metrics::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let direct = Admission::new(
+        creds.id().clone(),
+        tls::server_config(&creds, &[proxy_transport_header::PROTOCOL]),
+        Limits {
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            max_handshakes: 16,
+            max_connections: 100,
+            per_identity: 100,
+        },
+    );
+    let inbound = Inbound::new(
+        &creds,
+        direct,
+        policies,
+        Vec::new(),
+        addr.port(),
+        timeouts(Duration::from_secs(1)),
+        metrics.clone(),
+    );
+    let orig = SocketAddr::new([10, 1, 0, 7].into(), app.port());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let peer = SocketAddr::new(client_ip, peer.port());
+            tokio::spawn(
+                inbound
+                    .clone()
+                    .handle_to(tcp, peer, orig, CancellationToken::new()),
+            );
+        }
+    });
+    (addr, metrics)
+}
+
+/// Discovery's answers: the endpoints of every target, and whether ports are opaque.
+#[derive(Clone, Default)]
+struct Answers {
+    endpoints: Arc<Mutex<Vec<WeightedAddr>>>,
+    opaque: bool,
+    calls: Arc<Mutex<Vec<testing::GetCall>>>,
+}
+
+fn meshed(addr: SocketAddr, id: &str) -> WeightedAddr {
+    WeightedAddr {
+        addr: Some(addr.into()),
+        weight: 10_000,
+        tls_identity: Some(TlsIdentity {
+            strategy: Some(Strategy::DnsLikeIdentity(DnsLikeIdentity {
+                name: id.into(),
+            })),
+            server_name: None,
+        }),
+        protocol_hint: Some(ProtocolHint {
+            protocol: Some(protocol_hint::Protocol::H2(H2 {})),
+            opaque_transport: None,
+        }),
+        metric_labels: HashMap::from([("service".to_owned(), "web".to_owned())]),
+        ..Default::default()
+    }
+}
+
+fn add(addrs: Vec<WeightedAddr>) -> Update {
+    Update {
+        update: Some(update::Update::Add(WeightedAddrSet {
+            addrs,
+            metric_labels: HashMap::new(),
+        })),
+    }
+}
+
+/// The client pod's proxy: an outbound listener whose connections all went to [`SERVICE`].
+async fn client_proxy(pki: &Pki, answers: Answers, failfast: Duration) -> (SocketAddr, Metrics) {
+    let creds = creds(pki, CLIENT);
+    let (channel, mut calls) = testing::peer();
+    let a = answers.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(call) = calls.get.recv() => {
+                    call.send(add(a.endpoints.lock().unwrap().clone()));
+                    a.calls.lock().unwrap().push(call);
+                }
+                Some(call) = calls.profile.recv() => {
+                    call.send(DestinationProfile { opaque_protocol: a.opaque, ..Default::default() });
+                    std::mem::forget(call);
+                }
+                else => break,
+            }
+        }
+    });
+    let metrics = Metrics::default();
+    let outbound = Outbound::new(
+        timeouts(failfast),
+        Dialer::new(&creds, Duration::from_secs(1)),
+        Resolver::new(channel, String::new(), Duration::from_secs(5)),
+        metrics.clone(),
+        Duration::from_secs(5),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let orig: SocketAddr = SERVICE.parse().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(
+                outbound
+                    .clone()
+                    .handle_to(tcp, orig, CancellationToken::new()),
+            );
+        }
+    });
+    (addr, metrics)
+}
+
+fn text(metrics: &Metrics) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    out
+}
+
+/// An unmodified HTTP/1.1 client's request: status, body and headers.
+async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String, http::HeaderMap) {
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .uri("/hello")
+        .header("host", "web.shop.svc.cluster.local");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let rsp = send
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = rsp.status().as_u16();
+    let headers = rsp.headers().clone();
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), headers)
+}
+
+/// HTTP/1.1 from an unmodified client crosses the proxies as HTTP/2 over mTLS and reaches the
+/// application as HTTP/1.1 again, with the client's verified identity and no forged one;
+/// both proxies' metrics say who talked to whom.
+#[tokio::test]
+async fn http1_round_trip_over_mtls() {
+    let pki = pki();
+    let (app, seen) = app(false).await;
+    let (inbound, server_metrics) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, client_metrics) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+
+    let (status, body, headers) = get(outbound, &[("l5d-client-id", "admin.kube-system")]).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert!(!headers.contains_key("l5d-orig-proto"), "{headers:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [Seen {
+            version: http::Version::HTTP_11,
+            client_id: Some(CLIENT.into()),
+            orig_proto: false,
+        }]
+    );
+    let out = text(&client_metrics);
+    assert!(
+        out.contains(&format!(r#"response_total{{direction="outbound",authority="web.shop.svc.cluster.local:80",target_addr="{inbound}""#))
+            && out.contains(&format!(r#"tls="true",server_id="{SERVER}",dst_service="web",status_code="200",classification="success"}} 1"#)),
+        "{out}"
+    );
+    let inb = text(&server_metrics);
+    assert!(
+        inb.contains(&format!(
+            r#"tls="true",client_id="{CLIENT}",status_code="200""#
+        )),
+        "{inb}"
+    );
+}
+
+/// gRPC (HTTP/2 prior knowledge) stays HTTP/2 end to end.
+#[tokio::test]
+async fn http2_stays_http2() {
+    let pki = pki();
+    let (app, seen) = app(true).await;
+    let (inbound, _) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+
+    let tcp = TcpStream::connect(outbound).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://web.shop.svc.cluster.local/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].version, http::Version::HTTP_2);
+    assert_eq!(seen[0].client_id.as_deref(), Some(CLIENT));
+}
+
+/// The proxy's own answers: no endpoint within the fail-fast timeout is a 503, an endpoint
+/// that refuses the connection a 502, each with `l5d-proxy-error`.
+#[tokio::test]
+async fn errors_as_linkerd_answers_them() {
+    let pki = pki();
+    // No endpoints at all.
+    let (outbound, metrics) =
+        client_proxy(&pki, Answers::default(), Duration::from_millis(200)).await;
+    let (status, _, headers) = get(outbound, &[]).await;
+    assert_eq!(status, 503);
+    assert!(headers.contains_key("l5d-proxy-error"), "{headers:?}");
+    assert!(text(&metrics).contains(r#"status_code="503""#));
+
+    // An endpoint whose port is closed.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(closed, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let (status, _, headers) = get(outbound, &[]).await;
+    assert_eq!(status, 502);
+    assert!(headers.contains_key("l5d-proxy-error"), "{headers:?}");
+}
+
+/// A connect timeout is told apart from other connect errors (504, not 502), through the
+/// error chains hyper wraps it in.
+#[test]
+fn connect_timeouts_are_504s() {
+    let timeout = crate::endpoint::DialError::Connect(proxy_transport::tcp::ConnectError::Timeout(
+        "10.1.0.7:80".parse().unwrap(),
+    ));
+    assert!(crate::endpoint::is_connect_timeout(&timeout));
+    let wrapped = std::io::Error::other(timeout);
+    assert!(crate::endpoint::is_connect_timeout(&wrapped));
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    assert!(!crate::endpoint::is_connect_timeout(&refused));
+}
+
+/// Each default inbound policy, for a plaintext client from another pod and for a meshed one.
+#[tokio::test]
+async fn inbound_policies() {
+    let pki = pki();
+    let (app, _) = app(false).await;
+    for (policy, plain_allowed) in [
+        (DefaultPolicy::AllUnauthenticated, true),
+        (DefaultPolicy::AllAuthenticated, false),
+        ("cluster-unauthenticated".parse().unwrap(), true),
+        (DefaultPolicy::Deny, false),
+    ] {
+        let name = policy.name();
+        let (inbound, metrics) = server_proxy(&pki, app, policy.clone(), REMOTE_IP.into()).await;
+        // Plaintext HTTP: 403 when refused.
+        let (status, _, _) = get(inbound, &[]).await;
+        assert_eq!(
+            status == 200,
+            plain_allowed,
+            "{name}: plaintext got {status}"
+        );
+        if !plain_allowed {
+            assert_eq!(status, 403, "{name}");
+            assert!(
+                text(&metrics).contains("inbound_http_authz_deny_total"),
+                "{name}"
+            );
+        }
+        // Meshed (mTLS with SNI = the server's identity), through a client proxy.
+        let answers = Answers::default();
+        answers
+            .endpoints
+            .lock()
+            .unwrap()
+            .push(meshed(inbound, SERVER));
+        let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+        let (status, _, _) = get(outbound, &[]).await;
+        let meshed_allowed = policy != DefaultPolicy::Deny;
+        assert_eq!(status == 200, meshed_allowed, "{name}: meshed got {status}");
+    }
+}
+
+/// Opaque TCP refused by policy is closed without a byte.
+#[tokio::test]
+async fn refused_tcp_is_closed() {
+    let pki = pki();
+    let (app, _) = app(false).await;
+    let (inbound, metrics) = server_proxy(&pki, app, DefaultPolicy::Deny, REMOTE_IP.into()).await;
+    let mut tcp = TcpStream::connect(inbound).await.unwrap();
+    tcp.write_all(b"\x00\x01binary protocol\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let n = tcp.read_to_end(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(text(&metrics).contains("inbound_tcp_authz_deny_total"));
+}
+
+/// A server-speaks-first protocol on a port discovery marks opaque: the client's proxy does not
+/// wait for the client's first bytes, so the server's greeting arrives (detection would hold the
+/// connection for the detect timeout, 60 s here, first).
+#[tokio::test]
+async fn opaque_ports_skip_detection() {
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"220 ready\r\n").await.unwrap();
+        let _ = tcp.read(&mut [0u8; 16]).await;
+    });
+    let answers = Answers {
+        opaque: true,
+        ..Answers::default()
+    };
+    // A plaintext endpoint (not meshed): forwarded as bytes.
+    answers.endpoints.lock().unwrap().push(WeightedAddr {
+        addr: Some(banner.into()),
+        weight: 1,
+        ..Default::default()
+    });
+    let (outbound, metrics) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let mut tcp = TcpStream::connect(outbound).await.unwrap();
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut buf))
+        .await
+        .expect("the greeting came before the detect timeout")
+        .unwrap();
+    assert_eq!(&buf, b"220 ready\r\n");
+    let out = text(&metrics);
+    assert!(
+        out.contains(r#"tcp_open_total{direction="outbound""#)
+            && out.contains(r#"tls="no_identity""#),
+        "{out}"
+    );
+}
+
+/// The balancer: a slow endpoint gets fewer requests; an endpoint discovery removed gets none
+/// once the update is in.
+#[tokio::test(start_paused = true)]
+async fn balancer_prefers_fast_endpoints_and_forgets_removed_ones() {
+    use proxy_discovery::{Endpoint, Resolution};
+
+    use crate::{balance::Balancer, endpoint::plain_endpoint};
+
+    let fast: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let slow: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let set = |addrs: &[SocketAddr]| {
+        Resolution::Endpoints(Arc::new(
+            addrs
+                .iter()
+                .map(|a| (*a, plain_endpoint(*a)))
+                .collect::<BTreeMap<_, Endpoint>>(),
+        ))
+    };
+    let (tx, rx) = tokio::sync::watch::channel(set(&[fast, slow]));
+    let balancer = Balancer::new(
+        rx,
+        |ep: Arc<Endpoint>| {
+            tower::service_fn(move |()| {
+                let addr = ep.addr;
+                async move {
+                    if addr.ip().to_string().ends_with(".2") {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok::<_, Infallible>(addr)
+                }
+            })
+        },
+        Duration::from_secs(1),
+    );
+    let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+    for _ in 0..200 {
+        *counts.entry(balancer.call(()).await.unwrap()).or_default() += 1;
+    }
+    let slow_share = counts.get(&slow).copied().unwrap_or(0);
+    assert!(slow_share < 20, "{counts:?}");
+
+    tx.send(set(&[slow])).unwrap();
+    counts.clear();
+    for _ in 0..20 {
+        *counts.entry(balancer.call(()).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts.get(&fast), None, "{counts:?}");
+    assert_eq!(counts.get(&slow), Some(&20));
+}
+
+/// An endpoint whose connections fail is not picked again while it backs off: with another
+/// endpoint ready, the requests after the first failure all succeed.
+#[tokio::test(start_paused = true)]
+async fn failing_endpoints_back_off() {
+    use proxy_discovery::{Endpoint, Resolution};
+
+    use crate::{
+        balance::{AnyError, Backoff, Balancer},
+        endpoint::plain_endpoint,
+    };
+
+    let good: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let down: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let set = Resolution::Endpoints(Arc::new(
+        [good, down]
+            .iter()
+            .map(|a| (*a, plain_endpoint(*a)))
+            .collect::<BTreeMap<_, Endpoint>>(),
+    ));
+    let (_tx, rx) = tokio::sync::watch::channel(set);
+    let balancer = Balancer::new(
+        rx,
+        |ep: Arc<Endpoint>| {
+            let svc = tower::service_fn(move |()| {
+                let addr = ep.addr;
+                async move {
+                    if addr.ip().to_string().ends_with(".2") {
+                        Err("connection refused")
+                    } else {
+                        Ok(addr)
+                    }
+                }
+            });
+            Backoff::<_, AnyError>::new(svc)
+        },
+        Duration::from_secs(1),
+    );
+    let mut failures = 0;
+    for _ in 0..100 {
+        if balancer.call(()).await.is_err() {
+            failures += 1;
+        }
+    }
+    // The down endpoint is picked at most once before its first backoff (100 ms or more,
+    // longer than these 100 requests take on paused time), so at most one request fails.
+    assert!(failures <= 1, "{failures} requests failed");
+}
