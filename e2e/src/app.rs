@@ -207,47 +207,57 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16
         .context("timed out")?
 }
 
-/// Sends GETs to `addr` one after another, each on a fresh connection, until stdin closes;
-/// prints `<start ms> <end ms> <status or ERR> <name=... of the answer, or the error>` per
-/// request. The harness reads these lines while the loop runs.
-pub async fn client_loop(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+/// Sends GETs to `addr` from `workers` concurrent loops, each one request after another on a
+/// fresh connection, until stdin closes; prints `<start ms> <end ms> <status or ERR> <name=...
+/// of the answer, or the error>` per request. The harness reads these lines while the loops run.
+pub async fn client_loop(addr: SocketAddr, workers: usize, timeout: Duration) -> Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // stdin's end: the harness dropped its end of the pipe.
+    let stopping = stop.clone();
     std::thread::spawn(move || {
         let mut sink = Vec::new();
         let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        let _ = stop_tx.send(());
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    let mut out = std::io::stdout();
-    loop {
-        if stop.try_recv().is_ok() {
-            return Ok(());
-        }
-        let start = now_ms();
-        let line = match get(addr, "/loop", timeout).await {
-            Ok((status, body)) => {
-                let name = body
-                    .lines()
-                    .find_map(|l| l.strip_prefix("name="))
-                    .unwrap_or("?")
-                    .to_owned();
-                format!("{start} {} {status} {name}", now_ms())
+    let worker = |stop: Arc<std::sync::atomic::AtomicBool>| async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let start = now_ms();
+            let line = match get(addr, "/loop", timeout).await {
+                Ok((status, body)) => {
+                    let name = body
+                        .lines()
+                        .find_map(|l| l.strip_prefix("name="))
+                        .unwrap_or("?")
+                        .to_owned();
+                    format!("{start} {} {status} {name}", now_ms())
+                }
+                Err(e) => format!(
+                    "{start} {} ERR {}",
+                    now_ms(),
+                    format!("{e:#}").replace('\n', " ")
+                ),
+            };
+            let failed = line.contains(" ERR ");
+            {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
             }
-            Err(e) => format!(
-                "{start} {} ERR {}",
-                now_ms(),
-                format!("{e:#}").replace('\n', " ")
-            ),
-        };
-        let failed = line.contains(" ERR ");
-        writeln!(out, "{line}")?;
-        out.flush()?;
-        if failed {
-            // A client's back-off: a refused connection fails at once, and a loop of them
-            // would only burn the CPU the proxies need.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if failed {
+                // A client's back-off: a refused connection fails at once, and a loop of them
+                // would only burn the CPU the proxies need.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
+        anyhow::Ok(())
+    };
+    let all: Vec<_> = (0..workers.max(1))
+        .map(|_| tokio::spawn(worker(stop.clone())))
+        .collect();
+    for w in all {
+        w.await??;
     }
+    Ok(())
 }
 
 /// One line of [`client_loop`]'s output.

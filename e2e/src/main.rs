@@ -74,6 +74,9 @@ enum Command {
     ClientLoop {
         #[arg(long)]
         addr: std::net::SocketAddr,
+        /// How many loops run at once.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
 }
 
@@ -114,9 +117,9 @@ async fn main() -> Result<()> {
             out.write_all(answer.as_bytes())?;
             Ok(())
         }
-        Command::ClientLoop { addr } => {
+        Command::ClientLoop { addr, workers } => {
             drop(out);
-            e2e::app::client_loop(addr, std::time::Duration::from_secs(5)).await
+            e2e::app::client_loop(addr, workers, std::time::Duration::from_secs(5)).await
         }
     }
 }

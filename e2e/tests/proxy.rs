@@ -754,7 +754,7 @@ impl Loop {
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", pod.host().name()])
             .arg(workspace_binary("e2e")?)
-            .args(["client-loop", &format!("--addr={addr}")])
+            .args(["client-loop", &format!("--addr={addr}"), "--workers=4"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -810,14 +810,16 @@ async fn readiness(env: Arc<Env>) -> Result<()> {
         .await?;
 
     let lp = Loop::start(&env.east_client, SocketAddr::new(IpAddr::V4(ip), 80))?;
-    // A positive sign first: both Pods answer the loop.
-    lp.until("both echo Pods to answer the loop", |s| {
-        ["echo-0", "echo-1"]
-            .iter()
-            .all(|n| s.iter().any(|r| r.ok() && r.detail == *n))
+    // A positive sign first: both Pods answer the loop, 20 times each. (Four requests at a
+    // time: with one, peak-EWMA keeps choosing whichever endpoint answered fastest lately, and
+    // the other's share is too small to show that it is no longer used.)
+    lp.until("echo-0 and echo-1 to answer 20 requests each", |s| {
+        let answered = |n: &str| s.iter().filter(|r| r.ok() && r.detail == n).count();
+        answered("echo-0") >= 20 && answered("echo-1") >= 20
     })
     .await?;
 
+    let patched = now_ms();
     echo1.set_ready(false).await?;
     view.until("the destination service to remove echo-1", WAIT, |f| {
         f.removed.contains(&removed)
@@ -825,13 +827,32 @@ async fn readiness(env: Arc<Env>) -> Result<()> {
     .await?;
     let observed = now_ms();
     let cutoff = observed + REMOVAL_GRACE_MS;
-    // Enough requests after the cutoff to have reached echo-1 many times had it stayed.
-    lp.until("30 requests after the removal", |s| {
-        s.iter().filter(|r| r.start_ms > cutoff).count() >= 30
-    })
+    // Enough requests after the cutoff that echo-1, had it kept its share of the last 200
+    // requests before the change, would have been sent about 10 of them (a chance of e^-10 to
+    // see none by luck).
+    let before: Vec<LoopRequest> = lp
+        .snapshot()
+        .into_iter()
+        .filter(|r| r.start_ms < patched)
+        .collect();
+    let window = &before[before.len().saturating_sub(200)..];
+    let share =
+        window.iter().filter(|r| r.detail == "echo-1").count() as f64 / window.len().max(1) as f64;
+    ensure!(
+        share > 0.0,
+        "echo-1 answered none of the last {} requests before it was made unready",
+        window.len()
+    );
+    let needed = ((10.0 / share).ceil() as usize).max(200);
+    lp.until(
+        &format!("{needed} requests after the removal (echo-1's share was {share:.4})"),
+        |s| s.iter().filter(|r| r.start_ms > cutoff).count() >= needed,
+    )
     .await?;
 
-    // And back: ready again, it is used again.
+    // And back: ready again, it is used again. (The proxy may learn it before this test's own
+    // stream does: the removal window ends when the Pod is marked ready.)
+    let readying = now_ms();
     echo1.set_ready(true).await?;
     view.until("the destination service to add echo-1 back", WAIT, |f| {
         f.endpoints.contains_key(&removed)
@@ -848,26 +869,27 @@ async fn readiness(env: Arc<Env>) -> Result<()> {
     let failures: Vec<&LoopRequest> = all.iter().filter(|r| !r.ok()).collect();
     let late: Vec<&LoopRequest> = all
         .iter()
-        .filter(|r| r.start_ms > cutoff && r.start_ms < readded && r.detail == "echo-1")
+        .filter(|r| r.start_ms > cutoff && r.start_ms < readying && r.detail == "echo-1")
         .collect();
     let last_to_removed = all
         .iter()
-        .filter(|r| r.start_ms < readded && r.detail == "echo-1")
+        .filter(|r| r.start_ms < readying && r.detail == "echo-1")
         .map(|r| r.start_ms)
         .max()
         .unwrap_or_default();
     let app_late: Vec<_> = echo1
         .app_requests()
         .into_iter()
-        .filter(|r| r.at_ms > cutoff && r.at_ms < readded)
+        .filter(|r| r.at_ms > cutoff && r.at_ms < readying)
         .collect();
     let answered: BTreeMap<&str, usize> = all.iter().fold(BTreeMap::new(), |mut m, r| {
         *m.entry(r.detail.as_str()).or_default() += 1;
         m
     });
     eprintln!(
-        "{} requests {answered:?}; the last one echo-1 answered before being made ready again \
-         started {} ms after the removal was observed",
+        "{} requests {answered:?} (echo-1's share before its removal {share:.4}, {needed} \
+         requests counted after it); the last one echo-1 answered before being made ready \
+         again started {} ms after the removal was observed",
         all.len(),
         last_to_removed as i128 - observed as i128
     );
