@@ -21,6 +21,7 @@ help:
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
 	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
 	@echo "make bench-gateway  the gateway against direct TCP and HAProxy (root; GATEWAY_BENCH_ARGS)"
+	@echo "make bench-proxy    the sidecar proxy pair against direct TCP and an HAProxy pair (root; PROXY_BENCH_ARGS)"
 	@echo "make bench-destination  update latency, memory per stream and CPU of the destination service"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
 	@echo "make fuzz           fuzz the parsers of network bytes: transport header, protocol detection, ClientHello (FUZZ_SECONDS=600 each)"
@@ -87,23 +88,38 @@ bench-destination: prerequisites kube-binaries
 	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --locked --workspace --bench destination -- $(DESTINATION_BENCH_ARGS)
 
+.PHONY: haproxy
+# The proxy benchmarks' baseline (Debian's HAProxy); they run as root (network namespaces).
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing haproxy (the proxy benchmarks' baseline)"; \
+	    apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; \
+	  else echo "error: haproxy is missing: install it (sudo apt-get install haproxy) and run this target as root (network namespaces)" >&2; exit 1; fi; }
+
 .PHONY: bench-gateway
 # The gateway beside direct TCP and HAProxy (Debian's, on the same mTLS) in one topology: HTTP
 # and bulk TCP at 1 and 16 connections, RSS, an idle-connection flood. About three minutes with
 # the defaults; e.g. GATEWAY_BENCH_ARGS="--seconds 20 --rounds 10" by hand (--help lists them).
 GATEWAY_BENCH_ARGS ?=
-bench-gateway: prerequisites kube-binaries
-	@command -v haproxy >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing haproxy (the gateway benchmark's baseline)"; \
-	    apt-get update -qq && apt-get install -y -qq haproxy >/dev/null; \
-	  else echo "error: haproxy is missing: install it (sudo apt-get install haproxy) and run this target as root (network namespaces)" >&2; exit 1; fi; }
+bench-gateway: prerequisites kube-binaries haproxy
 	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --locked --workspace --bench gateway -- $(GATEWAY_BENCH_ARGS)
 
+.PHONY: bench-proxy
+# Two meshlink-proxy sidecars (client pod and server pod, mTLS between them) beside direct TCP
+# and a pair of HAProxy (Debian's, on the same mTLS) in one topology: HTTP/1.1, gRPC and bulk TCP
+# at 1 and 16 connections, each proxy's RSS. About four minutes with the defaults; e.g.
+# PROXY_BENCH_ARGS="--seconds 20 --rounds 10 --cores 2" by hand (--help lists them).
+PROXY_BENCH_ARGS ?=
+bench-proxy: prerequisites kube-binaries haproxy
+	$(CARGO) build --release --workspace --bins --locked
+	$(CARGO) bench --locked --workspace --bench proxy -- $(PROXY_BENCH_ARGS)
+
 .PHONY: fuzz
 # The parsers of network bytes under libFuzzer (nightly; cargo-fuzz is installed on first use):
-# the transport-header decoder and the protocol detector, FUZZ_SECONDS each (600 by default);
+# the transport-header decoder, the protocol detector and the ClientHello look, FUZZ_SECONDS each
+# (600 by default);
 # the corpora stay in each crate's fuzz/corpus.
 FUZZ_SECONDS ?= 600
 FUZZ_TARGETS ?= proxy/transport-header:decode proxy/http:detect proxy/sidecar:client_hello

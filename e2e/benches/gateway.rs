@@ -40,21 +40,23 @@ use std::{
     convert::Infallible,
     io::Read as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    path::Path,
+    process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use bytes::Bytes;
 use clap::Parser;
 use e2e::{
     Cluster, create_namespace, create_ready_pod,
-    measure::{percentile, status_kib},
+    measure::{
+        BULK_CHUNK, BulkFigures, BulkSlice, Goal, Guard, HttpFigures, HttpSlice, Results,
+        Route as _, RssSampler, Timing, haproxy_binary, haproxy_check, haproxy_version,
+        interleaved, mib, micros, percentile, print_bulk, print_requests, print_verdict, sink,
+        status_kib, upload, wait_listening, write_json,
+    },
     mesh::{self, GatewaySettings, start_gateway, start_identity},
     meshlink::{Program, free_port, labels},
     netns::Host,
@@ -72,7 +74,7 @@ use proxy_transport_header::{Header, SessionProtocol};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
@@ -89,15 +91,12 @@ const CONNECTIONS: [usize; 2] = [1, 16];
 const CLIENT_THREADS: usize = 2;
 /// What the backend answers to every HTTP request.
 const BODY: &[u8] = b"ok\n";
-/// Each write of a bulk upload.
-const CHUNK: usize = 64 * 1024;
 /// Time a connection (TCP, TLS, header) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a legitimate request on a fresh connection may take during the flood.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections being opened at once during the flood.
 const FLOOD_CONCURRENCY: usize = 256;
-const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Parser, Debug)]
 #[command(about = "The gateway against direct TCP and HAProxy, in one topology")]
@@ -194,8 +193,15 @@ async fn run(args: Args) -> Result<()> {
     }
     let gateway_rss = RssSampler::start(gateway_pid);
     let haproxy_rss = RssSampler::start(topology.haproxy.pid);
-    let http = measure(&topology.targets, timing, http_slice).await?;
-    let bulk = measure(&topology.targets, timing, bulk_slice).await?;
+    let targets = &topology.targets;
+    let http = interleaved(&Route::ALL, &CONNECTIONS, timing.rounds, |route, conns| {
+        http_slice(targets, route, conns, timing)
+    })
+    .await?;
+    let bulk = interleaved(&Route::ALL, &CONNECTIONS, timing.rounds, |route, conns| {
+        bulk_slice(targets, route, conns, timing)
+    })
+    .await?;
     let memory = Memory {
         gateway_peak_mib: mib(status_kib(gateway_pid, "VmHWM")),
         gateway_max_sampled_mib: mib(Some(gateway_rss.max_kib())),
@@ -221,7 +227,7 @@ async fn run(args: Args) -> Result<()> {
         "haproxy_config": topology.haproxy.config,
         "tls": tls,
         "http_body_bytes": BODY.len(),
-        "bulk_write_bytes": CHUNK,
+        "bulk_write_bytes": BULK_CHUNK,
         "open_files_limit": fd_limit,
     });
     let report = Report::new(settings, http, bulk, memory, flood, per_connection);
@@ -229,31 +235,6 @@ async fn run(args: Args) -> Result<()> {
     let elapsed = started.elapsed();
     report.print(&mut std::io::stdout().lock(), elapsed)?;
     report.write_json(elapsed)
-}
-
-/// How long each run lasts, in how many slices.
-#[derive(Clone, Copy, Debug)]
-struct Timing {
-    slice: Duration,
-    warmup: Duration,
-    rounds: usize,
-}
-
-impl Timing {
-    fn new(seconds: f64, rounds: usize, warmup: f64) -> Result<Self> {
-        ensure!(rounds > 0, "--rounds must be at least 1");
-        let slice = Duration::try_from_secs_f64(seconds / rounds as f64).context("--seconds")?;
-        ensure!(!slice.is_zero(), "--seconds must be positive");
-        Ok(Self {
-            slice,
-            warmup: Duration::try_from_secs_f64(warmup).context("--warmup")?,
-            rounds,
-        })
-    }
-
-    fn run(self) -> Duration {
-        self.slice * u32::try_from(self.rounds).unwrap_or(u32::MAX)
-    }
 }
 
 /// The flood needs one descriptor per connection: the soft limit goes up to the hard limit.
@@ -280,7 +261,9 @@ enum Route {
 
 impl Route {
     const ALL: [Self; 3] = [Self::Direct, Self::Gateway, Self::Haproxy];
+}
 
+impl e2e::measure::Route for Route {
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
@@ -466,145 +449,6 @@ async fn fresh_request(targets: &Targets, route: Route) -> Result<Duration> {
 // ---------------------------------------------------------------------------------------------
 // Runs
 
-/// What one slice of a run measured. A run is `--rounds` slices, interleaved with the other
-/// routes' slices so that whatever else the machine does touches every route alike; the slices
-/// of a run add up to its figures.
-trait Slice: Default {
-    type Figures: Copy + std::fmt::Debug;
-    /// Requests/s or MB/s.
-    fn rate(&self) -> f64;
-    fn add(&mut self, other: Self);
-    /// The run's figures, with the rates of its slices for their spread.
-    fn figures(self, slice_rates: &[f64]) -> Self::Figures;
-}
-
-#[derive(Debug, Default)]
-struct HttpSlice {
-    latencies: Vec<Duration>,
-    seconds: f64,
-}
-
-#[derive(Clone, Copy, Debug, Serialize)]
-struct HttpFigures {
-    requests: usize,
-    seconds: f64,
-    requests_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    slowest_slice_per_s: f64,
-    fastest_slice_per_s: f64,
-}
-
-impl Slice for HttpSlice {
-    type Figures = HttpFigures;
-
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.seconds
-    }
-
-    fn add(&mut self, other: Self) {
-        self.latencies.extend(other.latencies);
-        self.seconds += other.seconds;
-    }
-
-    fn figures(mut self, slice_rates: &[f64]) -> HttpFigures {
-        self.latencies.sort_unstable();
-        let (slowest, fastest) = spread(slice_rates);
-        HttpFigures {
-            requests: self.latencies.len(),
-            seconds: self.seconds,
-            requests_per_s: self.rate(),
-            p50_us: micros(percentile(&self.latencies, 0.50)),
-            p99_us: micros(percentile(&self.latencies, 0.99)),
-            slowest_slice_per_s: slowest,
-            fastest_slice_per_s: fastest,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct BulkSlice {
-    bytes: u64,
-    seconds: f64,
-}
-
-#[derive(Clone, Copy, Debug, Serialize)]
-struct BulkFigures {
-    bytes: u64,
-    seconds: f64,
-    mb_per_s: f64,
-    slowest_slice_mb_per_s: f64,
-    fastest_slice_mb_per_s: f64,
-}
-
-impl Slice for BulkSlice {
-    type Figures = BulkFigures;
-
-    fn rate(&self) -> f64 {
-        self.bytes as f64 / self.seconds / 1e6
-    }
-
-    fn add(&mut self, other: Self) {
-        self.bytes += other.bytes;
-        self.seconds += other.seconds;
-    }
-
-    fn figures(self, slice_rates: &[f64]) -> BulkFigures {
-        let (slowest, fastest) = spread(slice_rates);
-        BulkFigures {
-            bytes: self.bytes,
-            seconds: self.seconds,
-            mb_per_s: self.rate(),
-            slowest_slice_mb_per_s: slowest,
-            fastest_slice_mb_per_s: fastest,
-        }
-    }
-}
-
-fn spread(rates: &[f64]) -> (f64, f64) {
-    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = rates.iter().copied().fold(0.0, f64::max);
-    (min, max)
-}
-
-/// Figures by connection count, then route.
-type Results<T> = BTreeMap<usize, BTreeMap<Route, T>>;
-
-/// Every route at every connection count, in rounds: each round runs one slice of every route.
-async fn measure<'a, S, F>(
-    targets: &'a Targets,
-    timing: Timing,
-    mut slice: impl FnMut(&'a Targets, Route, usize, Timing) -> F,
-) -> Result<Results<S::Figures>>
-where
-    S: Slice,
-    F: Future<Output = Result<S>>,
-{
-    let mut results = Results::new();
-    for connections in CONNECTIONS {
-        let mut runs: BTreeMap<Route, (S, Vec<f64>)> = BTreeMap::new();
-        for _ in 0..timing.rounds {
-            for route in Route::ALL {
-                let one = slice(targets, route, connections, timing)
-                    .await
-                    .with_context(|| format!("{} with {connections} connections", route.name()))?;
-                let (run, rates) = runs.entry(route).or_default();
-                rates.push(one.rate());
-                run.add(one);
-            }
-        }
-        for (route, (run, rates)) in runs {
-            let figures = run.figures(&rates);
-            eprintln!("{:>8} x{connections:<3} {figures:?}", route.name());
-            results
-                .entry(connections)
-                .or_default()
-                .insert(route, figures);
-        }
-    }
-    Ok(results)
-}
-
 /// `connections` keep-alive connections, each making one request after another for the warm-up
 /// and then the slice; every request that ends in the slice is counted.
 async fn http_slice(
@@ -684,72 +528,11 @@ async fn bulk_slice(
     })
 }
 
-/// Writes until `until`, half-closes, and returns the sink's count and when it arrived.
-async fn upload(mut io: Stream, until: Instant) -> Result<(u64, Instant)> {
-    let chunk = vec![0x5a_u8; CHUNK];
-    let mut sent = 0_u64;
-    while Instant::now() < until {
-        io.write_all(&chunk).await.context("uploading")?;
-        sent += CHUNK as u64;
-    }
-    io.shutdown().await.context("half-closing")?;
-    let mut count = [0; 8];
-    io.read_exact(&mut count)
-        .await
-        .context("reading the sink's byte count")?;
-    let received = u64::from_be_bytes(count);
-    ensure!(received == sent, "the sink got {received} of {sent} bytes");
-    Ok((received, Instant::now()))
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 // ---------------------------------------------------------------------------------------------
 // Memory
 
-fn mib(kib: Option<u64>) -> f64 {
-    kib.unwrap_or(0) as f64 * 1024.0 / MIB
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-/// The highest VmRSS of a process, sampled every 50 ms until dropped.
-#[derive(Debug)]
-struct RssSampler {
-    max_kib: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RssSampler {
-    fn start(pid: u32) -> Self {
-        let max_kib = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn({
-            let max_kib = max_kib.clone();
-            async move {
-                loop {
-                    if let Some(kib) = status_kib(pid, "VmRSS") {
-                        max_kib.fetch_max(kib, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        });
-        Self { max_kib, task }
-    }
-
-    fn max_kib(&self) -> u64 {
-        self.max_kib.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -949,7 +732,7 @@ async fn per_connection(topology: &Topology, n: usize) -> Result<PerConnection> 
     let per = |before: f64, after: f64| (after - before) / forwarded.max(1.0);
     let idle = rss();
     let written = counter(gateway, "tcp_write_bytes_total{direction=\"outbound\"}").await?;
-    let chunk = vec![0x5a_u8; CHUNK];
+    let chunk = vec![0x5a_u8; BULK_CHUNK];
     for c in &mut conns {
         // A refused connection's write fails: it is not among the forwarded.
         if c.write_all(&chunk).await.is_ok() {
@@ -959,7 +742,7 @@ async fn per_connection(topology: &Topology, n: usize) -> Result<PerConnection> 
     wait_counter(
         gateway,
         "tcp_write_bytes_total{direction=\"outbound\"}",
-        written + forwarded * CHUNK as f64,
+        written + forwarded * BULK_CHUNK as f64,
     )
     .await?;
     let busy = rss();
@@ -1032,17 +815,6 @@ async fn refusals(gateway: &Program) -> Result<BTreeMap<String, f64>> {
 
 // ---------------------------------------------------------------------------------------------
 // The topology
-
-/// A child process, killed when dropped.
-#[derive(Debug)]
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Everything a run needs; stopped in field order when dropped.
 #[derive(Debug)]
@@ -1222,17 +994,7 @@ impl Haproxy {
         let config = haproxy_config(&crt, anchors, ports, backend, threads);
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(&cfg, &config)?;
-        let check = Command::new(&binary)
-            .arg("-c")
-            .arg("-f")
-            .arg(&cfg)
-            .output()?;
-        ensure!(
-            check.status.success(),
-            "haproxy -c refused the configuration:\n{}{}\n{config}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
+        haproxy_check(&binary, &cfg, &config)?;
         let log = std::fs::File::create(dir.join("haproxy.log"))?;
         let child = Command::new(&binary)
             .arg("-db")
@@ -1249,7 +1011,8 @@ impl Haproxy {
             &mut child,
             &[ports.http, ports.bulk],
             &dir.join("haproxy.log"),
-        )?;
+        )
+        .context("haproxy")?;
         Ok(Self {
             _child: child,
             pid,
@@ -1311,54 +1074,6 @@ backend bulk
     )
 }
 
-/// `haproxy` on PATH, or Debian's `/usr/sbin/haproxy` (not on a user's PATH).
-fn haproxy_binary() -> Result<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
-        .context(
-            "haproxy is not installed: apt-get install haproxy (make bench-gateway does, as root)",
-        )
-}
-
-fn haproxy_version(binary: &Path) -> Result<String> {
-    let out = Command::new(binary).arg("-v").output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
-/// Waits until every address accepts, failing with `log` if the child exits first.
-fn wait_listening(child: &mut Guard, addrs: &[SocketAddr], log: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if addrs
-            .iter()
-            .all(|a| std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok())
-        {
-            return Ok(());
-        }
-        if let Some(status) = child.0.try_wait()? {
-            bail!(
-                "haproxy exited ({status}):\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            return Err(anyhow!(
-                "haproxy did not listen on {addrs:?} within 10 s:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The backend (run in the network namespace)
 
@@ -1368,7 +1083,7 @@ mod backend {
     pub(super) async fn serve(http: SocketAddr, bulk: SocketAddr) -> Result<()> {
         let http = TcpListener::bind(http).await.context("binding HTTP")?;
         let bulk = TcpListener::bind(bulk).await.context("binding bulk")?;
-        tokio::join!(accept(http, serve_http), accept(bulk, sink));
+        tokio::join!(accept(http, serve_http), accept(bulk, sink::<TcpStream>));
         Ok(())
     }
 
@@ -1396,33 +1111,10 @@ mod backend {
             .serve_connection(TokioIo::new(s), svc)
             .await;
     }
-
-    /// Reads to the end, then answers the byte count (u64, big-endian) and closes.
-    async fn sink(mut s: TcpStream) {
-        let mut buf = vec![0; 256 * 1024];
-        let mut count = 0_u64;
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => count += n as u64,
-                Err(_) => return,
-            }
-        }
-        let _ = s.write_all(&count.to_be_bytes()).await;
-        let _ = s.shutdown().await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The report
-
-/// One of the issue's goals, as measured.
-#[derive(Debug, Serialize)]
-struct Goal {
-    goal: &'static str,
-    figure: String,
-    met: bool,
-}
 
 #[derive(Debug, Serialize)]
 struct Ratios {
@@ -1440,8 +1132,8 @@ struct Ratios {
 #[derive(Debug)]
 struct Report {
     settings: serde_json::Value,
-    http: Results<HttpFigures>,
-    bulk: Results<BulkFigures>,
+    http: Results<Route, HttpFigures>,
+    bulk: Results<Route, BulkFigures>,
     memory: Memory,
     flood: Flood,
     per_connection: PerConnection,
@@ -1455,8 +1147,8 @@ const MATCH_TOLERANCE: f64 = 0.05;
 impl Report {
     fn new(
         settings: serde_json::Value,
-        http: Results<HttpFigures>,
-        bulk: Results<BulkFigures>,
+        http: Results<Route, HttpFigures>,
+        bulk: Results<Route, BulkFigures>,
         memory: Memory,
         flood: Flood,
         per_connection: PerConnection,
@@ -1516,48 +1208,14 @@ impl Report {
              slices, each after {} s of warm-up",
             s["seconds_per_run"], s["rounds"], s["warmup_seconds_per_http_slice"]
         )?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10} {:>10} {:>10}   slices: slowest-fastest req/s",
-            "conns", "route", "req/s", "p50 µs", "p99 µs"
-        )?;
-        for (conns, routes) in &self.http {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.0} {:>10.1} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.requests_per_s,
-                    f.p50_us,
-                    f.p99_us,
-                    f.slowest_slice_per_s,
-                    f.fastest_slice_per_s
-                )?;
-            }
-        }
+        print_requests(out, &self.http)?;
         writeln!(out)?;
         writeln!(
             out,
             "bulk TCP upload into a sink (MB = 10^6 bytes the sink counted), {} s per run in {} slices",
             s["seconds_per_run"], s["rounds"]
         )?;
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:>10}   slices: slowest-fastest MB/s",
-            "conns", "route", "MB/s"
-        )?;
-        for (conns, routes) in &self.bulk {
-            for (route, f) in routes {
-                writeln!(
-                    out,
-                    "{conns:>5}  {:<8} {:>10.1}   {:.0}-{:.0}",
-                    route.name(),
-                    f.mb_per_s,
-                    f.slowest_slice_mb_per_s,
-                    f.fastest_slice_mb_per_s
-                )?;
-            }
-        }
+        print_bulk(out, &self.bulk)?;
         let m = &self.memory;
         writeln!(out)?;
         writeln!(
@@ -1572,53 +1230,47 @@ impl Report {
         self.print_flood(out)?;
         self.per_connection.print(out)?;
         let r = &self.ratios;
-        writeln!(out)?;
-        writeln!(out, "ratios")?;
-        for (what, value, unit) in [
-            (
-                "gateway p50 - direct p50, 1 conn",
-                r.gateway_added_p50_us_1,
-                " µs",
-            ),
-            (
-                "haproxy p50 - direct p50, 1 conn",
-                r.haproxy_added_p50_us_1,
-                " µs",
-            ),
-            (
-                "gateway / direct, HTTP req/s, 16 conns",
-                r.gateway_over_direct_http_16,
-                "",
-            ),
-            (
-                "gateway / direct, bulk MB/s, 16 conns",
-                r.gateway_over_direct_bulk_16,
-                "",
-            ),
-            (
-                "gateway / haproxy, HTTP req/s, 16 conns",
-                r.gateway_over_haproxy_http_16,
-                "",
-            ),
-            (
-                "gateway / haproxy, bulk MB/s, 16 conns",
-                r.gateway_over_haproxy_bulk_16,
-                "",
-            ),
-            (
-                "gateway peak RSS under load",
-                r.gateway_peak_rss_mib,
-                " MiB",
-            ),
-        ] {
-            writeln!(out, "  {what:<40} {value:>8.2}{unit}")?;
-        }
-        writeln!(out)?;
-        writeln!(out, "goals (reported, never enforced)")?;
-        for g in &self.goals {
-            let mark = if g.met { "met   " } else { "MISSED" };
-            writeln!(out, "  [{mark}] {:<62} {}", g.goal, g.figure)?;
-        }
+        print_verdict(
+            out,
+            &[
+                (
+                    "gateway p50 - direct p50, 1 conn",
+                    r.gateway_added_p50_us_1,
+                    " µs",
+                ),
+                (
+                    "haproxy p50 - direct p50, 1 conn",
+                    r.haproxy_added_p50_us_1,
+                    " µs",
+                ),
+                (
+                    "gateway / direct, HTTP req/s, 16 conns",
+                    r.gateway_over_direct_http_16,
+                    "",
+                ),
+                (
+                    "gateway / direct, bulk MB/s, 16 conns",
+                    r.gateway_over_direct_bulk_16,
+                    "",
+                ),
+                (
+                    "gateway / haproxy, HTTP req/s, 16 conns",
+                    r.gateway_over_haproxy_http_16,
+                    "",
+                ),
+                (
+                    "gateway / haproxy, bulk MB/s, 16 conns",
+                    r.gateway_over_haproxy_bulk_16,
+                    "",
+                ),
+                (
+                    "gateway peak RSS under load",
+                    r.gateway_peak_rss_mib,
+                    " MiB",
+                ),
+            ],
+            &self.goals,
+        )?;
         writeln!(out)?;
         writeln!(
             out,
@@ -1684,13 +1336,7 @@ impl Report {
             "goals": self.goals,
             "elapsed_seconds": elapsed.as_secs_f64(),
         });
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(
-            out.join("gateway.json"),
-            serde_json::to_string_pretty(&results)?,
-        )?;
-        Ok(())
+        Ok(write_json("gateway", &results)?)
     }
 }
 
@@ -1698,32 +1344,32 @@ fn goals(r: &Ratios) -> Vec<Goal> {
     let at_least = |x: f64, min: f64| x >= min;
     vec![
         Goal {
-            goal: "1 conn: the gateway adds under 50 µs to p50",
+            goal: "1 conn: the gateway adds under 50 µs to p50".to_owned(),
             figure: format!("{:.1} µs", r.gateway_added_p50_us_1),
             met: r.gateway_added_p50_us_1 < 50.0,
         },
         Goal {
-            goal: "16 conns: at least 35 % of direct HTTP req/s",
+            goal: "16 conns: at least 35 % of direct HTTP req/s".to_owned(),
             figure: format!("{:.0} %", r.gateway_over_direct_http_16 * 100.0),
             met: at_least(r.gateway_over_direct_http_16, 0.35),
         },
         Goal {
-            goal: "16 conns: at least 35 % of direct bulk MB/s",
+            goal: "16 conns: at least 35 % of direct bulk MB/s".to_owned(),
             figure: format!("{:.0} %", r.gateway_over_direct_bulk_16 * 100.0),
             met: at_least(r.gateway_over_direct_bulk_16, 0.35),
         },
         Goal {
-            goal: "16 conns: matches (within 5 %) or beats HAProxy, HTTP req/s",
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, HTTP req/s".to_owned(),
             figure: format!("{:.2}x", r.gateway_over_haproxy_http_16),
             met: at_least(r.gateway_over_haproxy_http_16, 1.0 - MATCH_TOLERANCE),
         },
         Goal {
-            goal: "16 conns: matches (within 5 %) or beats HAProxy, bulk MB/s",
+            goal: "16 conns: matches (within 5 %) or beats HAProxy, bulk MB/s".to_owned(),
             figure: format!("{:.2}x", r.gateway_over_haproxy_bulk_16),
             met: at_least(r.gateway_over_haproxy_bulk_16, 1.0 - MATCH_TOLERANCE),
         },
         Goal {
-            goal: "gateway RSS under 16 MiB under load (VmHWM)",
+            goal: "gateway RSS under 16 MiB under load (VmHWM)".to_owned(),
             figure: format!("{:.1} MiB", r.gateway_peak_rss_mib),
             met: r.gateway_peak_rss_mib < 16.0,
         },

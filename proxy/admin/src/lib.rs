@@ -327,19 +327,29 @@ pub fn all_ready(conditions: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut conditions = conditions;
+        // A condition whose sender is gone keeps its last value for ever: a finished "ready"
+        // stays ready (a check that completes once and ends), a finished "not ready" never is.
+        let mut stuck = false;
         loop {
-            let now = conditions.iter_mut().all(|c| *c.borrow_and_update());
+            let now = !stuck && conditions.iter_mut().all(|c| *c.borrow_and_update());
             if tx.send_if_modified(|v| std::mem::replace(v, now) != now) {
                 tracing::info!(ready = now, "readiness changed");
             }
             if conditions.is_empty() {
                 return tx.closed().await;
             }
-            let changed =
-                futures::future::select_all(conditions.iter_mut().map(|c| Box::pin(c.changed())));
-            tokio::select! {
-                (res, _, _) = changed => if res.is_err() { return },
-                () = tx.closed() => return,
+            let closed = {
+                let changed = futures::future::select_all(
+                    conditions.iter_mut().map(|c| Box::pin(c.changed())),
+                );
+                tokio::select! {
+                    (res, i, _) = changed => res.is_err().then_some(i),
+                    () = tx.closed() => return,
+                }
+            };
+            if let Some(i) = closed {
+                let finished = conditions.remove(i);
+                stuck |= !*finished.borrow();
             }
         }
     });
@@ -369,6 +379,21 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A condition that finished ready (its sender gone) stays ready: the rest still decide.
+    #[tokio::test]
+    async fn finished_conditions_keep_their_last_value() {
+        let (done_tx, done) = watch::channel(false);
+        let (cert_tx, cert) = watch::channel(false);
+        let mut ready = all_ready(vec![done, cert]);
+        done_tx.send(true).unwrap();
+        drop(done_tx);
+        cert_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .expect("ready once the certificate came")
+            .unwrap();
+    }
 
     #[test]
     fn metrics_identities_default_to_the_installs_prometheus() {

@@ -17,6 +17,12 @@ pub const MAX: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Backoff(backon::ExponentialBackoff);
 
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Backoff {
     pub fn new() -> Self {
         Self(

@@ -31,6 +31,32 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proxy_transport::tcp::{ConnectError, connect};
 use tokio::time::Instant;
 
+/// How long an unused HTTP/1 connection to an endpoint is kept (Linkerd's
+/// `LINKERD2_PROXY_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT`).
+pub const HTTP1_POOL_IDLE: Duration = Duration::from_secs(3);
+
+/// A client of one endpoint (whatever the request's URI says, `connector` decides where
+/// connections go): HTTP/2 multiplexed on one connection with `http2_only`, otherwise a pool
+/// of HTTP/1 connections, as many as requests in flight, idle ones kept [`HTTP1_POOL_IDLE`].
+/// The request's own `Host` is sent unchanged.
+pub fn pooled_client<C>(
+    connector: C,
+    http2_only: bool,
+) -> hyper_util::client::legacy::Client<C, Incoming>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(HTTP1_POOL_IDLE)
+        .set_host(false)
+        .http2_only(http2_only)
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    builder.build(connector)
+}
+
 /// Why a request could not be sent to an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

@@ -19,7 +19,9 @@ pub mod headers;
 pub mod orig_proto;
 pub mod server;
 
-pub use self::client::{Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError};
+pub use self::client::{
+    HTTP1_POOL_IDLE, Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError, pooled_client,
+};
 pub use self::detect::{Protocol, classify, detect};
 pub use self::error::{ProxyBody, ProxyError, is_grpc};
 pub use self::headers::{L5D_CLIENT_ID, forwarded_by, set_client_id, strip_hop_by_hop};

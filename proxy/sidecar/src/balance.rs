@@ -44,6 +44,9 @@ pub enum BalanceError {
 pub struct Balancer<Req, S> {
     inner: Mutex<Balance<PeakEwmaDiscover<Discover<S>, CompleteOnResponse>, Req>>,
     failfast: Duration,
+    /// The discovery stream the endpoints come from, kept open while the balancer lives (a
+    /// receiver alone stops hearing updates once the resolver's idle timeout closes it).
+    _discovery: Option<proxy_discovery::Resolve>,
 }
 
 impl<Req, S> std::fmt::Debug for Balancer<Req, S> {
@@ -73,6 +76,19 @@ where
         Self {
             inner: Mutex::new(Balance::new(ewma)),
             failfast,
+            _discovery: None,
+        }
+    }
+
+    /// A balancer over the endpoints of `discovery`, which it keeps open.
+    pub fn discovered(
+        discovery: proxy_discovery::Resolve,
+        make: impl Fn(Arc<Endpoint>) -> S + Send + 'static,
+        failfast: Duration,
+    ) -> Self {
+        Self {
+            _discovery: Some(discovery.clone()),
+            ..Self::new(discovery.watch(), make, failfast)
         }
     }
 

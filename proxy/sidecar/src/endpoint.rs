@@ -20,7 +20,7 @@ use hyper_util::{
         Client,
         connect::{Connected, Connection},
     },
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::TokioIo,
 };
 use proxy_discovery::{Endpoint, Hint};
 use proxy_identity::{Credentials, Id, tls};
@@ -296,10 +296,6 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// How long an unused HTTP/1 connection to an endpoint is kept (Linkerd's
-/// `LINKERD2_PROXY_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT`).
-const HTTP1_POOL_IDLE: Duration = Duration::from_secs(3);
-
 /// HTTP to one endpoint: HTTP/2 (one multiplexed connection) when it has an `H2` hint, HTTP/1
 /// requests upgraded to it; otherwise a pool of HTTP/1 connections.
 #[derive(Clone, Debug)]
@@ -313,24 +309,17 @@ impl HttpEndpoint {
     pub fn new(dialer: &Dialer, ep: Arc<Endpoint>) -> Self {
         // A meshed peer speaks HTTP/2 whatever the client spoke (Linkerd's orig-proto).
         let h2 = ep.hint == Hint::H2 && ep.identity.is_some();
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(HTTP1_POOL_IDLE)
-            .set_host(false)
-            .http2_only(h2)
-            .http2_keep_alive_interval(Duration::from_secs(30));
+        let connector = Connector {
+            dialer: dialer.clone(),
+            ep: ep.clone(),
+            protocol: if h2 {
+                SessionProtocol::Http2
+            } else {
+                SessionProtocol::Http1
+            },
+        };
         Self {
-            client: builder.build(Connector {
-                dialer: dialer.clone(),
-                ep: ep.clone(),
-                protocol: if h2 {
-                    SessionProtocol::Http2
-                } else {
-                    SessionProtocol::Http1
-                },
-            }),
+            client: proxy_http::pooled_client(connector, h2),
             upgrade: h2,
             ep,
         }

@@ -7,16 +7,16 @@
 //! then HTTP (detected, or as the policy says) is served request by request to the application
 //! on `127.0.0.1:<port>` with `l5d-client-id`, and anything else is forwarded as bytes.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::{client::legacy::Client, rt::TokioIo};
 use proxy_discovery::{ClientTls, InboundPolicies, ServerPolicy, authorize};
 use proxy_http::{
-    Http1Conns, Http2Pool, L5D_CLIENT_ID, OrigProto, PoolLimits, Protocol, ProxyBody, ProxyError,
-    ServeSettings, Version, is_grpc,
+    L5D_CLIENT_ID, OrigProto, Protocol, ProxyBody, ProxyError, ServeSettings, Version, is_grpc,
 };
 use proxy_identity::{Credentials, Id};
 use proxy_transport::{Activity, direct::Admission, orig_dst};
@@ -56,8 +56,46 @@ pub struct Inbound {
     timeouts: Timeouts,
     metrics: Metrics,
     serve: ServeSettings,
-    /// HTTP/2 to applications (gRPC), shared by every client connection.
-    h2: Http2Pool<()>,
+    /// HTTP to the application, per port, shared by every client connection.
+    apps: std::sync::Mutex<HashMap<u16, AppClients>>,
+}
+
+/// Connections to the application on one loopback port, whatever a request's URI names.
+#[derive(Clone, Debug)]
+struct AppConnector {
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+}
+
+impl tower::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = proxy_transport::tcp::ConnectError;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (addr, timeout) = (self.addr, self.timeout);
+        Box::pin(async move {
+            Ok(TokioIo::new(
+                proxy_transport::tcp::connect(addr, timeout).await?,
+            ))
+        })
+    }
+}
+
+/// The clients of one application port: pooled HTTP/1 (a peer's multiplexed requests reach the
+/// application at once, each on a connection of its own) and multiplexed HTTP/2.
+#[derive(Clone, Debug)]
+struct AppClients {
+    h1: Client<AppConnector, Incoming>,
+    h2: Client<AppConnector, Incoming>,
 }
 
 /// What the first bytes of a connection were.
@@ -92,13 +130,30 @@ impl Inbound {
                 idle_timeout: timeouts.idle,
                 max_streams: 1000,
             },
-            h2: Http2Pool::new(PoolLimits {
-                connect_timeout: timeouts.connect,
-                ..PoolLimits::default()
-            }),
+            apps: std::sync::Mutex::default(),
             timeouts,
             metrics,
         })
+    }
+
+    /// The clients of the application's `port`.
+    fn app(&self, port: u16) -> AppClients {
+        let mut apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.entry(port)
+            .or_insert_with(|| {
+                let connector = AppConnector {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    timeout: self.timeouts.connect,
+                };
+                AppClients {
+                    h1: proxy_http::pooled_client(connector.clone(), false),
+                    h2: proxy_http::pooled_client(connector, true),
+                }
+            })
+            .clone()
     }
 
     /// The TLS server config of the inbound port (for tests).
@@ -310,8 +365,6 @@ impl Inbound {
                     allowed,
                     server: policy.name.clone(),
                     labels,
-                    http1: Http1Conns::default(),
-                    downstream_h1: version == Version::Http1,
                 });
                 let svc = hyper::service::service_fn(move |req| {
                     let conn = conn.clone();
@@ -326,6 +379,8 @@ impl Inbound {
     /// A connection to the inbound port itself: a peer proxy's opaque transport (mTLS and a
     /// transport header naming the application's port).
     async fn direct(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+        // This pod's address, whichever the peer dialled.
+        let Ok(local) = tcp.local_addr() else { return };
         let admitted = match self.direct.admit(tcp, |_| true, &cancel).await {
             Ok(Some(a)) => a,
             Ok(None) => return,
@@ -343,7 +398,7 @@ impl Inbound {
             return;
         }
         let port = admitted.header.port;
-        let orig = SocketAddr::new(peer.ip(), port);
+        let orig = SocketAddr::new(local.ip(), port);
         let policy = self.policies.port(port).borrow().clone();
         let client = admitted.client.clone();
         let tls = Tls::Established(Some(client.clone()));
@@ -360,7 +415,6 @@ impl Inbound {
             }
             None => proxy_discovery::Protocol::Opaque,
         };
-        let orig = SocketAddr::new(orig.ip(), port);
         self.serve(
             io,
             peer,
@@ -445,9 +499,6 @@ struct Conn {
     allowed: bool,
     server: String,
     labels: Labels,
-    http1: Http1Conns,
-    /// The client spoke HTTP/1 (one request at a time).
-    downstream_h1: bool,
 }
 
 impl Conn {
@@ -472,24 +523,19 @@ impl Conn {
             }
         }
         let app = SocketAddr::from(([127, 0, 0, 1], self.app_port));
-        let result = if req.version() == http::Version::HTTP_2 {
-            self.inbound
-                .h2
-                .send(app, &(), req)
-                .await
-                .map(|r| r.map(|b| b.boxed()))
+        let clients = self.inbound.app(self.app_port);
+        let client = if req.version() == http::Version::HTTP_2 {
+            clients.h2
         } else {
-            to_http1(&mut req, orig.is_some_and(|o| o.absolute_form));
-            self.http1
-                .send(app, self.inbound.timeouts.connect, req, self.downstream_h1)
-                .await
-                .map(|r| r.map(|b| b.boxed()))
+            set_host(&mut req);
+            clients.h1
         };
-        let mut rsp = match result {
-            Ok(rsp) => rsp,
+        absolute(&mut req, app);
+        let mut rsp = match client.request(req).await {
+            Ok(rsp) => rsp.map(|b| b.boxed()),
             Err(error) => {
                 tracing::info!(%app, %error, "the application did not answer");
-                let e = if error.is_timeout() {
+                let e = if crate::endpoint::is_connect_timeout(&error) {
                     ProxyError::CONNECT_TIMEOUT
                 } else {
                     ProxyError::ENDPOINT
@@ -506,24 +552,35 @@ impl Conn {
     }
 }
 
-/// A request leaving HTTP/2 for the application's HTTP/1: `Host` from the authority, and the
-/// origin form unless the client sent an absolute URI.
-fn to_http1<B>(req: &mut Request<B>, absolute_form: bool) {
+/// A request leaving HTTP/2 for the application's HTTP/1 keeps its authority as `Host`.
+fn set_host<B>(req: &mut Request<B>) {
     if !req.headers().contains_key(header::HOST)
         && let Some(a) = req.uri().authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    if !absolute_form && req.uri().authority().is_some() {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        if let Ok(uri) = path.parse::<Uri>() {
-            *req.uri_mut() = uri;
-        }
+}
+
+/// The client pools by the URI's authority and needs one: a request in origin form gets its
+/// `Host` (or else the application's address). HTTP/1 goes out in origin form again.
+fn absolute<B>(req: &mut Request<B>, app: SocketAddr) {
+    if req.uri().authority().is_some() {
+        return;
+    }
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| app.to_string(), str::to_owned);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
     }
 }
 

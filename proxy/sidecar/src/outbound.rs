@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use http::{Request, Response, Uri, uri::Authority};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use proxy_discovery::{Resolution, Resolver};
+use proxy_discovery::{Resolution, Resolve, Resolver};
 use proxy_http::{Protocol, ProxyBody, ProxyError, ServeSettings, Version, is_grpc};
 use proxy_transport::{Activity, orig_dst};
 use proxy_transport_header::Prefixed;
@@ -58,10 +58,21 @@ impl Failed<tower::BoxError> for ConnectFailed {
 
 /// A target's route: its endpoints, or its original address when discovery has none.
 #[derive(Debug)]
-enum Route<B> {
+enum Route<B, F> {
     Balanced(B),
-    Forward,
+    Forward(F),
 }
+
+type HttpRoute = Route<HttpBalancer, Metered>;
+type TcpRoute = Route<TcpBalancer, ()>;
+
+/// Discovery did not answer within the fail-fast timeout: the request fails (and nothing is
+/// cached), rather than going around the mesh in plaintext.
+const DISCOVERY_UNAVAILABLE: ProxyError = ProxyError::new(
+    http::StatusCode::SERVICE_UNAVAILABLE,
+    14,
+    "service discovery unavailable",
+);
 
 /// The outbound side's shared state.
 #[derive(Debug)]
@@ -70,8 +81,8 @@ pub struct Outbound {
     dialer: Dialer,
     resolver: Resolver,
     metrics: Metrics,
-    http: Cache<String, Route<HttpBalancer>>,
-    tcp: Cache<SocketAddr, Route<TcpBalancer>>,
+    http: Cache<String, HttpRoute>,
+    tcp: Cache<SocketAddr, TcpRoute>,
     serve: ServeSettings,
 }
 
@@ -170,13 +181,18 @@ impl Outbound {
             .is_ok_and(|p| p.profile().is_some_and(|p| p.opaque))
     }
 
-    /// Waits (within the fail-fast timeout) for discovery's first answer about `target`.
-    async fn first(&self, target: &str) -> Option<tokio::sync::watch::Receiver<Resolution>> {
+    /// Waits (within the fail-fast timeout) for discovery's first answer about `target`:
+    /// `Ok(None)` when the target is not discovery's (outside the cluster), `Err` when
+    /// discovery did not answer in time.
+    async fn first(&self, target: &str) -> Result<Option<Resolve>, ()> {
         let mut resolve = self.resolver.resolve(target);
-        let first = tokio::time::timeout(self.timeouts.failfast, resolve.first()).await;
-        match first {
-            Ok(Resolution::NotFound) | Err(_) => None,
-            Ok(_) => Some(resolve.watch()),
+        match tokio::time::timeout(self.timeouts.failfast, resolve.first()).await {
+            Ok(Resolution::NotFound) => Ok(None),
+            Ok(_) => Ok(Some(resolve)),
+            Err(_) => {
+                tracing::warn!(%target, wait = ?self.timeouts.failfast, "no answer from the destination service");
+                Err(())
+            }
         }
     }
 
@@ -186,10 +202,14 @@ impl Outbound {
         orig: SocketAddr,
         activity: &Arc<Activity>,
     ) {
-        let route = self.tcp_route(orig).await;
+        let Some(route) = self.tcp_route(orig).await else {
+            self.metrics
+                .error(Direction::Outbound, "discovery unavailable");
+            return;
+        };
         let picked = match &*route {
             Route::Balanced(b) => b.call(()).await.map_err(|e| e.to_string()),
-            Route::Forward => self
+            Route::Forward(()) => self
                 .dialer
                 .plain(orig)
                 .await
@@ -216,47 +236,52 @@ impl Outbound {
         self.tcp.touch(&orig);
     }
 
-    async fn tcp_route(&self, orig: SocketAddr) -> Arc<Route<TcpBalancer>> {
+    async fn tcp_route(&self, orig: SocketAddr) -> Option<Arc<TcpRoute>> {
         if let Some(route) = self.tcp.get(&orig) {
-            return route;
+            return Some(route);
         }
         // Discovery's first answer is awaited outside the cache's lock; two first connections
-        // may both ask, and the second's answer is the one kept.
-        let target = orig.to_string();
-        let rx = self.first(&target).await;
+        // may both ask, and the first answer stored is the one kept.
+        let found = self.first(&orig.to_string()).await.ok()?;
         let dialer = self.dialer.clone();
         let failfast = self.timeouts.failfast;
-        self.tcp.get_or_insert_with(&orig, move || match rx {
-            None => Route::Forward,
-            Some(rx) => Route::Balanced(Balancer::new(
-                rx,
+        Some(self.tcp.get_or_insert_with(&orig, move || match found {
+            None => Route::Forward(()),
+            Some(resolve) => Route::Balanced(Balancer::discovered(
+                resolve,
                 move |ep| Backoff::new(TcpEndpoint::new(&dialer, ep)),
                 failfast,
             )),
-        })
+        }))
     }
 
-    async fn http_route(&self, target: &str) -> Arc<Route<HttpBalancer>> {
-        if let Some(route) = self.http.get(&target.to_owned()) {
-            return route;
+    async fn http_route(&self, target: &str, orig: SocketAddr) -> Option<Arc<HttpRoute>> {
+        let key = target.to_owned();
+        if let Some(route) = self.http.get(&key) {
+            return Some(route);
         }
-        let rx = self.first(target).await;
+        let found = self.first(target).await.ok()?;
         let dialer = self.dialer.clone();
         let metrics = self.metrics.clone();
         let failfast = self.timeouts.failfast;
-        let authority = target.to_owned();
-        self.http
-            .get_or_insert_with(&target.to_owned(), move || match rx {
-                None => Route::Forward,
-                Some(rx) => Route::Balanced(Balancer::new(
-                    rx,
-                    move |ep| {
-                        let http = HttpEndpoint::new(&dialer, ep.clone());
-                        Backoff::new(Metered::new(http, &metrics, &authority))
-                    },
-                    failfast,
-                )),
-            })
+        let authority = key.clone();
+        Some(self.http.get_or_insert_with(&key, move || match found {
+            // Outside the mesh: the original address, in plaintext, one client (and its
+            // connection pool) for every request.
+            None => Route::Forward(Metered::new(
+                HttpEndpoint::new(&dialer, Arc::new(plain_endpoint(orig))),
+                &metrics,
+                &authority,
+            )),
+            Some(resolve) => Route::Balanced(Balancer::discovered(
+                resolve,
+                move |ep| {
+                    let http = HttpEndpoint::new(&dialer, ep.clone());
+                    Backoff::new(Metered::new(http, &metrics, &authority))
+                },
+                failfast,
+            )),
+        }))
     }
 
     /// One request: routed, balanced, answered (by the endpoint, or with the proxy's error).
@@ -272,17 +297,14 @@ impl Outbound {
         if absolute_form {
             req.extensions_mut().insert(AbsoluteForm);
         }
-        let route = self.http_route(&target).await;
+        let Some(route) = self.http_route(&target, orig).await else {
+            return DISCOVERY_UNAVAILABLE.response(grpc);
+        };
         let result = match &*route {
             Route::Balanced(b) => b.call(req).await,
-            Route::Forward => {
-                let ep = Arc::new(plain_endpoint(orig));
-                let mut fwd =
-                    Metered::new(HttpEndpoint::new(&self.dialer, ep), &self.metrics, &target);
-                tower::Service::call(&mut fwd, req)
-                    .await
-                    .map_err(BalanceError::Endpoint)
-            }
+            Route::Forward(fwd) => tower::Service::call(&mut fwd.clone(), req)
+                .await
+                .map_err(BalanceError::Endpoint),
         };
         match result {
             Ok(rsp) => rsp.map(|b| b.boxed()),

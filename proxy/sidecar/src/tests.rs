@@ -87,13 +87,28 @@ struct Seen {
 /// An HTTP application on loopback (HTTP/1 or, with `h2`, HTTP/2) that records each request
 /// and answers `ok`.
 async fn app(h2: bool) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let (addr, seen, _) = app_counting(h2).await;
+    (addr, seen)
+}
+
+/// [`app`], and how many connections it accepted.
+async fn app_counting(
+    h2: bool,
+) -> (
+    SocketAddr,
+    Arc<Mutex<Vec<Seen>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let record = seen.clone();
+    let counted = conns.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let record = record.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 record.lock().unwrap().push(Seen {
@@ -120,7 +135,7 @@ async fn app(h2: bool) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
             });
         }
     });
-    (addr, seen)
+    (addr, seen, conns)
 }
 
 /// The server pod's proxy: its inbound port, for connections sent to `app`'s port, clients
@@ -598,4 +613,92 @@ async fn failing_endpoints_back_off() {
     // The down endpoint is picked at most once before its first backoff (100 ms or more,
     // longer than these 100 requests take on paused time), so at most one request fails.
     assert!(failures <= 1, "{failures} requests failed");
+}
+
+/// A balancer keeps hearing discovery for as long as it lives, past the resolver's idle
+/// timeout (which closes streams no one holds): an endpoint removed a minute later gets no
+/// more requests.
+#[tokio::test(start_paused = true)]
+async fn balancers_hold_their_discovery_open() {
+    use linkerd2_proxy_api::destination::AddrSet;
+    use proxy_discovery::Endpoint;
+
+    use crate::balance::Balancer;
+
+    let a: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let b: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let (channel, mut calls) = testing::peer();
+    let resolver = Resolver::new(channel, String::new(), Duration::from_secs(5));
+    let mut resolve = resolver.resolve("web.shop.svc.cluster.local:80");
+    let call = calls.get.recv().await.unwrap();
+    let plain = |addr: SocketAddr| WeightedAddr {
+        addr: Some(addr.into()),
+        weight: 1,
+        ..Default::default()
+    };
+    call.send(add(vec![plain(a), plain(b)]));
+    resolve.first().await;
+    let balancer = Balancer::discovered(
+        resolve,
+        |ep: Arc<Endpoint>| {
+            tower::service_fn(move |()| std::future::ready(Ok::<_, Infallible>(ep.addr)))
+        },
+        Duration::from_secs(1),
+    );
+    assert!(balancer.call(()).await.is_ok());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    call.send(Update {
+        update: Some(update::Update::Remove(AddrSet {
+            addrs: vec![b.into()],
+        })),
+    });
+    testing::settle().await;
+    for _ in 0..20 {
+        assert_eq!(balancer.call(()).await.unwrap(), a);
+    }
+}
+
+/// Requests of many HTTP/1 clients, multiplexed between the proxies, reach an HTTP/1
+/// application on pooled connections: as many as were in flight at once, not one per request.
+#[tokio::test]
+async fn the_application_gets_pooled_connections() {
+    let pki = pki();
+    let (app, seen, conns) = app_counting(false).await;
+    let (inbound, _) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let clients = (0..8).map(|_| {
+        tokio::spawn(async move {
+            let tcp = TcpStream::connect(outbound).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for _ in 0..25 {
+                let req = Request::builder()
+                    .uri("/")
+                    .header("host", "web.shop.svc.cluster.local")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let rsp = send.send_request(req).await.unwrap();
+                assert_eq!(rsp.status(), 200);
+                rsp.into_body().collect().await.unwrap();
+            }
+        })
+    });
+    for c in clients.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().len(), 200);
+    let opened = conns.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        opened <= 8,
+        "{opened} connections for 200 requests of 8 clients"
+    );
 }
