@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod app;
 mod binaries;
 pub mod checks;
 mod cluster;
@@ -24,6 +25,7 @@ pub mod meshlink;
 pub mod netns;
 mod objects;
 mod pki;
+pub mod pod;
 mod process;
 pub mod state;
 

@@ -51,6 +51,33 @@ enum Command {
     },
     /// A meshed client: certify, dial a gateway, make one exchange, print what came back.
     MeshClient(Box<e2e::mesh::ClientArgs>),
+    /// The app of a meshed test Pod: HTTP that names the Pod and its caller's `l5d-client-id`,
+    /// and a server-speaks-first protocol; logs every request.
+    PodApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        http: std::net::SocketAddr,
+        #[arg(long)]
+        banner: Option<std::net::SocketAddr>,
+    },
+    /// A plain client of the server-speaks-first protocol: read the greeting, send a line,
+    /// print everything the server sent.
+    BannerClient {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "ping")]
+        message: String,
+    },
+    /// Plain HTTP/1 GETs, one after another on fresh connections, until stdin closes; one line
+    /// per request.
+    ClientLoop {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// How many loops run at once.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
 }
 
 fn default_dir() -> PathBuf {
@@ -83,6 +110,17 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo => run_demo(&args.dir, &mut out).await,
+        Command::PodApp { name, http, banner } => e2e::app::serve(name, http, banner).await,
+        Command::BannerClient { addr, message } => {
+            let answer =
+                e2e::app::banner_client(addr, &message, std::time::Duration::from_secs(15)).await?;
+            out.write_all(answer.as_bytes())?;
+            Ok(())
+        }
+        Command::ClientLoop { addr, workers } => {
+            drop(out);
+            e2e::app::client_loop(addr, workers, std::time::Duration::from_secs(5)).await
+        }
     }
 }
 

@@ -2,11 +2,21 @@
 //! meshlink's programs reach them at non-loopback addresses (which Endpoints require) while every
 //! packet stays inside this machine. Needs root and iproute2; without them a test fails with a
 //! message that says so (it is never skipped in CI).
+//!
+//! A host can also be a Pod's network ([`Host::route_as_pod`]): other test hosts are reached
+//! through this host, which then forwards between the veths ([`Forwarding`]) as a node with a
+//! point-to-point CNI does, and every other address (a Service's ClusterIP, which no real route
+//! leads to) has a route only so that the Pod's iptables rules can redirect connections to it to
+//! the proxy; what they do not redirect goes to a dead-end device and is dropped, never to this
+//! machine's own network.
 
 use std::{
     net::Ipv4Addr,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU8, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
 };
 
 use crate::Error;
@@ -81,6 +91,41 @@ impl Host {
         Ok(this)
     }
 
+    /// The namespace's name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Gives the namespace a Pod's routes: [`TEST_NETWORK`] (other Pods, and the control plane
+    /// on this host's veth addresses) through this host, and a default route to a dead-end device.
+    /// The default route exists so that a connection to a Service's ClusterIP gets past the
+    /// route lookup to the iptables `OUTPUT` chain, whose REDIRECT hands it to the proxy (a real
+    /// Pod's default route leads to its node, which knows no ClusterIP either without
+    /// kube-proxy). A packet that nothing redirects is dropped there: this host
+    /// never forwards it to its own network. Pods reach each other only while a [`Forwarding`]
+    /// is held.
+    pub fn route_as_pod(&self) -> Result<(), Error> {
+        let via = self.host_address.to_string();
+        // A veth pair inside the namespace: what is sent out of one end arrives at the other,
+        // which has no address and forwards nothing (the `dummy` device would do, but its
+        // kernel module is not always there).
+        let (null, sink) = ("mlnull", "mlnull1");
+        for args in [
+            vec!["ip", "route", "add", TEST_NETWORK, "via", &via],
+            vec![
+                "ip", "link", "add", null, "type", "veth", "peer", "name", sink,
+            ],
+            vec!["ip", "link", "set", null, "up"],
+            vec!["ip", "link", "set", sink, "up"],
+            vec!["ip", "route", "add", "default", "dev", null],
+        ] {
+            let mut all = vec!["netns", "exec", &self.name];
+            all.extend(args);
+            ip(&all)?;
+        }
+        Ok(())
+    }
+
     /// The host's address.
     pub fn address(&self) -> Ipv4Addr {
         self.address
@@ -120,6 +165,57 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.veth]);
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The addresses of every test host (both ends of every veth).
+pub const TEST_NETWORK: &str = "172.31.0.0/16";
+
+/// IPv4 forwarding in this (the root) namespace, so that a packet from one test host's veth to
+/// another's is routed, as a node routes between its Pods' veths. Enabled while any `Forwarding`
+/// of this process lives; set back to 0 when the last one is dropped if it was 0 before. (Another
+/// process that needs it at that moment holds its own and sets it again; nothing of this
+/// process's is left switched on.)
+#[derive(Debug)]
+pub struct Forwarding(());
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// (holders in this process, the value before the first).
+static FORWARDING: Mutex<(usize, Option<String>)> = Mutex::new((0, None));
+
+impl Forwarding {
+    pub fn enable() -> Result<Self, Error> {
+        let mut state = FORWARDING
+            .lock()
+            .map_err(|_| Error::Invalid("forwarding state poisoned".into()))?;
+        if state.0 == 0 {
+            let before = std::fs::read_to_string(IP_FORWARD)
+                .map_err(|e| Error::Invalid(format!("reading {IP_FORWARD}: {e}")))?;
+            std::fs::write(IP_FORWARD, "1").map_err(|e| {
+                Error::Invalid(format!(
+                    "enabling IPv4 forwarding between test hosts ({IP_FORWARD}, needs root): {e}"
+                ))
+            })?;
+            state.1 = Some(before.trim().to_owned());
+        }
+        state.0 += 1;
+        Ok(Self(()))
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let Ok(mut state) = FORWARDING.lock() else {
+            return;
+        };
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0
+            && let Some(before) = state.1.take()
+            && before == "0"
+        {
+            let _ = std::fs::write(IP_FORWARD, "0");
+        }
     }
 }
 
