@@ -16,7 +16,7 @@ DEMO_KUBECONFIG = $(CLUSTERS_DIR)/east/kubeconfig:$(CLUSTERS_DIR)/west/kubeconfi
 
 .PHONY: help
 help:
-	@echo "make demo           start local clusters east and west and show a Link"
+	@echo "make demo           two local clusters, linked: a client Pod in west calls web-east by name with curl"
 	@echo "make test           formatting, lints and every test (real clusters included)"
 	@echo "make clusters       start clusters east and west; make clusters-down stops them"
 	@echo "make bench          the service-mirror benchmark (SERVICES=1000 by default)"
@@ -31,18 +31,17 @@ help:
 prerequisites:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found. Install Rust with rustup (https://rustup.rs); rust-toolchain.toml pins the version." >&2; exit 1; }
 	@command -v go >/dev/null || { echo "error: go not found. Install Go 1.21 or newer (https://go.dev/dl); it fetches the Go 1.26 toolchain that Kubernetes needs by itself." >&2; exit 1; }
-	@# The end-to-end tests put test hosts in network namespaces (iproute2, as root).
-	@command -v ip >/dev/null || { \
+	@# What the end-to-end tests run, as root: test hosts in network namespaces (iproute2), Pods'
+	@# redirect rules with both iptables back ends (iptables), the proxy as its own user (setpriv,
+	@# util-linux), an unmodified HTTP client in a Pod (curl). Missing Debian packages are installed
+	@# in one go when this runs as root with apt-get.
+	@missing=""; for pair in ip:iproute2 iptables-legacy-restore:iptables iptables-nft-restore:iptables setpriv:util-linux curl:curl; do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing iproute2 (network namespaces for the end-to-end tests)"; \
-	    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
-	  else echo "error: iproute2 (ip) is missing: install it (apt-get install iproute2); the end-to-end tests need it, as root" >&2; exit 1; fi; }
-	@# proxy-init's tests apply its rules with both iptables back ends, in network namespaces (as root).
-	@{ command -v iptables-legacy-restore && command -v iptables-nft-restore; } >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing iptables (proxy-init's tests)"; \
-	    apt-get update -qq && apt-get install -y -qq iptables >/dev/null; \
-	  else echo "error: iptables is missing: install it (apt-get install iptables); proxy-init's tests need it, as root" >&2; exit 1; fi; }
+	    echo "installing$$missing (the end-to-end tests' network namespaces, redirect rules and clients)"; \
+	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "error: missing Debian packages:$$missing; install them (apt-get install$$missing); the end-to-end tests need them, as root" >&2; exit 1; fi; }
 
 .PHONY: kube-binaries
 kube-binaries: prerequisites

@@ -2,13 +2,17 @@
 //! user runs it, printing what a user would look at.
 //!
 //! `meshlink identity` makes one trust anchor and an issuer per cluster; each cluster runs the
-//! identity service; `east` runs the gateway and exports a Service whose Pod (a real server) is
-//! in a network namespace; `west` is linked to `east` with `meshlink link` output applied as it
-//! is; the service-mirror controller runs under its own ServiceAccount and probes the gateway's
-//! `/ready`; the mirror appears with endpoints at the gateway. Then a client in `west`'s own
-//! network namespace, certified by `west`'s identity service, sends a request to the address and
-//! authority the mirror names, through the gateway, and the answer is printed. Nothing leaves this
-//! machine. At the end the programs stop; the clusters and the mirror stay for you to look at.
+//! identity and destination services as their manifests' ServiceAccounts; `east` runs the gateway
+//! and exports a Service `web` whose Pod `web-0` is a network namespace with `meshlink-proxy` as
+//! its sidecar; `west` is linked to `east` with `meshlink link` output applied as it is, and the
+//! service-mirror controller makes the mirror `web-east`. Then a client Pod in `west`, its
+//! network set up by `meshlink-proxy init` and `meshlink-proxy` beside it, runs an unmodified
+//! `curl http://web-east.shop.svc.cluster.local/`: the name resolves (a DNS server for the
+//! clusters' names, in the Pod's resolv.conf) to the mirror's ClusterIP, the client's proxy
+//! takes the connection, finds the mirror's endpoint at `east`'s gateway through the destination
+//! service, and dials the gateway over mTLS; the gateway forwards to `web-0`, whose proxy hands
+//! the request to the application. Nothing leaves this machine. At the end the programs stop;
+//! the clusters and the mirror stay for you to look at.
 
 use std::{io::Write, net::IpAddr, path::Path, process::Stdio, time::Duration};
 
@@ -18,17 +22,20 @@ use kube::{Api, api::PostParams};
 use serde_json::json;
 
 use e2e::{
-    Cluster, apply_yaml, create_namespace, create_ready_pod,
-    mesh::{self, GatewaySettings, IDENTITY_AUDIENCE},
+    Cluster, apply_yaml, create_namespace,
+    dns::DnsServer,
+    mesh::{self, GatewaySettings},
     meshlink::{
-        create_gateway_service, free_port, labels, service_account_token,
-        service_account_token_for, start_mirror, wait_remote_access_token, workspace_binary,
+        create_gateway_service, service_account_token, start_mirror, wait_remote_access_token,
     },
-    netns::Host,
+    netns::{Forwarding, Host},
+    pod::{ControlPlane, MeshedPod, PodSpec, exec_in},
     wait_for,
 };
 
 const NS: &str = "linkerd-multicluster";
+const SHOP: &str = "shop";
+const WEB_EAST: &str = "web-east.shop.svc.cluster.local";
 const WAIT: Duration = Duration::from_secs(60);
 
 fn manifest(repo: &Path, path: &str) -> Result<String> {
@@ -63,120 +70,112 @@ pub async fn run(
     out: &mut impl Write,
 ) -> Result<()> {
     let (ec, wc) = (east.client(), west.client());
-    let pods = Host::create().context(
-        "the demo puts east's Pod and west's client in network namespaces (needs root and iproute2)",
+    let forwarding = Forwarding::enable().context(
+        "the demo's Pods are network namespaces routed through this host (needs root and iproute2)",
     )?;
-    let client_net = Host::create()?;
-    // The gateway listens on this host's side of the link to west's client network: its
-    // "load balancer" address.
-    let gw_ip = client_net.host_address();
+    // The clusters' services (identity, destination, the gateway's "load balancer" address, DNS)
+    // listen on this host's end of a veth, which every Pod reaches.
+    let services_net = Host::create()?;
+    let cp_ip = services_net.host_address();
     let dir = tempfile::tempdir()?;
     let d = |p: &str| dir.path().join(p).display().to_string();
 
     writeln!(
         out,
-        "== One trust anchor, an issuer per cluster (no step, no openssl)"
+        "== One trust anchor, an issuer per cluster for its own trust domain (no step, no openssl)"
     )?;
-    for args in [
-        vec!["identity", "anchor", "--out", &d("anchor")],
-        vec![
-            "identity",
-            "issuer",
-            "--anchor",
-            &d("anchor"),
-            "--out",
-            &d("east"),
-        ],
-        vec![
-            "identity",
-            "issuer",
-            "--anchor",
-            &d("anchor"),
-            "--out",
-            &d("west"),
-        ],
-    ] {
+    let mut steps = vec![vec![
+        "identity".to_owned(),
+        "anchor".into(),
+        "--out".into(),
+        d("anchor"),
+    ]];
+    for cluster in ["east", "west"] {
+        steps.push(
+            [
+                "identity",
+                "issuer",
+                "--anchor",
+                &d("anchor"),
+                "--out",
+                &d(cluster),
+                "--cluster",
+                cluster,
+                "--trust-domain",
+                &mesh::trust_domain(cluster),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        );
+    }
+    for args in &steps {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         writeln!(out, "$ meshlink {}", args.join(" "))?;
         out.write_all(mesh::cli(&args)?.as_bytes())?;
-    }
-    for (cluster, issuer) in [(east, "east"), (west, "west")] {
-        mesh::install_identity(cluster, dir.path(), issuer).await?;
     }
 
     writeln!(
         out,
-        "\n== east: identity service, gateway, remote access, an exported Service with a real Pod"
+        "\n== Each cluster: the identity and destination services, as their manifests' ServiceAccounts"
+    )?;
+    let (east_cp, west_cp) = tokio::try_join!(
+        ControlPlane::start(east, dir.path(), cp_ip),
+        ControlPlane::start(west, dir.path(), cp_ip),
+    )?;
+    writeln!(
+        out,
+        "east: identity {} destination {}\nwest: identity {} destination {}",
+        east_cp.identity_addr,
+        east_cp.destination_addr,
+        west_cp.identity_addr,
+        west_cp.destination_addr
+    )?;
+
+    writeln!(
+        out,
+        "\n== east: the gateway, remote access, and an exported Service `web` whose Pod has meshlink-proxy beside it"
     )?;
     apply_yaml(&ec, &manifest(repo, "mirror/remote-access.yaml")?).await?;
     apply_yaml(&ec, &manifest(repo, "gateway/gateway.yaml")?).await?;
-    create_gateway_service(east, &gw_ip.to_string(), "3").await?;
-    let anchors = dir.path().join("anchor/ca.crt");
-    let east_identity_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let east_identity =
-        mesh::start_identity(east, east_identity_addr, &anchors, "24h", dir.path()).await?;
+    create_gateway_service(east, &cp_ip.to_string(), "3").await?;
     let gateway = mesh::start_gateway(
         east,
         &GatewaySettings {
-            addr: (gw_ip, 4143).into(),
-            admin: (gw_ip, 4191).into(),
-            identity_addr: east_identity_addr,
-            anchors_file: anchors.clone(),
+            addr: (cp_ip, 4143).into(),
+            admin: (cp_ip, 4191).into(),
+            identity_addr: east_cp.identity_addr,
+            anchors_file: dir.path().join("anchor/ca.crt"),
             extra: Vec::new(),
         },
         dir.path(),
     )
     .await?;
-    let mut backend = pods
-        .command(&workspace_binary("e2e")?)
-        .args(["backend", "--tcp", "0.0.0.0:7000", "--http", "0.0.0.0:8080"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
-    create_namespace(&ec, "shop").await?;
+    create_namespace(&ec, SHOP).await?;
     let web: Service = serde_json::from_value(json!({
-        "metadata": { "name": "web", "labels": { "mirror.linkerd.io/exported": "true", "app": "web" } },
+        "metadata": { "name": "web", "labels": { "mirror.linkerd.io/exported": "true" } },
         "spec": { "selector": { "app": "web" }, "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
     }))?;
-    let services: Api<Service> = Api::namespaced(ec.clone(), "shop");
+    let services: Api<Service> = Api::namespaced(ec.clone(), SHOP);
     if services.get_opt("web").await?.is_none() {
         services.create(&PostParams::default(), &web).await?;
-        create_ready_pod(
-            &ec,
-            "shop",
-            "web-0",
-            &labels(&[("app", "web")]),
-            IpAddr::V4(pods.address()),
-            &east.node_name(),
-        )
-        .await?;
     }
+    let web0 = MeshedPod::start(east, &east_cp, PodSpec::new(SHOP, "web-0", "web", "web")).await?;
+    writeln!(
+        out,
+        "Pod shop/web-0 at {}, its proxy ready as {}",
+        web0.ip(),
+        web0.id
+    )?;
     wait_remote_access_token(east).await?;
 
     writeln!(
         out,
         "\n== west: the controller's manifests, then `meshlink link` run against east, applied as it is"
     )?;
-    apply_yaml(&wc, &manifest(repo, "crds/link.yaml")?).await?;
     apply_yaml(&wc, &manifest(repo, "mirror/controller.yaml")?).await?;
     let link = run_cli(&["link", "--cluster-name", "east"], east.kubeconfig_path())?;
     apply_yaml(&wc, &link).await?;
-    create_namespace(&wc, "shop").await?;
-
-    let west_identity_addr = std::net::SocketAddr::new(IpAddr::V4(gw_ip), free_port()?);
-    let west_identity =
-        mesh::start_identity(west, west_identity_addr, &anchors, "24h", dir.path()).await?;
-    let sa: k8s_openapi::api::core::v1::ServiceAccount =
-        serde_json::from_value(json!({ "metadata": { "name": "client" } }))?;
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(wc.clone(), "shop");
-    if accounts.get_opt("client").await?.is_none() {
-        accounts.create(&PostParams::default(), &sa).await?;
-    }
-    std::fs::write(
-        dir.path().join("client.token"),
-        service_account_token_for(west, "shop", "client", IDENTITY_AUDIENCE).await?,
-    )?;
-
+    create_namespace(&wc, SHOP).await?;
     let token = service_account_token(west, NS, "meshlink-service-mirror").await?;
     let kubeconfig = dir.path().join("controller.kubeconfig");
     std::fs::write(
@@ -189,7 +188,7 @@ pub async fn run(
             "the mirror web-east with endpoints at the gateway",
             WAIT,
             || async {
-                let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
+                let ep = Api::<Endpoints>::namespaced(wc.clone(), SHOP)
                     .get_opt("web-east")
                     .await
                     .ok()??;
@@ -208,7 +207,7 @@ pub async fn run(
                 .then_some(t)
         })
         .await?;
-        writeln!(out, "\n== the mirror in west")?;
+        writeln!(out, "\n== The mirror in west")?;
         let both = std::env::join_paths([east.kubeconfig_path(), west.kubeconfig_path()])?;
         let both = Path::new(&both);
         kubectl(kubectl_bin, both, &["west", "get", "links", "-A"], out)?;
@@ -218,9 +217,9 @@ pub async fn run(
             &[
                 "west",
                 "-n",
-                "shop",
+                SHOP,
                 "get",
-                "service,endpoints,endpointslices",
+                "service,endpoints",
                 "-l",
                 "mirror.linkerd.io/cluster-name=east",
             ],
@@ -254,62 +253,82 @@ pub async fn run(
 
         writeln!(
             out,
-            "\n== A client in west's network, certified by west's identity service, calls the mirror's \
-             gateway address with the mirror's authority, as a Linkerd proxy would"
+            "\n== west: a client Pod; `meshlink-proxy init` sets up its network, meshlink-proxy runs beside it"
         )?;
-        let ep = Api::<Endpoints>::namespaced(wc.clone(), "shop")
-            .get("web-east")
-            .await?;
-        let subset = ep.subsets.iter().flatten().next().context("web-east has no subset")?;
-        let ip = subset
-            .addresses
-            .iter()
-            .flatten()
-            .next()
-            .context("web-east has no ready address")?
-            .ip
-            .clone();
-        let port = subset.ports.iter().flatten().next().context("no port")?.port;
-        let authority = ep
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("mirror.linkerd.io/remote-svc-fq-name"))
-            .context("web-east names no remote service")?;
-        let args = [
-            "mesh-client".to_owned(),
-            format!("--identity={}", mesh::workload_id("client", "shop", "west")),
-            format!("--trust-anchors-file={}", anchors.display()),
-            format!("--identity-addr={west_identity_addr}"),
-            format!("--identity-name={}", mesh::identity_id("west")),
-            format!("--gateway-identity={}", mesh::gateway_id("east")),
-            format!("--token-file={}", dir.path().join("client.token").display()),
-            format!("--gateway={ip}:{port}"),
-            format!("--target={authority}:80"),
-            "--mode=http1".to_owned(),
-        ];
-        writeln!(out, "$ e2e {}", args.join(" "))?;
-        let answer = client_net
-            .command(&workspace_binary("e2e")?)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()?;
+        let client =
+            MeshedPod::start(west, &west_cp, PodSpec::new(SHOP, "client-0", "client", "client"))
+                .await?;
+        // init prefers the legacy back end, as Linkerd's proxy-init does.
+        let save = if Path::new("/usr/sbin/iptables-legacy-save").exists() {
+            "iptables-legacy-save"
+        } else {
+            "iptables-save"
+        };
+        let rules = exec_in(client.host(), &[save, "-t", "nat"]).await?;
+        writeln!(out, "$ {save} -t nat   (in the client Pod)")?;
+        for line in String::from_utf8_lossy(&rules.stdout).lines() {
+            if line.starts_with("-A PROXY_INIT") || line.starts_with("-A PREROUTING") || line.starts_with("-A OUTPUT") {
+                writeln!(out, "{line}")?;
+            }
+        }
+        // Cluster DNS for the Pod, as a kubelet would point its resolv.conf at it.
+        let mirror_ip = cluster_ip(&wc, "web-east").await?;
+        let dns = DnsServer::start_on((cp_ip, 53).into()).await?;
+        dns.set(WEB_EAST, &[IpAddr::V4(mirror_ip)])?;
+        client.host().set_resolv_conf(cp_ip, SHOP)?;
+        writeln!(
+            out,
+            "cluster DNS at {cp_ip}: {WEB_EAST} -> {mirror_ip} (web-east's ClusterIP)"
+        )?;
+
+        writeln!(
+            out,
+            "\n== An unmodified curl in the client Pod calls web-east by name: west's proxy, east's gateway, web-0's proxy"
+        )?;
+        let url = format!("http://{WEB_EAST}/");
+        writeln!(out, "$ curl -s {url}")?;
+        let answer = exec_in(client.host(), &["curl", "-sS", "--max-time", "10", &url]).await?;
         ensure!(
             answer.status.success(),
-            "the request through the gateway failed: {}",
-            String::from_utf8_lossy(&answer.stderr)
+            "curl failed: {}{}",
+            String::from_utf8_lossy(&answer.stderr),
+            client.proxy_log_tail()
         );
         out.write_all(&answer.stdout)?;
+        writeln!(
+            out,
+            "\nThe client's proxy (mTLS to east's gateway, as discovery said):"
+        )?;
+        let m = client.metrics().await?;
+        for line in m.samples("response_total", &["direction=\"outbound\""]) {
+            writeln!(out, "  {line}")?;
+        }
+        writeln!(out, "web-0's proxy:")?;
+        let m = web0.metrics().await?;
+        for line in m.samples("response_total", &["direction=\"inbound\""]) {
+            writeln!(out, "  {line}")?;
+        }
         let (code, ready) = gateway.get("/ready").await?;
-        writeln!(out, "\nGET http://{gw_ip}:4191/ready (the gateway's health port)\n{code} {ready}")?;
+        writeln!(out, "\nGET http://{cp_ip}:4191/ready (the gateway's health port)\n{code} {ready}")?;
+        drop(client);
         anyhow::Ok(())
     }
     .await;
     drop(controller);
     drop(gateway);
-    drop(east_identity);
-    drop(west_identity);
-    let _ = backend.kill();
-    let _ = backend.wait();
+    drop(web0);
+    drop((east_cp, west_cp));
+    drop(forwarding);
     result.map_err(|e| anyhow::anyhow!("{e:#}"))
+}
+
+/// The ClusterIP of Service `shop/<name>`.
+async fn cluster_ip(client: &kube::Client, name: &str) -> Result<std::net::Ipv4Addr> {
+    let svc = Api::<Service>::namespaced(client.clone(), SHOP)
+        .get(name)
+        .await?;
+    svc.spec
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .with_context(|| format!("Service {name} has no ClusterIP"))
 }

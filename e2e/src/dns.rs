@@ -34,11 +34,16 @@ pub struct DnsServer {
 impl DnsServer {
     /// Serves on a free UDP port of 127.0.0.1.
     pub async fn start() -> Result<Self, Error> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Serves on `addr` (port 53 of an address test hosts reach, for their resolv.conf).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self, Error> {
         let io = |source| Error::Io {
             cluster: "dns".to_owned(),
             source,
         };
-        let socket = UdpSocket::bind("127.0.0.1:0").await.map_err(io)?;
+        let socket = UdpSocket::bind(addr).await.map_err(io)?;
         let addr = socket.local_addr().map_err(io)?;
         let records: Arc<Mutex<HashMap<Name, Vec<IpAddr>>>> = Arc::default();
         let served = records.clone();

@@ -383,6 +383,14 @@ pub async fn create_gateway_service(
     let services: Api<Service> = Api::namespaced(target.client(), namespace);
     if services.get_opt(name).await?.is_none() {
         services.create(&PostParams::default(), &gateway).await?;
+    } else {
+        // The manifest's Service names the default trust domain's gateway; this cluster's is in
+        // its own.
+        let annotations =
+            serde_json::json!({ "metadata": { "annotations": gateway.metadata.annotations } });
+        services
+            .patch(name, &PatchParams::default(), &Patch::Merge(&annotations))
+            .await?;
     }
     let status = serde_json::json!({ "status": { "loadBalancer": { "ingress": [{ "ip": ip }] } } });
     services

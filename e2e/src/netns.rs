@@ -91,6 +91,25 @@ impl Host {
         Ok(this)
     }
 
+    /// Gives programs run in the namespace with `ip netns exec` their own `/etc/resolv.conf`
+    /// (iproute2 bind-mounts `/etc/netns/<name>/resolv.conf` over it), as a kubelet writes a
+    /// Pod's: cluster DNS at `nameserver`, the namespace's search path. Removed with the host.
+    pub fn set_resolv_conf(&self, nameserver: Ipv4Addr, namespace: &str) -> Result<(), Error> {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        let io = |source| Error::Io {
+            cluster: self.name.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!(
+                "nameserver {nameserver}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+            ),
+        )
+        .map_err(io)
+    }
+
     /// The namespace's name (for `ip netns exec`).
     pub fn name(&self) -> &str {
         &self.name
@@ -165,6 +184,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.veth]);
         let _ = ip(&["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.name));
     }
 }
 
@@ -231,6 +251,7 @@ fn sweep() {
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = ip(&["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
         }
     }
 }
