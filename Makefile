@@ -113,6 +113,8 @@ bench-gateway: prerequisites kube-binaries haproxy
 PROXY_BENCH_ARGS ?=
 bench-proxy: prerequisites kube-binaries haproxy
 	$(CARGO) build --release --workspace --bins --locked
+	@# The proxy as it ships: the `sidecar` profile (whole-program optimised; see Cargo.toml).
+	$(CARGO) build --profile sidecar -p proxy-sidecar --bin meshlink-proxy --locked
 	$(CARGO) bench --locked --workspace --bench proxy -- $(PROXY_BENCH_ARGS)
 
 .PHONY: fuzz

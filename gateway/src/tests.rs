@@ -1,6 +1,7 @@
 //! The gateway in-process, with rcgen certificates and real sockets on loopback: every forwarding
 //! mode and every refusal, each checked on the wire and in the metric.
 
+use proxy_identity::testing::TestPki;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -17,7 +18,7 @@ use k8s_openapi::api::{
 };
 use kube::api::ObjectMeta;
 use prometheus_client::registry::Registry;
-use proxy_identity::{Credentials, Id, TrustAnchors, ca, tls};
+use proxy_identity::{Credentials, Id, TrustAnchors, tls};
 use proxy_transport_header::{Header, PROTOCOL, SessionProtocol};
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -38,40 +39,13 @@ struct Cli {
     options: Options,
 }
 
-struct Pki {
-    anchor: ca::CertKey,
-    issuer: ca::Signer,
-    issuer_pem: ca::CertKey,
-}
-
-fn pki() -> Pki {
-    tls::install_default_provider();
-    let anchor = ca::new_anchor("root", Duration::from_secs(3600)).unwrap();
-    let issuer_pem = ca::new_issuer(&anchor, "issuer", Duration::from_secs(3600)).unwrap();
-    let issuer = ca::Signer::from_pem(&issuer_pem.cert_pem, &issuer_pem.key_pem).unwrap();
-    Pki {
-        anchor,
-        issuer,
-        issuer_pem,
-    }
-}
-
-fn creds(pki: &Pki, id: &str) -> Arc<Credentials> {
-    let id = Id::parse(id).unwrap();
-    let creds = Credentials::new(
-        id.clone(),
-        TrustAnchors::from_pem(&pki.anchor.cert_pem).unwrap(),
-    );
-    let (leaf, key) = pki.issuer.issue(&id, Duration::from_secs(600)).unwrap();
-    creds
-        .install(leaf, vec![pki.issuer.cert_der().to_vec()], &key)
-        .unwrap();
-    creds
-}
-
 /// A client config presenting a certificate valid from `from` to `to` (an expired one cannot
 /// be made through the library, which refuses to install it).
-fn client_with_validity(pki: &Pki, from: SystemTime, to: SystemTime) -> Arc<rustls::ClientConfig> {
+fn client_with_validity(
+    pki: &TestPki,
+    from: SystemTime,
+    to: SystemTime,
+) -> Arc<rustls::ClientConfig> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![WEB.to_owned()]).unwrap();
     params.not_before = from.into();
@@ -273,7 +247,7 @@ struct Running {
     addr: SocketAddr,
     discovery: Discovery,
     metrics: Metrics,
-    pki: Pki,
+    pki: TestPki,
     cancel: CancellationToken,
 }
 
@@ -292,7 +266,7 @@ async fn start_with_workers(
     discovery: Discovery,
     workers: Vec<tokio::runtime::Handle>,
 ) -> Running {
-    let pki = pki();
+    let pki = TestPki::new();
     let mut args = vec!["gw", "--addr", "127.0.0.1:0"];
     for (flag, value) in [
         ("--header-timeout", "300ms"),
@@ -306,7 +280,7 @@ async fn start_with_workers(
     let options = Cli::try_parse_from(args).unwrap().options;
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
-    let (addr, serve) = Gateway::new(options, creds(&pki, GW), discovery.clone(), metrics.clone())
+    let (addr, serve) = Gateway::new(options, pki.creds(GW), discovery.clone(), metrics.clone())
         .workers(workers)
         .bind(cancel.clone())
         .await
@@ -323,7 +297,7 @@ async fn start_with_workers(
 
 impl Running {
     fn client_config(&self, id: &str) -> Arc<rustls::ClientConfig> {
-        tls::client_config(&creds(&self.pki, id), &[PROTOCOL])
+        tls::client_config(&self.pki.creds(id), &[PROTOCOL])
     }
 
     async fn tls(
@@ -641,7 +615,7 @@ async fn every_refusal_closes_with_its_reason() {
     gw.expect_refused("no_sni", 1).await;
 
     // No ALPN.
-    let c = creds(&gw.pki, WEB);
+    let c = gw.pki.creds(WEB);
     let r = gw.tls(tls::client_config(&c, &[]), gw_name).await;
     assert!(r.is_err() || closed(&mut r.unwrap()).await);
     gw.expect_refused("no_alpn", 1).await;
@@ -659,7 +633,7 @@ async fn every_refusal_closes_with_its_reason() {
 
     // A certificate from another anchor (the client trusts any server, so that the refusal is
     // the gateway's).
-    let foreign = pki();
+    let foreign = TestPki::new();
     let now = SystemTime::now();
     let r = gw
         .tls(

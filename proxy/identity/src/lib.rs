@@ -7,6 +7,9 @@ pub mod ca;
 pub mod certify;
 mod creds;
 mod id;
+/// Certificates for tests (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod tls;
 
 pub use self::creds::{Credentials, InstallError};

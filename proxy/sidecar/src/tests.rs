@@ -2,6 +2,7 @@
 //! proxy's outbound and a server-side proxy's inbound, discovery answered by the in-memory
 //! control-plane peer. Original destinations are given, as iptables would have.
 
+use proxy_identity::testing::TestPki;
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
@@ -22,7 +23,7 @@ use linkerd2_proxy_api::destination::{
     update,
 };
 use proxy_discovery::{DefaultPolicy, InboundPolicies, Resolver, testing};
-use proxy_identity::{Credentials, Id, TrustAnchors, ca, tls};
+use proxy_identity::tls;
 use proxy_transport::direct::{Admission, Limits};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -38,34 +39,6 @@ const SERVER: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
 const SERVICE: &str = "10.96.0.10:80";
 /// An address outside the pod, as a client of the server pod appears.
 const REMOTE_IP: [u8; 4] = [10, 1, 0, 9];
-
-struct Pki {
-    anchor: ca::CertKey,
-    issuer: ca::Signer,
-}
-
-fn pki() -> Pki {
-    tls::install_default_provider();
-    let anchor = ca::new_anchor("root", Duration::from_secs(3600)).unwrap();
-    let issuer = ca::new_issuer(&anchor, "issuer", Duration::from_secs(3600)).unwrap();
-    Pki {
-        issuer: ca::Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap(),
-        anchor,
-    }
-}
-
-fn creds(pki: &Pki, id: &str) -> Arc<Credentials> {
-    let id = Id::parse(id).unwrap();
-    let creds = Credentials::new(
-        id.clone(),
-        TrustAnchors::from_pem(&pki.anchor.cert_pem).unwrap(),
-    );
-    let (leaf, key) = pki.issuer.issue(&id, Duration::from_secs(600)).unwrap();
-    creds
-        .install(leaf, vec![pki.issuer.cert_der().to_vec()], &key)
-        .unwrap();
-    creds
-}
 
 fn timeouts(failfast: Duration) -> Timeouts {
     Timeouts {
@@ -141,7 +114,7 @@ async fn app_counting(
 /// The server pod's proxy: its inbound port, for connections sent to `app`'s port, clients
 /// appearing at `client_ip` (not loopback, which policy always allows).
 async fn server_proxy(
-    pki: &Pki,
+    pki: &TestPki,
     app: SocketAddr,
     policy: DefaultPolicy,
     client_ip: std::net::IpAddr,
@@ -151,13 +124,13 @@ async fn server_proxy(
 
 /// [`server_proxy`] with ports configured opaque.
 async fn server_proxy_with(
-    pki: &Pki,
+    pki: &TestPki,
     app: SocketAddr,
     policy: DefaultPolicy,
     client_ip: std::net::IpAddr,
     opaque_ports: Vec<u16>,
 ) -> (SocketAddr, Metrics) {
-    let creds = creds(pki, SERVER);
+    let creds = pki.creds(SERVER);
     let (channel, calls) = testing::peer();
     // The policy service never answers: the port keeps the default policy.
     std::mem::forget(calls);
@@ -237,8 +210,12 @@ fn add(addrs: Vec<WeightedAddr>) -> Update {
 }
 
 /// The client pod's proxy: an outbound listener whose connections all went to [`SERVICE`].
-async fn client_proxy(pki: &Pki, answers: Answers, failfast: Duration) -> (SocketAddr, Metrics) {
-    let creds = creds(pki, CLIENT);
+async fn client_proxy(
+    pki: &TestPki,
+    answers: Answers,
+    failfast: Duration,
+) -> (SocketAddr, Metrics) {
+    let creds = pki.creds(CLIENT);
     let (channel, mut calls) = testing::peer();
     let a = answers.clone();
     tokio::spawn(async move {
@@ -316,7 +293,7 @@ async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String, http:
 /// both proxies' metrics say who talked to whom.
 #[tokio::test]
 async fn http1_round_trip_over_mtls() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (app, seen) = app(false).await;
     let (inbound, server_metrics) =
         server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
@@ -358,7 +335,7 @@ async fn http1_round_trip_over_mtls() {
 /// gRPC (HTTP/2 prior knowledge) stays HTTP/2 end to end.
 #[tokio::test]
 async fn http2_stays_http2() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (app, seen) = app(true).await;
     let (inbound, _) =
         server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
@@ -393,7 +370,7 @@ async fn http2_stays_http2() {
 /// that refuses the connection a 502, each with `l5d-proxy-error`.
 #[tokio::test]
 async fn errors_as_linkerd_answers_them() {
-    let pki = pki();
+    let pki = TestPki::new();
     // No endpoints at all.
     let (outbound, metrics) =
         client_proxy(&pki, Answers::default(), Duration::from_millis(200)).await;
@@ -437,7 +414,7 @@ fn connect_timeouts_are_504s() {
 /// Each default inbound policy, for a plaintext client from another pod and for a meshed one.
 #[tokio::test]
 async fn inbound_policies() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (app, _) = app(false).await;
     for (policy, plain_allowed) in [
         (DefaultPolicy::AllUnauthenticated, true),
@@ -478,7 +455,7 @@ async fn inbound_policies() {
 /// Opaque TCP refused by policy is closed without a byte.
 #[tokio::test]
 async fn refused_tcp_is_closed() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (app, _) = app(false).await;
     let (inbound, metrics) = server_proxy(&pki, app, DefaultPolicy::Deny, REMOTE_IP.into()).await;
     let mut tcp = TcpStream::connect(inbound).await.unwrap();
@@ -494,7 +471,7 @@ async fn refused_tcp_is_closed() {
 /// connection for the detect timeout, 60 s here, first).
 #[tokio::test]
 async fn opaque_ports_skip_detection() {
-    let pki = pki();
+    let pki = TestPki::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let banner = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -673,7 +650,7 @@ async fn balancers_hold_their_discovery_open() {
 /// application on pooled connections: as many as were in flight at once, not one per request.
 #[tokio::test]
 async fn the_application_gets_pooled_connections() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (app, seen, conns) = app_counting(false).await;
     let (inbound, _) =
         server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
@@ -719,7 +696,7 @@ async fn the_application_gets_pooled_connections() {
 /// the detect timeout, 60 s here).
 #[tokio::test]
 async fn inbound_opaque_ports_let_the_server_speak_first() {
-    let pki = pki();
+    let pki = TestPki::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let banner = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use proxy_identity::testing::TestPki;
 use proxy_identity::{TrustAnchors, ca};
 
 use super::*;
@@ -62,31 +63,6 @@ async fn a_name_is_required_off_loopback() {
 const CLIENT: &str = "web.ns1.serviceaccount.identity.linkerd.cluster.local";
 const DESTINATION: &str =
     "linkerd-destination.linkerd.serviceaccount.identity.linkerd.cluster.local";
-
-struct Pki {
-    anchors: String,
-    issuer: ca::Signer,
-}
-
-fn pki() -> Pki {
-    tls::install_default_provider();
-    let anchor = ca::new_anchor("root", Duration::from_secs(3600)).unwrap();
-    let issuer = ca::new_issuer(&anchor, "issuer", Duration::from_secs(3600)).unwrap();
-    Pki {
-        anchors: anchor.cert_pem,
-        issuer: ca::Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap(),
-    }
-}
-
-fn creds(pki: &Pki, id: &str) -> Arc<Credentials> {
-    let id = Id::parse(id).unwrap();
-    let creds = Credentials::new(id.clone(), TrustAnchors::from_pem(&pki.anchors).unwrap());
-    let (leaf, key) = pki.issuer.issue(&id, Duration::from_secs(600)).unwrap();
-    creds
-        .install(leaf, vec![pki.issuer.cert_der().to_vec()], &key)
-        .unwrap();
-    creds
-}
 
 /// What the test server saw of one connection: the client's identity (`None` for plaintext or
 /// no certificate), and a handle that kills the connection abruptly.
@@ -158,9 +134,9 @@ fn endpoint_set(addr: &str) -> linkerd2_proxy_api::destination::Update {
 
 #[tokio::test]
 async fn mtls_to_the_named_server_and_reconnects_when_the_connection_dies() {
-    let pki = pki();
-    let (addr, mut calls, mut accepted) = server(Some(creds(&pki, DESTINATION))).await;
-    let client = creds(&pki, CLIENT);
+    let pki = TestPki::new();
+    let (addr, mut calls, mut accepted) = server(Some(pki.creds(DESTINATION))).await;
+    let client = pki.creds(CLIENT);
     let ch = channel(
         &format!("localhost:{}", addr.port()),
         Some(Id::parse(DESTINATION).unwrap()),
@@ -199,17 +175,16 @@ async fn mtls_to_the_named_server_and_reconnects_when_the_connection_dies() {
 
 #[tokio::test]
 async fn a_server_with_another_identity_is_refused() {
-    let pki = pki();
+    let pki = TestPki::new();
     // The server proves an identity, but not the one configured for the destination service.
-    let (addr, mut calls, _accepted) = server(Some(creds(
-        &pki,
-        "impostor.ns1.serviceaccount.identity.linkerd.cluster.local",
-    )))
+    let (addr, mut calls, _accepted) = server(Some(
+        pki.creds("impostor.ns1.serviceaccount.identity.linkerd.cluster.local"),
+    ))
     .await;
     let ch = channel(
         &addr.to_string(),
         Some(Id::parse(DESTINATION).unwrap()),
-        &creds(&pki, CLIENT),
+        &pki.creds(CLIENT),
         Duration::from_secs(5),
     )
     .unwrap();
@@ -225,12 +200,12 @@ async fn a_server_with_another_identity_is_refused() {
 
 #[tokio::test]
 async fn plaintext_to_loopback_without_a_name() {
-    let pki = pki();
+    let pki = TestPki::new();
     let (addr, mut calls, mut accepted) = server(None).await;
     let ch = channel(
         &addr.to_string(),
         None,
-        &creds(&pki, CLIENT),
+        &pki.creds(CLIENT),
         Duration::from_secs(5),
     )
     .unwrap();
