@@ -720,3 +720,39 @@ async fn inbound_opaque_ports_let_the_server_speak_first() {
         .unwrap();
     assert_eq!(&buf, b"220 ready\r\n");
 }
+
+/// An endpoint that does not answer the connection attempt within the connect timeout is a
+/// 504, not a 502: here a listener whose accept queue is full, so that the kernel drops the
+/// proxy's SYNs (all on loopback).
+#[tokio::test]
+async fn a_connect_timeout_is_a_504() {
+    let pki = TestPki::new();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let silent: SocketAddr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Connections the listener never accepts, until one is not even answered: the queue is full.
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(silent)).await {
+            Ok(Ok(tcp)) => held.push(tcp),
+            Ok(Err(e)) => panic!("connecting to fill the queue: {e}"),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(silent, SERVER));
+    let (outbound, metrics) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let (status, _, headers) = get(outbound, &[]).await;
+    assert_eq!(status, 504, "{headers:?}");
+    assert_eq!(headers["l5d-proxy-error"], "endpoint connect timed out");
+    assert!(text(&metrics).contains(r#"status_code="504""#));
+    drop((socket, held));
+}
