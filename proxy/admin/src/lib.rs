@@ -388,6 +388,12 @@ mod tests {
         let mut ready = all_ready(vec![done, cert]);
         done_tx.send(true).unwrap();
         drop(done_tx);
+        // Let the readiness task see the finished condition before the other one changes (a
+        // current-thread runtime: it runs until it waits again).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!*ready.borrow());
         cert_tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
             .await
