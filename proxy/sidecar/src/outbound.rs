@@ -130,7 +130,9 @@ impl Outbound {
     ) {
         // The proxy's own ports and the pod's loopback services are never proxied (Linkerd
         // refuses loopback targets, which would loop back into this listener).
-        if orig.ip().to_canonical().is_loopback() {
+        // 0.0.0.0 and :: dial this host too.
+        let ip = orig.ip().to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() {
             tracing::info!(%orig, "loopback target refused");
             self.metrics.error(Direction::Outbound, "loopback");
             return;
@@ -260,7 +262,14 @@ impl Outbound {
         if let Some(route) = self.http.get(&key) {
             return Some(route);
         }
-        let found = self.first(target).await.ok()?;
+        // A name discovery does not know may still be a Service's address: a short name the
+        // application's resolver completed ("web"), or an alias. Its original destination
+        // decides before the request leaves the mesh.
+        let by_addr = orig.to_string();
+        let found = match self.first(target).await.ok()? {
+            None if target != by_addr => self.first(&by_addr).await.ok()?,
+            found => found,
+        };
         let dialer = self.dialer.clone();
         let metrics = self.metrics.clone();
         let failfast = self.timeouts.failfast;

@@ -178,6 +178,8 @@ async fn server_proxy_with(
 struct Answers {
     endpoints: Arc<Mutex<Vec<WeightedAddr>>>,
     opaque: bool,
+    /// Names are not discovery's (only addresses are).
+    unknown_names: bool,
     calls: Arc<Mutex<Vec<testing::GetCall>>>,
 }
 
@@ -222,6 +224,11 @@ async fn client_proxy(
         loop {
             tokio::select! {
                 Some(call) = calls.get.recv() => {
+                    let by_name = call.request.path.parse::<SocketAddr>().is_err();
+                    if a.unknown_names && by_name {
+                        call.fail(tonic::Status::invalid_argument("not a cluster name"));
+                        continue;
+                    }
                     call.send(add(a.endpoints.lock().unwrap().clone()));
                     a.calls.lock().unwrap().push(call);
                 }
@@ -755,4 +762,77 @@ async fn a_connect_timeout_is_a_504() {
     assert_eq!(headers["l5d-proxy-error"], "endpoint connect timed out");
     assert!(text(&metrics).contains(r#"status_code="504""#));
     drop((socket, held));
+}
+
+/// Which discovery target a request has, and its authority.
+#[test]
+fn requests_are_routed_by_name_else_by_address() {
+    let orig: SocketAddr = "10.96.0.10:8080".parse().unwrap();
+    let req = |uri: &str, host: Option<&str>| {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap()
+    };
+    let cases = [
+        // (uri, Host, target, authority)
+        (
+            "/",
+            Some("web.shop.svc.cluster.local"),
+            "web.shop.svc.cluster.local:8080",
+            "web.shop.svc.cluster.local",
+        ),
+        (
+            "/",
+            Some("Web.Shop.svc.cluster.local.:80"),
+            "web.shop.svc.cluster.local:80",
+            "Web.Shop.svc.cluster.local.:80",
+        ),
+        (
+            "http://api.example.com/x",
+            Some("ignored"),
+            "api.example.com:8080",
+            "api.example.com",
+        ),
+        (
+            "/",
+            Some("10.96.0.10:8080"),
+            "10.96.0.10:8080",
+            "10.96.0.10:8080",
+        ),
+        ("/", Some("[fd00::1]:80"), "10.96.0.10:8080", "[fd00::1]:80"),
+        ("/", None, "10.96.0.10:8080", "10.96.0.10:8080"),
+        ("/", Some("bad host!"), "10.96.0.10:8080", "10.96.0.10:8080"),
+    ];
+    for (uri, host, target, authority) in cases {
+        assert_eq!(
+            crate::outbound::target_of(&req(uri, host), orig),
+            (target.to_owned(), authority.to_owned()),
+            "{uri} {host:?}"
+        );
+    }
+}
+
+/// A name discovery does not know (a short name the application's resolver completed) is routed
+/// by its original destination, the Service's address, and stays in the mesh.
+#[tokio::test]
+async fn unknown_names_fall_back_to_the_original_destination() {
+    let pki = TestPki::new();
+    let (app, seen) = app(false).await;
+    let (inbound, _) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers {
+        unknown_names: true,
+        ..Answers::default()
+    };
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let (status, body, _) = get(outbound, &[]).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(seen.lock().unwrap()[0].client_id.as_deref(), Some(CLIENT));
 }
