@@ -10,6 +10,7 @@
 //!   HTTP/1 settings, with an exact request-head limit.
 //! - [`client`]: connections to endpoints: HTTP/2 pooled per endpoint and per client, so that
 //!   no client can stall another's requests; HTTP/1 kept per client connection.
+//! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) carried through, the two sides joined.
 //! - [`error`]: the responses a proxy writes itself (`l5d-proxy-error`, gRPC statuses).
 
 pub mod client;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod headers;
 pub mod orig_proto;
 pub mod server;
+pub mod upgrade;
 
 pub use self::client::{
     HTTP1_POOL_IDLE, Http1Conns, Http2Pool, InFlightBody, PoolLimits, SendError, pooled_client,

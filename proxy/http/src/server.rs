@@ -100,6 +100,8 @@ pub async fn serve_connection<IO, S>(
             http1_server()
                 .header_read_timeout(settings.header_timeout)
                 .serve_connection(io, service)
+                // A proxy that answers 101 hands the connection to `upgrade::splice`.
+                .with_upgrades()
         ),
         Version::Http2 => drive!(
             http2::Builder::new(TokioExecutor::new())

@@ -301,6 +301,8 @@ impl tower::Service<Uri> for Connector {
 #[derive(Clone, Debug)]
 pub struct HttpEndpoint {
     client: Client<Connector, Incoming>,
+    /// HTTP/1.1 to the endpoint whatever its hint: what carries an `Upgrade` request.
+    http1: Client<Connector, Incoming>,
     pub ep: Arc<Endpoint>,
     upgrade: bool,
 }
@@ -318,8 +320,13 @@ impl HttpEndpoint {
                 SessionProtocol::Http1
             },
         };
+        let http1 = Connector {
+            protocol: SessionProtocol::Http1,
+            ..connector.clone()
+        };
         Self {
             client: proxy_http::pooled_client(connector, h2),
+            http1: proxy_http::pooled_client(http1, false),
             upgrade: h2,
             ep,
         }
@@ -339,6 +346,10 @@ impl tower::Service<Request<Incoming>> for HttpEndpoint {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        if proxy_http::upgrade::is_upgrade(&req) {
+            // An upgrade cannot cross HTTP/2: HTTP/1.1 to the peer, the response as it comes.
+            return Box::pin(self.http1.request(req));
+        }
         let absolute = req.extensions().get::<AbsoluteForm>().is_some();
         let upgraded = self.upgrade && proxy_http::OrigProto::upgrade(&mut req, absolute);
         let fut = self.client.request(req);

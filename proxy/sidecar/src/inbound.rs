@@ -530,7 +530,13 @@ impl Conn {
         }
         // The peer's upgrade undone: the application gets the version its client spoke.
         let orig = OrigProto::downgrade(&mut req);
-        proxy_http::strip_hop_by_hop(req.headers_mut());
+        let downstream = if proxy_http::upgrade::is_upgrade(&req) {
+            proxy_http::upgrade::strip_keeping_upgrade(req.headers_mut());
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            proxy_http::strip_hop_by_hop(req.headers_mut());
+            None
+        };
         // Only a verified identity reaches the application; a client's own claim never does.
         match &self.client_id {
             Some(id) => proxy_http::set_client_id(req.headers_mut(), id.as_str()),
@@ -548,7 +554,12 @@ impl Conn {
         };
         absolute(&mut req, app);
         let mut rsp = match client.request(req).await {
-            Ok(rsp) => rsp.map(|b| b.boxed()),
+            Ok(mut rsp) => {
+                if let Some(downstream) = downstream {
+                    proxy_http::upgrade::splice(downstream, &mut rsp);
+                }
+                rsp.map(|b| b.boxed())
+            }
             Err(error) => {
                 tracing::info!(%app, %error, "the application did not answer");
                 let e = if crate::endpoint::is_connect_timeout(&error) {

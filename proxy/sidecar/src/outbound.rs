@@ -302,7 +302,15 @@ impl Outbound {
             tracing::info!(%orig, %error, "unroutable request");
             return ProxyError::BAD_PATH.response(grpc);
         }
-        proxy_http::strip_hop_by_hop(req.headers_mut());
+        // An upgrade (WebSocket) keeps its Upgrade header; the client's side of it is taken now,
+        // before the request goes on, and joined to the endpoint's when it answers 101.
+        let downstream = if proxy_http::upgrade::is_upgrade(&req) {
+            proxy_http::upgrade::strip_keeping_upgrade(req.headers_mut());
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            proxy_http::strip_hop_by_hop(req.headers_mut());
+            None
+        };
         if absolute_form {
             req.extensions_mut().insert(AbsoluteForm);
         }
@@ -316,7 +324,12 @@ impl Outbound {
                 .map_err(BalanceError::Endpoint),
         };
         match result {
-            Ok(rsp) => rsp.map(|b| b.boxed()),
+            Ok(mut rsp) => {
+                if let Some(downstream) = downstream {
+                    proxy_http::upgrade::splice(downstream, &mut rsp);
+                }
+                rsp.map(|b| b.boxed())
+            }
             Err(BalanceError::Unavailable(wait)) => {
                 tracing::info!(%target, ?wait, "no endpoint ready");
                 let labels = Labels::new(

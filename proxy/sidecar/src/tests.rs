@@ -836,3 +836,80 @@ async fn unknown_names_fall_back_to_the_original_destination() {
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(seen.lock().unwrap()[0].client_id.as_deref(), Some(CLIENT));
 }
+
+/// An application that accepts `Upgrade: echo` and then echoes what it reads.
+async fn upgrading_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                let upgraded = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(up) = upgraded.await {
+                        let mut io = TokioIo::new(up);
+                        let mut buf = [0u8; 64];
+                        while let Ok(n) = io.read(&mut buf).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+                let rsp = Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "echo")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                Ok::<_, Infallible>(rsp)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    addr
+}
+
+/// An HTTP/1.1 upgrade (as WebSocket does) crosses both proxies: the application answers 101,
+/// and bytes then flow both ways on the upgraded connection, over the proxies' mTLS.
+#[tokio::test]
+async fn upgrades_cross_both_proxies() {
+    let pki = TestPki::new();
+    let app = upgrading_app().await;
+    let (inbound, _) =
+        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    let answers = Answers::default();
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let mut tcp = TcpStream::connect(outbound).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: web.shop.svc.cluster.local\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    tcp.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echo))
+        .await
+        .expect("the echo came back")
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+}
