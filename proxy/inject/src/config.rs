@@ -82,7 +82,9 @@ impl InjectConfig {
         };
         // The identity a control-plane Deployment's ServiceAccount gets.
         let id = |sa: &str| {
-            format!("{sa}.{control_plane_ns}.serviceaccount.identity.{control_plane_ns}.{trust_domain}")
+            format!(
+                "{sa}.{control_plane_ns}.serviceaccount.identity.{control_plane_ns}.{trust_domain}"
+            )
         };
         Self {
             image: format!("ghcr.io/meshlink/meshlink:{VERSION}"),
@@ -119,7 +121,10 @@ impl InjectConfig {
             reason: reason.to_owned(),
         };
         let bad = |field, reason: &str| Err(err(field, reason));
-        if !self.trust_anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
+        if !self
+            .trust_anchors_pem
+            .contains("-----BEGIN CERTIFICATE-----")
+        {
             return bad(
                 "trust_anchors_pem",
                 "holds no PEM certificate; give the trust anchors (ca.crt)",

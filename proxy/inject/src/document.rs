@@ -7,9 +7,7 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::{
-    api::core::v1::PodSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde_norway::{Mapping, Value};
 
 use crate::{InjectConfig, InjectError, Origin, Outcome, PodContext, inject_pod_spec};
@@ -75,7 +73,7 @@ pub struct DocumentError {
     pub name: Option<String>,
     /// The JSON path of the bad field (`spec.template.spec.containers[0].ports`), or empty.
     pub path: String,
-    pub reason: DocumentErrorReason,
+    pub reason: Box<DocumentErrorReason>,
 }
 
 fn object(kind: &Option<String>, name: &Option<String>) -> String {
@@ -152,7 +150,7 @@ pub fn inject_manifests(
             kind: None,
             name: None,
             path: String::new(),
-            reason,
+            reason: Box::new(reason),
         })?;
         let (doc, doc_reports) =
             inject_document(doc, document, origin, namespace_annotations, config)?;
@@ -164,9 +162,10 @@ pub fn inject_manifests(
             piece.text
         } else {
             match format {
-                Format::Yaml => serde_norway::to_string(&doc),
-                Format::Json => serde_json::to_value(&doc)
-                    .and_then(|v| serde_json::to_string_pretty(&v))
+                Format::Yaml => {
+                    serde_norway::to_string(&doc).map(|t| leading_comments(&piece.text) + &t)
+                }
+                Format::Json => serde_json::to_string_pretty(&doc)
                     .map(|mut s| {
                         s.push('\n');
                         s
@@ -178,7 +177,7 @@ pub fn inject_manifests(
                 kind: None,
                 name: None,
                 path: String::new(),
-                reason: DocumentErrorReason::Field(e.to_string()),
+                reason: Box::new(DocumentErrorReason::Field(e.to_string())),
             })?
         });
     }
@@ -239,7 +238,7 @@ impl Job<'_> {
             kind: kind.clone(),
             name: name.clone(),
             path: format!("{prefix}{path}"),
-            reason,
+            reason: Box::new(reason),
         };
         if !v.is_mapping() {
             return Err(err("", DocumentErrorReason::NotAnObject));
@@ -264,7 +263,11 @@ impl Job<'_> {
                 return Ok(());
             }
             "Pod" => &[],
-            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController"
+            "Deployment"
+            | "StatefulSet"
+            | "DaemonSet"
+            | "ReplicaSet"
+            | "ReplicationController"
             | "Job" => &["spec", "template"],
             "CronJob" => &["spec", "jobTemplate", "spec", "template"],
             _ => {
@@ -297,7 +300,9 @@ impl Job<'_> {
             Some(m) => typed(m).map_err(|(p, e)| err(&field(&join_path("metadata", &p)), e))?,
         };
         let mut spec: PodSpec = match template.get("spec") {
-            None | Some(Value::Null) => return Err(err(&field("spec"), DocumentErrorReason::Missing)),
+            None | Some(Value::Null) => {
+                return Err(err(&field("spec"), DocumentErrorReason::Missing));
+            }
             Some(s) => typed(s).map_err(|(p, e)| err(&field(&join_path("spec", &p)), e))?,
         };
         let ctx = PodContext {
@@ -309,19 +314,20 @@ impl Job<'_> {
             namespace_annotations: self.namespace_annotations,
         };
         let mut new_meta = meta.clone();
-        let outcome = inject_pod_spec(&ctx, &mut new_meta, &mut spec, self.config).map_err(|e| {
-            let path = match &e {
-                InjectError::InvalidOverride {
-                    annotation,
-                    at: crate::AnnotationSource::Workload,
-                    ..
-                } => field(&format!("metadata.annotations[\"{annotation}\"]")),
-                InjectError::NameTaken { what: "volume", .. } => field("spec.volumes"),
-                InjectError::NameTaken { .. } => field("spec"),
-                _ => String::new(),
-            };
-            err(&path, e.into())
-        })?;
+        let outcome =
+            inject_pod_spec(&ctx, &mut new_meta, &mut spec, self.config).map_err(|e| {
+                let path = match &e {
+                    InjectError::InvalidOverride {
+                        annotation,
+                        at: crate::AnnotationSource::Workload,
+                        ..
+                    } => field(&format!("metadata.annotations[\"{annotation}\"]")),
+                    InjectError::NameTaken { what: "volume", .. } => field("spec.volumes"),
+                    InjectError::NameTaken { .. } => field("spec"),
+                    _ => String::new(),
+                };
+                err(&path, e.into())
+            })?;
         if outcome == Outcome::Injected {
             apply(template, &meta, &new_meta, &spec)
                 .map_err(|e| err(&template_json_path, DocumentErrorReason::Field(e)))?;
@@ -369,6 +375,12 @@ fn apply(
     let map = template
         .as_mapping_mut()
         .ok_or("the pod template is not a mapping")?;
+    if !map.contains_key("metadata") {
+        // Where people write it: before the spec.
+        let rest = std::mem::take(map);
+        map.insert(Value::String("metadata".into()), Value::Null);
+        map.extend(rest);
+    }
     let meta = entry_mapping(map, "metadata")?;
     for (key, new, old) in [
         ("annotations", &after.annotations, &before.annotations),
@@ -405,8 +417,23 @@ fn apply(
     Ok(())
 }
 
+/// `v` as a YAML value, its `name` first as people write containers and volumes.
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, String> {
-    serde_norway::to_value(v).map_err(|e| e.to_string())
+    let value = serde_norway::to_value(v).map_err(|e| e.to_string())?;
+    let Value::Mapping(map) = value else {
+        return Ok(value);
+    };
+    let name = Value::String("name".into());
+    let mut ordered = Mapping::new();
+    if let Some(n) = map.get(&name) {
+        ordered.insert(name.clone(), n.clone());
+    }
+    for (k, v) in map {
+        if k != name {
+            ordered.insert(k, v);
+        }
+    }
+    Ok(Value::Mapping(ordered))
 }
 
 /// `map[key]` as a mapping, created when absent or null.
@@ -474,6 +501,15 @@ fn split_documents(text: &str) -> Vec<Piece> {
         first_line,
     });
     pieces
+}
+
+/// The comment lines a YAML document starts with, which re-serializing would lose.
+fn leading_comments(text: &str) -> String {
+    text.lines()
+        .take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A YAML error with its line counted in the whole input.

@@ -20,7 +20,6 @@ pub use crate::{
         ADMIN_PORT, CONTROL_PORT, INBOUND_PORT, InjectConfig, OUTBOUND_PORT, PROXY_UID,
         ProxyResources, VERSION,
     },
-
     document::{
         DocumentError, DocumentErrorReason, Format, Injected, ObjectOutcome, ObjectReport,
         inject_document, inject_manifests,

@@ -137,32 +137,53 @@ pub fn resolve(
             PROXY_MEMORY_REQUEST_ANNOTATION,
             &config.resources.memory_request,
         )?,
-        memory_limit: quantity_of(PROXY_MEMORY_LIMIT_ANNOTATION, &config.resources.memory_limit)?,
+        memory_limit: quantity_of(
+            PROXY_MEMORY_LIMIT_ANNOTATION,
+            &config.resources.memory_limit,
+        )?,
     };
-    for (request, limit, request_key) in [
+    for (request, limit, request_key, limit_key) in [
         (
             &resources.cpu_request,
             &resources.cpu_limit,
             PROXY_CPU_REQUEST_ANNOTATION,
+            PROXY_CPU_LIMIT_ANNOTATION,
         ),
         (
             &resources.memory_request,
             &resources.memory_limit,
             PROXY_MEMORY_REQUEST_ANNOTATION,
+            PROXY_MEMORY_LIMIT_ANNOTATION,
         ),
     ] {
-        if let (Some(r), Some(lim)) = (request, limit) {
-            if quantity(r).unwrap_or(0.0) > quantity(lim).unwrap_or(f64::MAX) {
-                let source = l
-                    .get(request_key)
-                    .map_or(AnnotationSource::Workload, |(_, s)| s);
-                return Err(InjectError::InvalidOverride {
-                    annotation: request_key,
-                    value: r.clone(),
-                    at: source,
-                    reason: format!("the request is above the limit {lim}"),
-                });
-            }
+        // Kubernetes refuses such a pod; say which setting to change.
+        if let (Some(r), Some(lim)) = (request, limit)
+            && quantity(r).unwrap_or(0.0) > quantity(lim).unwrap_or(f64::MAX)
+        {
+            let invalid = |annotation, value: &str, at, reason| InjectError::InvalidOverride {
+                annotation,
+                value: value.to_owned(),
+                at,
+                reason,
+            };
+            return Err(match (l.get(request_key), l.get(limit_key)) {
+                (Some((_, at)), _) => invalid(
+                    request_key,
+                    r,
+                    at,
+                    format!("the request is above the limit {lim}"),
+                ),
+                (None, Some((_, at))) => invalid(
+                    limit_key,
+                    lim,
+                    at,
+                    format!("the limit is below the request {r}"),
+                ),
+                (None, None) => InjectError::Config {
+                    field: "resources",
+                    reason: format!("a request ({r}) above its limit ({lim})"),
+                },
+            });
         }
     }
     let cores = resources
@@ -251,7 +272,10 @@ pub fn check_policy(value: &str) -> Result<(), String> {
 pub fn check_log_level(value: &str) -> Result<(), String> {
     let value = value.trim();
     if value.is_empty() {
-        return Err("is empty; write a level such as info or a filter such as warn,proxy_sidecar=debug".into());
+        return Err(
+            "is empty; write a level such as info or a filter such as warn,proxy_sidecar=debug"
+                .into(),
+        );
     }
     if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain blanks or control characters".into());
@@ -321,5 +345,252 @@ pub fn is_cidr(value: &str) -> bool {
         (Ok(std::net::IpAddr::V4(_)), Ok(p)) => p <= 32,
         (Ok(std::net::IpAddr::V6(_)), Ok(p)) => p <= 128,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn config() -> InjectConfig {
+        InjectConfig::new(
+            "linkerd",
+            "cluster.local",
+            "cluster.local",
+            "-----BEGIN CERTIFICATE-----\n",
+        )
+    }
+
+    #[test]
+    fn quantities() {
+        let cases: &[(&str, Option<f64>)] = &[
+            ("100m", Some(0.1)),
+            ("1", Some(1.0)),
+            ("1.5", Some(1.5)),
+            ("+2", Some(2.0)),
+            (".5", Some(0.5)),
+            ("64Mi", Some(64.0 * 1024.0 * 1024.0)),
+            ("1G", Some(1e9)),
+            ("1e3", Some(1000.0)),
+            ("2E-1", Some(0.2)),
+            ("500u", Some(0.0005)),
+            ("", None),
+            ("m", None),
+            ("-1", None),
+            ("1.2.3", None),
+            ("10mb", None),
+            ("1 Gi", None),
+            ("lots", None),
+        ];
+        for (input, want) in cases {
+            let got = quantity(input).ok();
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() < 1e-9 * w.max(1.0), "{input}: {g}"),
+                (None, None) => {}
+                _ => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn opaque_port_lists() {
+        let mut named_ports = BTreeMap::new();
+        named_ports.insert("mysql".to_owned(), 3306u16);
+        let cases: &[(&str, Result<&[u16], &str>)] = &[
+            ("3306", Ok(&[3306])),
+            ("25, 587 ,", Ok(&[25, 587])),
+            ("8000-8002,8001", Ok(&[8000, 8001, 8002])),
+            ("mysql,11211", Ok(&[3306, 11211])),
+            ("", Ok(&[])),
+            ("grpc", Err("neither a port")),
+            ("0", Err("port 0")),
+            ("70000", Err("not a port")),
+            ("9-3", Err("below its first")),
+            ("1-65535", Err("more than 4096")),
+        ];
+        for (input, want) in cases {
+            match (opaque_ports(input, &named_ports), want) {
+                (Ok(got), Ok(w)) => assert_eq!(&got, w, "{input}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{input}: {e}"),
+                (got, _) => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn each_override_and_its_refusal() {
+        // (annotation, good value, what it changes, bad value, what the error says)
+        type Check = fn(&Settings) -> bool;
+        let cases: &[(&str, &str, Check, &str, &str)] = &[
+            (
+                SKIP_INBOUND_PORTS_ANNOTATION,
+                " 25, 8000-8080",
+                |s| s.skip_inbound_ports == "25,8000-8080",
+                "http",
+                "not a port",
+            ),
+            (
+                SKIP_OUTBOUND_PORTS_ANNOTATION,
+                "443",
+                |s| s.skip_outbound_ports == "443",
+                "443-80",
+                "below its first",
+            ),
+            (
+                OPAQUE_PORTS_ANNOTATION,
+                "5432",
+                |s| s.opaque_ports == [5432],
+                "postgres",
+                "neither a port",
+            ),
+            (
+                DEFAULT_INBOUND_POLICY_ANNOTATION,
+                "deny",
+                |s| s.default_inbound_policy == "deny",
+                "allow",
+                "must be one of",
+            ),
+            (
+                PROXY_CPU_REQUEST_ANNOTATION,
+                "2500m",
+                |s| s.resources.cpu_request.as_deref() == Some("2500m") && s.cores == Some(3),
+                "2 cores",
+                "not a quantity",
+            ),
+            (
+                PROXY_CPU_LIMIT_ANNOTATION,
+                "1",
+                |s| s.resources.cpu_limit.as_deref() == Some("1"),
+                "one",
+                "not a quantity",
+            ),
+            (
+                PROXY_MEMORY_REQUEST_ANNOTATION,
+                "32Mi",
+                |s| s.resources.memory_request.as_deref() == Some("32Mi"),
+                "32MB",
+                "not a quantity",
+            ),
+            (
+                PROXY_MEMORY_LIMIT_ANNOTATION,
+                "1Gi",
+                |s| s.resources.memory_limit.as_deref() == Some("1Gi"),
+                "-1Gi",
+                "not a quantity",
+            ),
+            (
+                PROXY_LOG_LEVEL_ANNOTATION,
+                "debug",
+                |s| s.log_level == "debug",
+                "warn, debug",
+                "blanks",
+            ),
+            (
+                PROXY_UID_ANNOTATION,
+                "3000",
+                |s| s.proxy_uid == 3000,
+                "0",
+                "root",
+            ),
+        ];
+        let none = BTreeMap::new();
+        let defaults = resolve(&none, &none, &BTreeMap::new(), &config()).expect("defaults");
+        for (key, good, changed, bad, reason) in cases {
+            assert!(
+                !changed(&defaults),
+                "{key}: the default already passes the check"
+            );
+            let on_pod = resolve(&ann(&[(key, good)]), &none, &BTreeMap::new(), &config())
+                .unwrap_or_else(|e| panic!("{key}={good}: {e}"));
+            assert!(changed(&on_pod), "{key}={good}: {on_pod:?}");
+            // From the namespace, and copied onto the template.
+            let from_ns = resolve(&none, &ann(&[(key, good)]), &BTreeMap::new(), &config())
+                .unwrap_or_else(|e| panic!("{key}={good} on the namespace: {e}"));
+            assert!(changed(&from_ns), "{key}={good} on the namespace");
+            assert_eq!(from_ns.inherited.get(*key).map(String::as_str), Some(*good));
+            // The template's value wins over the namespace's, even when the namespace's is bad.
+            let both = resolve(
+                &ann(&[(key, good)]),
+                &ann(&[(key, bad)]),
+                &BTreeMap::new(),
+                &config(),
+            )
+            .expect("the template's value wins");
+            assert!(changed(&both) && both.inherited.is_empty(), "{key}");
+            match resolve(&ann(&[(key, bad)]), &none, &BTreeMap::new(), &config()) {
+                Err(InjectError::InvalidOverride {
+                    annotation,
+                    value,
+                    at: AnnotationSource::Workload,
+                    reason: r,
+                }) => {
+                    assert_eq!((annotation, value.as_str()), (*key, *bad));
+                    assert!(r.contains(reason), "{key}={bad}: {r}");
+                }
+                other => panic!("{key}={bad}: {other:?}"),
+            }
+            let err = resolve(&none, &ann(&[(key, bad)]), &BTreeMap::new(), &config())
+                .expect_err("bad on ns");
+            assert!(err.to_string().contains("on the namespace"), "{err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_request_above_its_limit_is_refused() {
+        let none = BTreeMap::new();
+        let err = resolve(
+            &ann(&[
+                (PROXY_MEMORY_REQUEST_ANNOTATION, "1Gi"),
+                (PROXY_MEMORY_LIMIT_ANNOTATION, "512Mi"),
+            ]),
+            &none,
+            &BTreeMap::new(),
+            &config(),
+        )
+        .expect_err("request above limit");
+        assert!(
+            err.to_string().contains(PROXY_MEMORY_REQUEST_ANNOTATION)
+                && err.to_string().contains("above the limit 512Mi"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cores_follow_the_cpu_request() {
+        let none = BTreeMap::new();
+        for (request, cores) in [("100m", 1), ("1", 1), ("1001m", 2), ("4", 4), ("1000", 256)] {
+            let s = resolve(
+                &ann(&[(PROXY_CPU_REQUEST_ANNOTATION, request)]),
+                &none,
+                &BTreeMap::new(),
+                &config(),
+            )
+            .expect(request);
+            assert_eq!(s.cores, Some(cores), "{request}");
+        }
+        assert_eq!(
+            resolve(&none, &none, &BTreeMap::new(), &config())
+                .expect("defaults")
+                .cores,
+            None
+        );
+    }
+
+    #[test]
+    fn networks() {
+        for good in ["10.0.0.0/8", "0.0.0.0/0", "fd00::/8"] {
+            assert!(is_cidr(good), "{good}");
+        }
+        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "ten/8", ""] {
+            assert!(!is_cidr(bad), "{bad}");
+        }
     }
 }

@@ -9,16 +9,18 @@ use k8s_openapi::{
         ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
         Volume, VolumeMount, VolumeProjection,
     },
-    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString,
+    },
 };
 
 use crate::{
     ADMIN_PORT, AnnotationSource, CONTROL_PORT, INBOUND_PORT, InjectConfig, InjectError,
     OUTBOUND_PORT,
     keys::{
-        CONTROL_PLANE_NS_LABEL, IDENTITY_MODE_ANNOTATION, IDENTITY_MODE_DEFAULT,
-        INJECT_ANNOTATION, INJECT_DISABLED, INJECT_ENABLED, INJECT_INGRESS,
-        PROXY_VERSION_ANNOTATION, WORKLOAD_NS_LABEL, owner_label,
+        CONTROL_PLANE_NS_LABEL, IDENTITY_MODE_ANNOTATION, IDENTITY_MODE_DEFAULT, INJECT_ANNOTATION,
+        INJECT_DISABLED, INJECT_ENABLED, INJECT_INGRESS, PROXY_VERSION_ANNOTATION,
+        WORKLOAD_NS_LABEL, owner_label,
     },
     overrides::{self, Settings},
 };
@@ -127,7 +129,11 @@ pub fn inject_pod_spec(
     spec: &mut PodSpec,
     config: &InjectConfig,
 ) -> Result<Outcome, InjectError> {
-    if spec.containers.iter().any(|c| c.name == PROXY_CONTAINER_NAME) {
+    if spec
+        .containers
+        .iter()
+        .any(|c| c.name == PROXY_CONTAINER_NAME)
+    {
         return Ok(Outcome::AlreadyInjected);
     }
     let empty = BTreeMap::new();
@@ -203,8 +209,12 @@ fn skip_reason(
             }
         }
         Origin::Webhook => {
-            let valid =
-                |v: Option<&str>| matches!(v, None | Some(INJECT_ENABLED | INJECT_DISABLED | INJECT_INGRESS));
+            let valid = |v: Option<&str>| {
+                matches!(
+                    v,
+                    None | Some(INJECT_ENABLED | INJECT_DISABLED | INJECT_INGRESS)
+                )
+            };
             if !valid(ns) {
                 return Some(SkipReason::InvalidInjectAnnotation(
                     AnnotationSource::Namespace,
@@ -250,7 +260,10 @@ fn check_names(spec: &PodSpec) -> Result<(), InjectError> {
 }
 
 fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
-    spec.init_containers.iter().flatten().chain(&spec.containers)
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
 }
 
 fn container_ports(c: &Container) -> impl Iterator<Item = (&ContainerPort, u16)> {
@@ -275,7 +288,10 @@ fn inbound_ports(spec: &PodSpec) -> BTreeSet<u16> {
     let mut ports = BTreeSet::new();
     for c in all_containers(spec) {
         ports.extend(container_ports(c).map(|(_, port)| port));
-        for probe in [&c.readiness_probe, &c.liveness_probe].into_iter().flatten() {
+        for probe in [&c.readiness_probe, &c.liveness_probe]
+            .into_iter()
+            .flatten()
+        {
             let port = match probe.http_get.as_ref().map(|h| &h.port) {
                 Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
                 Some(IntOrString::String(name)) => container_ports(c)
