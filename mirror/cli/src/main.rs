@@ -1,9 +1,10 @@
 //! `meshlink`: the command-line tool. `link` prints what links a cluster to the one it runs
 //! against; `unlink` prints what removes such a link; `gateways` shows linked gateways;
-//! `identity` makes the trust anchor and issuers.
+//! `identity` makes the trust anchor and issuers; `inject` adds the proxy to manifests.
 
 mod gateways;
 mod identity;
+mod inject;
 mod link;
 mod unlink;
 
@@ -57,6 +58,9 @@ enum Command {
     /// manifests.
     #[command(subcommand)]
     Identity(identity::IdentityCommand),
+    /// Add meshlink-proxy and its init container to the workloads in manifests (no cluster
+    /// needed) and print them; nothing is printed unless every document can be injected.
+    Inject(Box<inject::InjectArgs>),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -95,6 +99,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             }
             docs
         }
+        // Its notes go to stderr; stdout gets the manifests exactly as injected.
+        Command::Inject(args) => return inject::run(args, &mut std::io::stderr().lock()),
     };
     Ok(link::print(&docs, cli.output))
 }

@@ -1,0 +1,234 @@
+//! `meshlink inject`: adds meshlink-proxy to the workloads in manifests, as `linkerd inject
+//! --manual` does, with the same function the injector webhook calls (`proxy-inject`).
+//!
+//! ```text
+//! meshlink inject --trust-anchors-file anchor/ca.crt app.yaml | kubectl apply -f -
+//! kubectl get deploy -o yaml | meshlink inject --trust-anchors-file ca.crt - | kubectl apply -f -
+//! ```
+//!
+//! Reads only the files it is given (a manifest cannot make it read another, or run anything);
+//! writes nothing unless every document is read and injected.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use proxy_inject::{Format, InjectConfig, Origin, ProxyResources, VERSION, inject_manifests};
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// Manifest files, directories (their .yaml, .yml and .json files, in name order) or `-`
+    /// for standard input.
+    #[arg(required = true, value_name = "FILE|DIR|-")]
+    inputs: Vec<String>,
+    /// The trust anchors (PEM), as given to `meshlink identity manifests --anchors`.
+    #[arg(long, env = "MESHLINK_TRUST_ANCHORS_FILE", value_name = "PATH")]
+    trust_anchors_file: PathBuf,
+    /// The image holding meshlink-proxy.
+    #[arg(long, default_value_t = format!("ghcr.io/meshlink/meshlink:{VERSION}"))]
+    image: String,
+    /// Recorded in the linkerd.io/proxy-version annotation.
+    #[arg(long, default_value = VERSION)]
+    proxy_version: String,
+    /// The pull policy of the proxy and init containers (default: Kubernetes').
+    #[arg(long)]
+    image_pull_policy: Option<String>,
+    /// The control plane's namespace.
+    #[arg(
+        long,
+        short = 'L',
+        alias = "linkerd-namespace",
+        default_value = "linkerd"
+    )]
+    control_plane_namespace: String,
+    /// The identity trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The cluster's DNS domain, in the control plane's Service addresses.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The identity service (default: linkerd-identity.<ns>.svc.<cluster-domain>.:8080).
+    #[arg(long)]
+    identity_addr: Option<String>,
+    /// The destination service (default: linkerd-dst.<ns>.svc.<cluster-domain>.:8086).
+    #[arg(long)]
+    destination_addr: Option<String>,
+    /// The policy service (default: linkerd-policy.<ns>.svc.<cluster-domain>.:8090).
+    #[arg(long)]
+    policy_addr: Option<String>,
+    /// The cluster's networks, for the cluster-* inbound policies.
+    #[arg(long)]
+    cluster_networks: Option<String>,
+    /// The inbound policy of ports no Server selects (pods may override it with
+    /// config.linkerd.io/default-inbound-policy).
+    #[arg(long)]
+    default_inbound_policy: Option<String>,
+    /// The proxy's log filter.
+    #[arg(long)]
+    proxy_log_level: Option<String>,
+    /// Ports served without protocol detection, unless a pod says otherwise.
+    #[arg(long)]
+    opaque_ports: Option<String>,
+    /// Inbound ports the proxy does not see, unless a pod says otherwise.
+    #[arg(long)]
+    skip_inbound_ports: Option<String>,
+    /// Outbound ports the proxy does not see, unless a pod says otherwise.
+    #[arg(long)]
+    skip_outbound_ports: Option<String>,
+    #[arg(long)]
+    proxy_cpu_request: Option<String>,
+    #[arg(long)]
+    proxy_cpu_limit: Option<String>,
+    #[arg(long)]
+    proxy_memory_request: Option<String>,
+    #[arg(long)]
+    proxy_memory_limit: Option<String>,
+}
+
+impl InjectArgs {
+    fn config(&self) -> Result<InjectConfig> {
+        let anchors = std::fs::read_to_string(&self.trust_anchors_file).with_context(|| {
+            format!(
+                "reading --trust-anchors-file {}",
+                self.trust_anchors_file.display()
+            )
+        })?;
+        let mut c = InjectConfig::new(
+            &self.control_plane_namespace,
+            &self.trust_domain,
+            &self.cluster_domain,
+            &anchors,
+        );
+        c.image.clone_from(&self.image);
+        c.proxy_version.clone_from(&self.proxy_version);
+        c.image_pull_policy.clone_from(&self.image_pull_policy);
+        let set = |field: &mut String, value: &Option<String>| {
+            if let Some(v) = value {
+                field.clone_from(v);
+            }
+        };
+        set(&mut c.identity_addr, &self.identity_addr);
+        set(&mut c.destination_addr, &self.destination_addr);
+        set(&mut c.policy_addr, &self.policy_addr);
+        set(&mut c.cluster_networks, &self.cluster_networks);
+        set(&mut c.default_inbound_policy, &self.default_inbound_policy);
+        set(&mut c.log_level, &self.proxy_log_level);
+        set(&mut c.opaque_ports, &self.opaque_ports);
+        set(&mut c.skip_inbound_ports, &self.skip_inbound_ports);
+        set(&mut c.skip_outbound_ports, &self.skip_outbound_ports);
+        c.resources = ProxyResources {
+            cpu_request: self.proxy_cpu_request.clone(),
+            cpu_limit: self.proxy_cpu_limit.clone(),
+            memory_request: self.proxy_memory_request.clone(),
+            memory_limit: self.proxy_memory_limit.clone(),
+        };
+        // Flags are checked before any manifest is read.
+        c.check().with_context(|| {
+            format!(
+                "the flags (anchors from {})",
+                self.trust_anchors_file.display()
+            )
+        })?;
+        Ok(c)
+    }
+}
+
+/// One input: its name for messages, its text and how it is written.
+struct Source {
+    name: String,
+    text: String,
+    format: Format,
+}
+
+fn format_of(path: &Path) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Format::Json,
+        _ => Format::Yaml,
+    }
+}
+
+fn read_inputs(inputs: &[String]) -> Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    for input in inputs {
+        if input == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading standard input")?;
+            // JSON is YAML too, but is given back as JSON.
+            let format = if text.trim_start().starts_with(['{', '[']) {
+                Format::Json
+            } else {
+                Format::Yaml
+            };
+            sources.push(Source {
+                name: "<stdin>".into(),
+                text,
+                format,
+            });
+            continue;
+        }
+        let path = Path::new(input);
+        let files = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {input}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(
+                            p.extension().and_then(|e| e.to_str()),
+                            Some("yaml" | "yml" | "json")
+                        )
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{input} holds no .yaml, .yml or .json file");
+            }
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            sources.push(Source {
+                name: file.display().to_string(),
+                format: format_of(&file),
+                text,
+            });
+        }
+    }
+    Ok(sources)
+}
+
+/// The injected manifests, all of them or none; a note per object goes to `notes` (stderr).
+pub fn run(args: &InjectArgs, notes: &mut impl Write) -> Result<String> {
+    let config = args.config()?;
+    let sources = read_inputs(&args.inputs)?;
+    let mut outputs = Vec::new();
+    let mut lines = String::new();
+    for source in &sources {
+        let injected = inject_manifests(
+            &source.text,
+            source.format,
+            Origin::Cli,
+            &BTreeMap::new(),
+            &config,
+        )
+        .with_context(|| source.name.clone())?;
+        for report in &injected.reports {
+            lines.push_str(&format!("{}: {report}\n", source.name));
+        }
+        if !injected.text.trim().is_empty() {
+            outputs.push(injected.text);
+        }
+    }
+    // Notes only once everything succeeded, so that a failed run shows just its error.
+    notes.write_all(lines.as_bytes())?;
+    Ok(outputs.join("---\n"))
+}
