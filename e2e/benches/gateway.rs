@@ -69,7 +69,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, api::PostParams};
 use proxy_identity::{Credentials, Id, TrustAnchors, ca::Signer};
-use proxy_sidecar::GatewayDialer;
+use proxy_sidecar::endpoint::Dialer;
 use proxy_transport_header::{Header, SessionProtocol};
 use serde::Serialize;
 use serde_json::json;
@@ -308,7 +308,7 @@ struct Targets {
     gateway: SocketAddr,
     haproxy: Ports,
     /// As a Linkerd proxy dials a gateway: ALPN `transport.l5d.io/v1`, then the header.
-    gateway_dialer: GatewayDialer,
+    gateway_dialer: Dialer,
     /// The same certificate and verifier, with ALPN `http/1.1`.
     haproxy_tls: Arc<rustls::ClientConfig>,
     /// The identity both proxies present (HAProxy has a leaf for it too).
@@ -335,7 +335,7 @@ impl Targets {
             backend,
             gateway,
             haproxy,
-            gateway_dialer: GatewayDialer::new(creds, DIAL_TIMEOUT),
+            gateway_dialer: Dialer::new(creds, DIAL_TIMEOUT),
             haproxy_tls: proxy_identity::tls::client_config(creds, &[b"http/1.1"]),
             gateway_id: Id::parse(&mesh::gateway_id(CLUSTER))?,
         })
@@ -368,7 +368,7 @@ impl Targets {
         };
         Ok(self
             .gateway_dialer
-            .dial(self.gateway, &self.gateway_id, &header)
+            .with_header(self.gateway, &self.gateway_id, &header)
             .await?)
     }
 

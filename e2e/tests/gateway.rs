@@ -579,7 +579,7 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
     proxy_identity::tls::install_default_provider();
     // A connection held open across renewals and the rotation.
     let creds = certified_client(&env, WEB, &env.path("web.token")).await?;
-    let dialer = proxy_sidecar::GatewayDialer::new(&creds, Duration::from_secs(3));
+    let dialer = proxy_sidecar::endpoint::Dialer::new(&creds, Duration::from_secs(3));
     let gateway_id = Id::parse(GATEWAY_ID)?;
     let header = |protocol| {
         Ok::<_, anyhow::Error>(Header {
@@ -589,7 +589,7 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
         })
     };
     let mut held = dialer
-        .dial(env.gateway_addr, &gateway_id, &header(None)?)
+        .with_header(env.gateway_addr, &gateway_id, &header(None)?)
         .await?;
     let echo = async |s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
                       m: &[u8]|
@@ -654,7 +654,7 @@ async fn rotation(env: Arc<Env>) -> Result<()> {
         WAIT,
         || async {
             let s = dialer
-                .dial(env.gateway_addr, &gateway_id, &header(None).ok()?)
+                .with_header(env.gateway_addr, &gateway_id, &header(None).ok()?)
                 .await
                 .ok()?;
             let chain = s.get_ref().1.peer_certificates()?;
@@ -732,14 +732,14 @@ async fn identity_outage(env: Arc<Env>) -> Result<()> {
 async fn shutdown(env: Arc<Env>) -> Result<()> {
     proxy_identity::tls::install_default_provider();
     let creds = certified_client(&env, WEB, &env.path("web.token")).await?;
-    let dialer = proxy_sidecar::GatewayDialer::new(&creds, Duration::from_secs(3));
+    let dialer = proxy_sidecar::endpoint::Dialer::new(&creds, Duration::from_secs(3));
     let header = Header {
         port: 8080,
         name: Some("echo.shop.svc.cluster.local".into()),
         protocol: Some(SessionProtocol::Http1),
     };
     let stream = dialer
-        .dial(env.gateway_addr, &Id::parse(GATEWAY_ID)?, &header)
+        .with_header(env.gateway_addr, &Id::parse(GATEWAY_ID)?, &header)
         .await?;
     // An HTTP/1 connection with a request done: on SIGTERM the gateway lets it finish and
     // closes it, and exits well within its grace period (5 s here).

@@ -187,6 +187,28 @@ impl Dialer {
         Ok(Either::Left(connect(addr, self.connect_timeout).await?))
     }
 
+    /// A connection to `addr`, which must prove `id`, that carries `header` first: a remote
+    /// cluster's gateway (the header names the Service) or a peer proxy's inbound port (it
+    /// names the port). As Linkerd, the header is written only when the peer agreed, by ALPN
+    /// `transport.l5d.io/v1`, to read one.
+    pub async fn with_header(
+        &self,
+        addr: SocketAddr,
+        id: &Id,
+        header: &Header,
+    ) -> Result<TlsStream<TcpStream>, DialError> {
+        let tcp = connect(addr, self.connect_timeout).await?;
+        let mut stream = tls::connect(self.header.clone(), tcp, id).await?;
+        if stream.get_ref().1.alpn_protocol() != Some(PROTOCOL) {
+            return Err(DialError::NoTransportHeader(addr));
+        }
+        stream
+            .write_all(&header.encode())
+            .await
+            .map_err(|source| DialError::Write { addr, source })?;
+        Ok(stream)
+    }
+
     /// A connection to `ep` for traffic of `protocol` (`None`: opaque).
     pub async fn dial(
         &self,
@@ -202,17 +224,7 @@ impl Dialer {
                 ))
             }
             Route::Header { addr, id, header } => {
-                let tcp = connect(addr, self.connect_timeout).await?;
-                let mut stream = tls::connect(self.header.clone(), tcp, &id).await?;
-                // As Linkerd: the header is written only when the peer agreed to read one.
-                if stream.get_ref().1.alpn_protocol() != Some(PROTOCOL) {
-                    return Err(DialError::NoTransportHeader(addr));
-                }
-                stream
-                    .write_all(&header.encode())
-                    .await
-                    .map_err(|source| DialError::Write { addr, source })?;
-                Ok(Either::Right(stream))
+                Ok(Either::Right(self.with_header(addr, &id, &header).await?))
             }
         }
     }

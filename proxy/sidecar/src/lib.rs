@@ -13,7 +13,6 @@ pub mod balance;
 mod cache;
 pub mod config;
 pub mod endpoint;
-mod gateway;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -22,7 +21,6 @@ mod tests;
 
 pub use self::{
     config::{Config, ConfigError, Env, ProcessEnv},
-    gateway::{DialError as GatewayDialError, GatewayDialer},
     inbound::Inbound,
     metrics::Metrics,
     outbound::Outbound,
