@@ -78,36 +78,12 @@ pub async fn run(
     let services_net = Host::create()?;
     let cp_ip = services_net.host_address();
     let dir = tempfile::tempdir()?;
-    let d = |p: &str| dir.path().join(p).display().to_string();
 
     writeln!(
         out,
         "== One trust anchor, an issuer per cluster for its own trust domain (no step, no openssl)"
     )?;
-    let mut steps = vec![vec![
-        "identity".to_owned(),
-        "anchor".into(),
-        "--out".into(),
-        d("anchor"),
-    ]];
-    for cluster in ["east", "west"] {
-        steps.push(
-            [
-                "identity",
-                "issuer",
-                "--anchor",
-                &d("anchor"),
-                "--out",
-                &d(cluster),
-                "--cluster",
-                cluster,
-                "--trust-domain",
-                &mesh::trust_domain(cluster),
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-        );
-    }
+    let steps = mesh::pki_commands(dir.path(), &["east", "west"]);
     for args in &steps {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         writeln!(out, "$ meshlink {}", args.join(" "))?;

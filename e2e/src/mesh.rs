@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_identity::{Credentials, Id, TrustAnchors, certify};
-use proxy_sidecar::GatewayDialer;
+use proxy_sidecar::endpoint::Dialer;
 use proxy_transport_header::{Header, SessionProtocol};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -218,9 +218,9 @@ async fn exchange(creds: &Arc<Credentials>, args: &ClientArgs) -> Result<String>
         name: Some(name.to_owned()),
         protocol,
     };
-    let dialer = GatewayDialer::new(creds, Duration::from_secs(3));
+    let dialer = Dialer::new(creds, Duration::from_secs(3));
     let mut stream = dialer
-        .dial(args.gateway, &args.gateway_identity, &header)
+        .with_header(args.gateway, &args.gateway_identity, &header)
         .await?;
     let exchange = async {
         match protocol {
@@ -293,23 +293,37 @@ pub fn cli(args: &[&str]) -> Result<String> {
 /// `clusters`, made by `meshlink identity` as a user makes them: each issuer constrained to its
 /// cluster's own trust domain ([`trust_domain`]).
 pub fn make_pki(dir: &Path, clusters: &[&str]) -> Result<()> {
-    let d = |p: &str| dir.join(p).display().to_string();
-    cli(&["identity", "anchor", "--out", &d("anchor")])?;
-    for cluster in clusters {
-        cli(&[
-            "identity",
-            "issuer",
-            "--anchor",
-            &d("anchor"),
-            "--out",
-            &d(cluster),
-            "--cluster",
-            cluster,
-            "--trust-domain",
-            &trust_domain(cluster),
-        ])?;
+    for args in pki_commands(dir, clusters) {
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     Ok(())
+}
+
+/// The `meshlink` commands that make the trust anchor in `<dir>/anchor` and an issuer per
+/// cluster in `<dir>/<cluster>`, constrained to the cluster's own trust domain.
+pub fn pki_commands(dir: &Path, clusters: &[&str]) -> Vec<Vec<String>> {
+    let d = |p: &str| dir.join(p).display().to_string();
+    let mut commands = vec![vec![
+        "identity".to_owned(),
+        "anchor".to_owned(),
+        "--out".to_owned(),
+        d("anchor"),
+    ]];
+    for cluster in clusters {
+        commands.push(vec![
+            "identity".to_owned(),
+            "issuer".to_owned(),
+            "--anchor".to_owned(),
+            d("anchor"),
+            "--out".to_owned(),
+            d(cluster),
+            "--cluster".to_owned(),
+            (*cluster).to_owned(),
+            "--trust-domain".to_owned(),
+            trust_domain(cluster),
+        ]);
+    }
+    commands
 }
 
 /// Applies `manifests/<path>` to `cluster`.
