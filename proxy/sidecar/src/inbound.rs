@@ -165,11 +165,6 @@ impl Inbound {
             .clone()
     }
 
-    /// The TLS server config of the inbound port (for tests).
-    pub fn server_config(creds: &Arc<Credentials>) -> Arc<ServerConfig> {
-        proxy_identity::tls::server_config(creds, &[])
-    }
-
     /// Serves one connection until it ends.
     pub async fn handle(
         self: Arc<Self>,
@@ -375,6 +370,7 @@ impl Inbound {
                     Version::Http1
                 };
                 let conn = Arc::new(Conn {
+                    app: self.app(orig.port()),
                     inbound: self.clone(),
                     app_port: orig.port(),
                     client_id,
@@ -510,6 +506,8 @@ pub fn client_hello_sni(buf: &[u8]) -> Hello {
 /// One HTTP connection to the application.
 struct Conn {
     inbound: Arc<Inbound>,
+    /// The application's clients, looked up once for the connection.
+    app: AppClients,
     app_port: u16,
     client_id: Option<Id>,
     allowed: bool,
@@ -545,12 +543,11 @@ impl Conn {
             }
         }
         let app = SocketAddr::from(([127, 0, 0, 1], self.app_port));
-        let clients = self.inbound.app(self.app_port);
         let client = if req.version() == http::Version::HTTP_2 {
-            clients.h2
+            &self.app.h2
         } else {
             set_host(&mut req);
-            clients.h1
+            &self.app.h1
         };
         absolute(&mut req, app);
         let mut rsp = match client.request(req).await {
