@@ -264,6 +264,36 @@ async fn client_proxy(
     (addr, metrics)
 }
 
+/// A client proxy and a server proxy (`all-authenticated`, in front of `app`), the client's
+/// discovery answering with the server proxy as a meshed endpoint besides what `answers` says:
+/// both proxies' addresses and metrics.
+async fn meshed_pair(pki: &TestPki, app: SocketAddr, answers: Answers) -> Pair {
+    let (inbound, server_metrics) =
+        server_proxy(pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
+    answers
+        .endpoints
+        .lock()
+        .unwrap()
+        .push(meshed(inbound, SERVER));
+    let (outbound, client_metrics) = client_proxy(pki, answers, Duration::from_secs(3)).await;
+    Pair {
+        outbound,
+        inbound,
+        client_metrics,
+        server_metrics,
+    }
+}
+
+/// What [`meshed_pair`] started.
+struct Pair {
+    /// The client proxy's outbound listener (connections to it went to [`SERVICE`]).
+    outbound: SocketAddr,
+    /// The server proxy's inbound listener.
+    inbound: SocketAddr,
+    client_metrics: Metrics,
+    server_metrics: Metrics,
+}
+
 fn text(metrics: &Metrics) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -302,15 +332,12 @@ async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String, http:
 async fn http1_round_trip_over_mtls() {
     let pki = TestPki::new();
     let (app, seen) = app(false).await;
-    let (inbound, server_metrics) =
-        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
-    let answers = Answers::default();
-    answers
-        .endpoints
-        .lock()
-        .unwrap()
-        .push(meshed(inbound, SERVER));
-    let (outbound, client_metrics) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let Pair {
+        outbound,
+        inbound,
+        client_metrics,
+        server_metrics,
+    } = meshed_pair(&pki, app, Answers::default()).await;
 
     let (status, body, headers) = get(outbound, &[("l5d-client-id", "admin.kube-system")]).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
@@ -344,15 +371,7 @@ async fn http1_round_trip_over_mtls() {
 async fn http2_stays_http2() {
     let pki = TestPki::new();
     let (app, seen) = app(true).await;
-    let (inbound, _) =
-        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
-    let answers = Answers::default();
-    answers
-        .endpoints
-        .lock()
-        .unwrap()
-        .push(meshed(inbound, SERVER));
-    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let Pair { outbound, .. } = meshed_pair(&pki, app, Answers::default()).await;
 
     let tcp = TcpStream::connect(outbound).await.unwrap();
     let (mut send, conn) =
@@ -538,6 +557,8 @@ async fn balancer_prefers_fast_endpoints_and_forgets_removed_ones() {
                 let addr = ep.addr;
                 async move {
                     if addr.ip().to_string().ends_with(".2") {
+                        // The slow endpoint's own latency, which peak-EWMA measures (paused
+                        // time: nothing waits for real); not a wait for the test's sake.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Ok::<_, Infallible>(addr)
@@ -616,7 +637,7 @@ async fn failing_endpoints_back_off() {
 #[tokio::test(start_paused = true)]
 async fn balancers_hold_their_discovery_open() {
     use linkerd2_proxy_api::destination::AddrSet;
-    use proxy_discovery::Endpoint;
+    use proxy_discovery::{Endpoint, Resolution};
 
     use crate::balance::Balancer;
 
@@ -633,6 +654,7 @@ async fn balancers_hold_their_discovery_open() {
     };
     call.send(add(vec![plain(a), plain(b)]));
     resolve.first().await;
+    let mut endpoints = resolve.watch();
     let balancer = Balancer::discovered(
         resolve,
         |ep: Arc<Endpoint>| {
@@ -641,13 +663,21 @@ async fn balancers_hold_their_discovery_open() {
         Duration::from_secs(1),
     );
     assert!(balancer.call(()).await.is_ok());
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    // The stream stays open past twelve idle timeouts (paused time) while the balancer lives.
+    let closed = tokio::time::timeout(Duration::from_secs(60), call.answers.closed()).await;
+    assert!(
+        closed.is_err(),
+        "the Get stream was closed under a live balancer"
+    );
     call.send(Update {
         update: Some(update::Update::Remove(AddrSet {
             addrs: vec![b.into()],
         })),
     });
-    testing::settle().await;
+    endpoints
+        .wait_for(|r| matches!(r, Resolution::Endpoints(e) if !e.contains_key(&b)))
+        .await
+        .unwrap();
     for _ in 0..20 {
         assert_eq!(balancer.call(()).await.unwrap(), a);
     }
@@ -659,15 +689,7 @@ async fn balancers_hold_their_discovery_open() {
 async fn the_application_gets_pooled_connections() {
     let pki = TestPki::new();
     let (app, seen, conns) = app_counting(false).await;
-    let (inbound, _) =
-        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
-    let answers = Answers::default();
-    answers
-        .endpoints
-        .lock()
-        .unwrap()
-        .push(meshed(inbound, SERVER));
-    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let Pair { outbound, .. } = meshed_pair(&pki, app, Answers::default()).await;
     let clients = (0..8).map(|_| {
         tokio::spawn(async move {
             let tcp = TcpStream::connect(outbound).await.unwrap();
@@ -820,18 +842,15 @@ fn requests_are_routed_by_name_else_by_address() {
 async fn unknown_names_fall_back_to_the_original_destination() {
     let pki = TestPki::new();
     let (app, seen) = app(false).await;
-    let (inbound, _) =
-        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
-    let answers = Answers {
-        unknown_names: true,
-        ..Answers::default()
-    };
-    answers
-        .endpoints
-        .lock()
-        .unwrap()
-        .push(meshed(inbound, SERVER));
-    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let Pair { outbound, .. } = meshed_pair(
+        &pki,
+        app,
+        Answers {
+            unknown_names: true,
+            ..Answers::default()
+        },
+    )
+    .await;
     let (status, body, _) = get(outbound, &[]).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(seen.lock().unwrap()[0].client_id.as_deref(), Some(CLIENT));
@@ -881,15 +900,7 @@ async fn upgrading_app() -> SocketAddr {
 async fn upgrades_cross_both_proxies() {
     let pki = TestPki::new();
     let app = upgrading_app().await;
-    let (inbound, _) =
-        server_proxy(&pki, app, DefaultPolicy::AllAuthenticated, REMOTE_IP.into()).await;
-    let answers = Answers::default();
-    answers
-        .endpoints
-        .lock()
-        .unwrap()
-        .push(meshed(inbound, SERVER));
-    let (outbound, _) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
+    let Pair { outbound, .. } = meshed_pair(&pki, app, Answers::default()).await;
     let mut tcp = TcpStream::connect(outbound).await.unwrap();
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nhost: web.shop.svc.cluster.local\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n",
