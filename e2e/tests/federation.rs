@@ -412,10 +412,15 @@ async fn federated_taken_over(env: Arc<Env>) -> Result<()> {
             .filter_map(|f| f.manager.clone())
             .collect()
     };
+    // Taking over is two writes (ownership, then the apply): wait for the second, whose sign
+    // is the recomputed member list, before looking at the rest.
     let svc = wait_for("the federated Service taken over", WAIT, || async {
         get::<Service>(&env.west, ns, "db-federated")
             .await
-            .filter(|s| managers(s) == ["meshlink-service-mirror"])
+            .filter(|s| {
+                managers(s) == ["meshlink-service-mirror"]
+                    && annotation(s, REMOTE) == Some("db@east")
+            })
     })
     .await?;
     ensure!(
