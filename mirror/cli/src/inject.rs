@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use proxy_inject::{Format, InjectConfig, Origin, ProxyResources, VERSION, inject_manifests};
+use proxy_inject::{ConfigArgs, Format, InjectConfig, Origin, inject_manifests};
 
 #[derive(Args, Debug)]
 pub struct InjectArgs {
@@ -28,65 +28,8 @@ pub struct InjectArgs {
     /// The trust anchors (PEM), as given to `meshlink identity manifests --anchors`.
     #[arg(long, env = "MESHLINK_TRUST_ANCHORS_FILE", value_name = "PATH")]
     trust_anchors_file: PathBuf,
-    /// The image holding meshlink-proxy.
-    #[arg(long, default_value_t = format!("ghcr.io/meshlink/meshlink:{VERSION}"))]
-    image: String,
-    /// Recorded in the linkerd.io/proxy-version annotation.
-    #[arg(long, default_value = VERSION)]
-    proxy_version: String,
-    /// The pull policy of the proxy and init containers (default: Kubernetes').
-    #[arg(long)]
-    image_pull_policy: Option<String>,
-    /// The control plane's namespace.
-    #[arg(
-        long,
-        short = 'L',
-        alias = "linkerd-namespace",
-        default_value = "linkerd"
-    )]
-    control_plane_namespace: String,
-    /// The identity trust domain.
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
-    /// The cluster's DNS domain, in the control plane's Service addresses.
-    #[arg(long, default_value = "cluster.local")]
-    cluster_domain: String,
-    /// The identity service (default: linkerd-identity.<ns>.svc.<cluster-domain>.:8080).
-    #[arg(long)]
-    identity_addr: Option<String>,
-    /// The destination service (default: linkerd-dst.<ns>.svc.<cluster-domain>.:8086).
-    #[arg(long)]
-    destination_addr: Option<String>,
-    /// The policy service (default: linkerd-policy.<ns>.svc.<cluster-domain>.:8090).
-    #[arg(long)]
-    policy_addr: Option<String>,
-    /// The cluster's networks, for the cluster-* inbound policies.
-    #[arg(long)]
-    cluster_networks: Option<String>,
-    /// The inbound policy of ports no Server selects (pods may override it with
-    /// config.linkerd.io/default-inbound-policy).
-    #[arg(long)]
-    default_inbound_policy: Option<String>,
-    /// The proxy's log filter.
-    #[arg(long)]
-    proxy_log_level: Option<String>,
-    /// Ports served without protocol detection, unless a pod says otherwise.
-    #[arg(long)]
-    opaque_ports: Option<String>,
-    /// Inbound ports the proxy does not see, unless a pod says otherwise.
-    #[arg(long)]
-    skip_inbound_ports: Option<String>,
-    /// Outbound ports the proxy does not see, unless a pod says otherwise.
-    #[arg(long)]
-    skip_outbound_ports: Option<String>,
-    #[arg(long)]
-    proxy_cpu_request: Option<String>,
-    #[arg(long)]
-    proxy_cpu_limit: Option<String>,
-    #[arg(long)]
-    proxy_memory_request: Option<String>,
-    #[arg(long)]
-    proxy_memory_limit: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 impl InjectArgs {
@@ -97,43 +40,13 @@ impl InjectArgs {
                 self.trust_anchors_file.display()
             )
         })?;
-        let mut c = InjectConfig::new(
-            &self.control_plane_namespace,
-            &self.trust_domain,
-            &self.cluster_domain,
-            &anchors,
-        );
-        c.image.clone_from(&self.image);
-        c.proxy_version.clone_from(&self.proxy_version);
-        c.image_pull_policy.clone_from(&self.image_pull_policy);
-        let set = |field: &mut String, value: &Option<String>| {
-            if let Some(v) = value {
-                field.clone_from(v);
-            }
-        };
-        set(&mut c.identity_addr, &self.identity_addr);
-        set(&mut c.destination_addr, &self.destination_addr);
-        set(&mut c.policy_addr, &self.policy_addr);
-        set(&mut c.cluster_networks, &self.cluster_networks);
-        set(&mut c.default_inbound_policy, &self.default_inbound_policy);
-        set(&mut c.log_level, &self.proxy_log_level);
-        set(&mut c.opaque_ports, &self.opaque_ports);
-        set(&mut c.skip_inbound_ports, &self.skip_inbound_ports);
-        set(&mut c.skip_outbound_ports, &self.skip_outbound_ports);
-        c.resources = ProxyResources {
-            cpu_request: self.proxy_cpu_request.clone(),
-            cpu_limit: self.proxy_cpu_limit.clone(),
-            memory_request: self.proxy_memory_request.clone(),
-            memory_limit: self.proxy_memory_limit.clone(),
-        };
         // Flags are checked before any manifest is read.
-        c.check().with_context(|| {
+        self.config.config(&anchors).with_context(|| {
             format!(
                 "the flags (anchors from {})",
                 self.trust_anchors_file.display()
             )
-        })?;
-        Ok(c)
+        })
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod config;
 mod document;
+mod flags;
 pub mod keys;
 mod overrides;
 mod pod;
@@ -24,6 +25,7 @@ pub use crate::{
         DocumentError, DocumentErrorReason, Format, Injected, ObjectOutcome, ObjectReport,
         inject_document, inject_manifests,
     },
+    flags::ConfigArgs,
     overrides::{INBOUND_POLICIES, quantity},
     pod::{
         IDENTITY_TOKEN_AUDIENCE, INIT_CONTAINER_NAME, Origin, Outcome, PROXY_CONTAINER_NAME,
