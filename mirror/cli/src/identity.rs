@@ -195,11 +195,24 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
         bundle.push_str(pem.trim_end());
         bundle.push('\n');
     }
-    let anchors = TrustAnchors::from_pem(&bundle)?;
+    issuer_docs(&cert, &key, &bundle, &a.namespace, &a.bundle_namespaces)
+}
+
+/// The Namespaces, the issuer Secret (in `namespace`) and the trust-anchor bundle ConfigMaps
+/// (in each of `bundle_namespaces`) for issuer `cert`/`key` and anchors `bundle`, once the
+/// issuer is proven to chain to one of the anchors.
+pub fn issuer_docs(
+    cert: &str,
+    key: &str,
+    bundle: &str,
+    namespace: &str,
+    bundle_namespaces: &[String],
+) -> Result<Vec<Value>> {
+    let anchors = TrustAnchors::from_pem(bundle)?;
     // The issuer must chain to one of the anchors, or every certificate it signs is refused:
     // prove it by issuing a throwaway leaf (inside the issuer's trust domain, when it is
     // constrained to one) and verifying it.
-    let signer = ca::Signer::from_pem(&cert, &key)
+    let signer = ca::Signer::from_pem(cert, key)
         .context("issuer.key must be the PKCS#8 ECDSA P-256 key of issuer.crt")?;
     let probe = match proxy_identity::permitted_dns(signer.cert_der()).first() {
         Some(domain) => format!("probe.meshlink.{}", domain.trim_start_matches('.')),
@@ -214,8 +227,8 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
         })?;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     // The namespaces first, so that the output applies whatever was installed before it.
-    let mut namespaces: Vec<&String> = std::iter::once(&a.namespace)
-        .chain(&a.bundle_namespaces)
+    let mut namespaces: Vec<&str> = std::iter::once(namespace)
+        .chain(bundle_namespaces.iter().map(String::as_str))
         .collect();
     namespaces.dedup();
     let mut docs: Vec<Value> = namespaces
@@ -228,12 +241,12 @@ fn manifests(a: &ManifestArgs) -> Result<Vec<Value>> {
             "type": "kubernetes.io/tls",
             "metadata": {
                 "name": "linkerd-identity-issuer",
-                "namespace": a.namespace,
+                "namespace": namespace,
                 "labels": { "linkerd.io/control-plane-component": "identity" },
             },
-            "data": { "tls.crt": b64(&cert), "tls.key": b64(&key), "ca.crt": b64(&bundle) },
+            "data": { "tls.crt": b64(cert), "tls.key": b64(key), "ca.crt": b64(bundle) },
     }));
-    for ns in &a.bundle_namespaces {
+    for ns in bundle_namespaces {
         docs.push(json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",

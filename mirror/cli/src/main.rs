@@ -1,10 +1,12 @@
 //! `meshlink`: the command-line tool. `link` prints what links a cluster to the one it runs
 //! against; `unlink` prints what removes such a link; `gateways` shows linked gateways;
-//! `identity` makes the trust anchor and issuers; `inject` adds the proxy to manifests.
+//! `identity` makes the trust anchor and issuers; `inject` adds the proxy to manifests;
+//! `install` and `uninstall` print what installs meshlink in a cluster and what removes it.
 
 mod gateways;
 mod identity;
 mod inject;
+mod install;
 mod link;
 mod unlink;
 
@@ -61,6 +63,13 @@ enum Command {
     /// Add meshlink-proxy and its init container to the workloads in manifests (no cluster
     /// needed) and print them; nothing is printed unless every document can be injected.
     Inject(Box<inject::InjectArgs>),
+    /// Print every manifest one cluster runs (namespaces, the Link CRD, identity, destination,
+    /// proxy injector, gateway, mirror controller, remote access), for `kubectl apply
+    /// --server-side -f -`.
+    Install(Box<install::InstallArgs>),
+    /// Run against a cluster; prints what removes meshlink from it, for `kubectl delete -f -`
+    /// (refused while any Link exists).
+    Uninstall(install::UninstallArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -101,6 +110,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         // Its notes go to stderr; stdout gets the manifests exactly as injected.
         Command::Inject(args) => return inject::run(args, &mut std::io::stderr().lock()),
+        Command::Install(args) => install::run(args, &mut std::io::stderr().lock())?,
+        Command::Uninstall(args) => install::uninstall(args, connect(&cli).await?.0).await?,
     };
     Ok(link::print(&docs, cli.output))
 }
