@@ -60,6 +60,9 @@ pub struct ClusterOptions {
     pub fixed_dir: Option<PathBuf>,
     /// Extra `kube-apiserver` flags, after the harness's own (a later flag wins).
     pub extra_apiserver_args: Vec<String>,
+    /// Also run the Deployment and ReplicaSet controllers, so that a Deployment makes Pods
+    /// (stored, never run: there is no kubelet), as the injector's tests need.
+    pub workload_controllers: bool,
 }
 
 impl ClusterOptions {
@@ -70,6 +73,7 @@ impl ClusterOptions {
             root: state::default_root(),
             fixed_dir: None,
             extra_apiserver_args: Vec::new(),
+            workload_controllers: false,
         }
     }
 }
@@ -201,6 +205,10 @@ impl Cluster {
             format!("--service-cluster-ip-range={service_cidr}"),
             // No kubelet or kube-proxy: nothing would use the `kubernetes` Service's endpoints.
             "--endpoint-reconciler-type=none".to_owned(),
+            // No kube-proxy either: the API server reaches a Service (an admission webhook's)
+            // at one of its endpoints rather than at its ClusterIP, as in clusters whose
+            // control plane is outside the Pod network.
+            "--enable-aggregator-routing=true".to_owned(),
             "--profiling=false".to_owned(),
         ];
         apiserver_args.extend(opts.extra_apiserver_args.iter().cloned());
@@ -211,6 +219,10 @@ impl Cluster {
             d,
         );
 
+        let mut controllers = CONTROLLERS.to_vec();
+        if opts.workload_controllers {
+            controllers.extend(["deployment-controller", "replicaset-controller"]);
+        }
         let kubeconfig_path = d.join("kubeconfig");
         let controller_manager = Process::new(
             "kube-controller-manager",
@@ -219,7 +231,7 @@ impl Cluster {
                 format!("--kubeconfig={}", kubeconfig_path.display()),
                 format!("--cluster-name={name}"),
                 "--leader-elect=false".to_owned(),
-                format!("--controllers={}", CONTROLLERS.join(",")),
+                format!("--controllers={}", controllers.join(",")),
                 format!("--service-account-private-key-file={}", path("sa.key")),
                 format!("--root-ca-file={}", path("ca.crt")),
                 // No metrics or health server: nothing scrapes it, and it would need a port.

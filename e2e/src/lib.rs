@@ -19,6 +19,7 @@ pub mod checks;
 mod cluster;
 pub mod destination;
 pub mod dns;
+pub mod install;
 pub mod measure;
 pub mod mesh;
 pub mod meshlink;

@@ -254,14 +254,15 @@ impl ResolvesServerCert for ServingCert {
 }
 
 /// TLS 1.3 with the renewing certificate; no client certificate (the API server presents
-/// none unless configured to); HTTP/2, which the API server's webhook client speaks.
+/// none unless configured to); HTTP/1.1, which the API server's webhook client speaks, or
+/// HTTP/2.
 pub fn server_config(cert: Arc<ServingCert>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(proxy_identity::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the provider supports TLS 1.3")
         .with_no_client_auth()
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }
 

@@ -15,7 +15,7 @@ use kube::{
 };
 use proxy_inject::ConfigArgs;
 use proxy_injector::{Metrics, ServingCert, Target, Webhook, cert};
-use proxy_transport::{CallDeadlines, ClientAuth, ServerLimits, WithDeadlines};
+use proxy_transport::{CallDeadlines, ClientAuth, Protocol, ServerLimits, WithDeadlines};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +178,7 @@ async fn main() -> Result<()> {
         max_connections: 256,
         handshake_timeout: Duration::from_secs(5),
         max_streams_per_connection: 100,
-        // The API server keeps its HTTP/2 connection: a lifetime spreads its calls over the
+        // The API server keeps its connections alive: a lifetime spreads its calls over the
         // replicas as they come and go.
         connection_lifetime: Some(Duration::from_secs(60)),
         keep_alive_interval: Duration::from_secs(30),
@@ -189,11 +189,12 @@ async fn main() -> Result<()> {
         body: Duration::from_secs(5),
         call: Duration::from_secs(8),
     };
-    let (addr, serve) = proxy_transport::serve_h2(
+    let (addr, serve) = proxy_transport::serve_tls(
         args.addr,
         cert::server_config(serving),
         WithDeadlines::new(webhook, deadlines),
         limits,
+        Protocol::Http1And2,
         cancel.clone(),
     )
     .await?;

@@ -10,7 +10,8 @@
 //! fitted under the open-file limit).
 //!
 //! For the control-plane services: [`serve_h2`], one bounded accept loop that terminates TLS 1.3
-//! and serves HTTP/2 (gRPC) until cancelled, then drains.
+//! and serves HTTP/2 (gRPC) until cancelled, then drains; [`serve_tls`] the same with HTTP/1.1
+//! too (the injector webhook).
 //!
 //! Every listener built on it gets the same protections: at most
 //! [`ServerLimits::max_connections`] connections at once (the next client waits in the
@@ -50,6 +51,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -98,13 +100,47 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-/// Binds `addr`; the returned future serves `service` until `cancel` fires, then drains every
-/// connection gracefully (in-flight calls finish; the caller bounds how long with a timeout).
+/// The HTTP versions a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 only (gRPC).
+    Http2,
+    /// HTTP/1.1 and HTTP/2, told apart by the first bytes (an admission webhook: the API
+    /// server calls webhooks over HTTP/1.1).
+    Http1And2,
+}
+
+/// Binds `addr`; the returned future serves `service` over HTTP/2 until `cancel` fires, then
+/// drains every connection gracefully (in-flight calls finish; the caller bounds how long with
+/// a timeout).
 pub async fn serve_h2<S, B>(
     addr: SocketAddr,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     service: S,
     limits: ServerLimits,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = ()>), BindError>
+where
+    S: tower_service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_tls(addr, tls, service, limits, Protocol::Http2, cancel).await
+}
+
+/// Like [`serve_h2`], speaking `protocol`.
+pub async fn serve_tls<S, B>(
+    addr: SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    service: S,
+    limits: ServerLimits,
+    protocol: Protocol,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), BindError>
 where
@@ -172,12 +208,21 @@ where
                     tracing::info!(%peer, "refused: no client certificate from the trust anchors");
                     return;
                 }
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                if protocol == Protocol::Http2 {
+                    builder = builder.http2_only();
+                }
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.handshake_timeout);
+                builder
+                    .http2()
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(limits.max_streams_per_connection)
                     .keep_alive_interval(limits.keep_alive_interval)
-                    .keep_alive_timeout(limits.keep_alive_interval)
-                    .serve_connection(TokioIo::new(tls), service);
+                    .keep_alive_timeout(limits.keep_alive_interval);
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
                 let mut conn = std::pin::pin!(conn);
                 let lifetime = limits.connection_lifetime;
                 let deadline = tokio::time::sleep(lifetime.unwrap_or(Duration::MAX / 4));
