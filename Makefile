@@ -10,6 +10,8 @@ CARGO ?= cargo
 KUBE_BUILD := e2e/controlplane/build.sh
 KUBE_BIN = $(shell bash $(KUBE_BUILD) --print-dir)
 KUBECTL = $(KUBE_BIN)/kubectl
+COREDNS_BUILD := e2e/coredns/build.sh
+COREDNS_BIN = $(shell bash $(COREDNS_BUILD) --print-dir)
 CLUSTERS_DIR ?= $(HOME)/.cache/meshlink/clusters
 export MESHLINK_CLUSTERS_DIR := $(CLUSTERS_DIR)
 DEMO_KUBECONFIG = $(CLUSTERS_DIR)/east/kubeconfig:$(CLUSTERS_DIR)/west/kubeconfig
@@ -25,7 +27,7 @@ help:
 	@echo "make bench-destination  update latency, memory per stream and CPU of the destination service"
 	@echo "make crds           regenerate manifests/crds/link.yaml from the Rust types"
 	@echo "make fuzz           fuzz the parsers of network bytes: transport header, protocol detection, ClientHello (FUZZ_SECONDS=600 each)"
-	@echo "make kube-binaries  build the pinned Kubernetes control plane (cached by version)"
+	@echo "make kube-binaries  build the pinned Kubernetes control plane and CoreDNS (cached by version)"
 
 .PHONY: prerequisites
 prerequisites:
@@ -46,6 +48,8 @@ prerequisites:
 .PHONY: kube-binaries
 kube-binaries: prerequisites
 	@start=$$SECONDS; bash $(KUBE_BUILD) >/dev/null; echo "control plane ready in $(KUBE_BIN) ($$((SECONDS - start))s)"
+	@# Each test cluster's DNS (e2e/src/coredns.rs).
+	@start=$$SECONDS; bash $(COREDNS_BUILD) >/dev/null; echo "CoreDNS ready in $(COREDNS_BIN) ($$((SECONDS - start))s)"
 
 .PHONY: crds
 crds:

@@ -33,22 +33,7 @@ impl Binaries {
         if let Some(dir) = std::env::var_os("MESHLINK_KUBE_BIN_DIR") {
             return Self::checked(PathBuf::from(dir));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .map_err(|e| Error::Binaries(format!("could not run {}: {e}", script.display())))?;
-        if !out.status.success() {
-            return Err(Error::Binaries(format!(
-                "{} failed ({}):\n{}",
-                script.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            )));
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let dir = stdout.lines().last().unwrap_or_default().trim();
-        Self::checked(PathBuf::from(dir))
+        Self::checked(build("controlplane/build.sh")?)
     }
 
     fn checked(dir: PathBuf) -> Result<Self, Error> {
@@ -85,4 +70,25 @@ impl Binaries {
     pub fn kubectl(&self) -> PathBuf {
         self.path("kubectl")
     }
+}
+
+/// Runs `e2e/<script>` (a `build.sh` that builds what is missing and prints the directory it
+/// built into on its last line) and returns that directory.
+pub(crate) fn build(script: &str) -> Result<PathBuf, Error> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| Error::Binaries(format!("could not run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(Error::Binaries(format!(
+            "{} failed ({}):\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout.lines().last().unwrap_or_default().trim();
+    Ok(PathBuf::from(dir))
 }

@@ -23,6 +23,24 @@ where
     E: Send + Sync + 'static,
     S: Future<Output = anyhow::Result<E>>,
 {
+    run_with(setup, checks, move |env: &E| {
+        // Called after the check, outside the runtime: blocking here is what awaiting was.
+        let log = controller(env).blocking_lock().log_tail();
+        format!("--- controller log:\n{log}")
+    })
+}
+
+/// Like [`run`], for an environment whose failures are best explained by something other than
+/// one controller's log: a failed check's message ends with what `context` says.
+pub fn run_with<E, S>(
+    setup: impl FnOnce() -> S,
+    checks: &[(&str, Check<E>)],
+    context: impl Fn(&E) -> String + Copy + Send + 'static,
+) -> ExitCode
+where
+    E: Send + Sync + 'static,
+    S: Future<Output = anyhow::Result<E>>,
+{
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -44,10 +62,9 @@ where
             Trial::test(name, move || {
                 let env = env
                     .map_err(|e| Failed::from(format!("setting up the environment failed: {e}")))?;
-                handle.block_on(check(env.clone())).map_err(|e| {
-                    let log = handle.block_on(controller(&env).lock()).log_tail();
-                    Failed::from(format!("{e:#}\n--- controller log:\n{log}"))
-                })
+                handle
+                    .block_on(check(env.clone()))
+                    .map_err(|e| Failed::from(format!("{e:#}\n{}", context(&env))))
             })
         })
         .collect();

@@ -17,6 +17,7 @@ pub mod app;
 mod binaries;
 pub mod checks;
 mod cluster;
+pub mod coredns;
 pub mod destination;
 pub mod dns;
 pub mod install;
