@@ -4,7 +4,6 @@
 //! it listens on so that its Service has the endpoints a kubelet would give it.
 
 use std::{
-    collections::BTreeMap,
     io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -18,14 +17,17 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    Binaries, Cluster, create_ready_pod,
-    mesh::{cli, service_account_kubeconfig},
-    meshlink::{Program, free_port},
+    Binaries, Cluster,
+    coredns::CoreDns,
+    destination::start_destination,
+    kubelet::run_deployment_pod,
+    mesh::{self, GatewaySettings, cli, service_account_kubeconfig, start_identity, trust_domain},
+    meshlink::{Program, free_port, start_mirror},
+    netns::Host,
 };
 
 /// The proxy injector's names, as `manifests/injector/injector.yaml` declares them.
 pub const INJECTOR_SERVICE_ACCOUNT: &str = "linkerd-proxy-injector";
-pub const INJECTOR_LABEL: (&str, &str) = ("linkerd.io/control-plane-component", "proxy-injector");
 pub const WEBHOOK_CONFIGURATION: &str = "linkerd-proxy-injector-webhook-config";
 /// The port the injector's Service sends to (its `targetPort`).
 pub const INJECTOR_PORT: u16 = 8443;
@@ -73,6 +75,30 @@ pub fn install(cluster: &Cluster, args: &[&str]) -> Result<String> {
     )
     .context("applying meshlink install output")?;
     Ok(manifests)
+}
+
+/// (kind, namespace, name) → resourceVersion of every object in `manifests`, as stored.
+pub fn stored_versions(
+    cluster: &Cluster,
+    manifests: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let list: Value = serde_json::from_str(&kubectl(
+        cluster,
+        &["get", "-f", "-", "-o", "json"],
+        Some(manifests),
+    )?)?;
+    let mut versions = std::collections::BTreeMap::new();
+    for item in list["items"]
+        .as_array()
+        .context("kubectl get -o json gives a List")?
+    {
+        let m = &item["metadata"];
+        versions.insert(
+            format!("{} {}/{}", item["kind"], m["namespace"], m["name"]),
+            m["resourceVersion"].as_str().unwrap_or_default().to_owned(),
+        );
+    }
+    Ok(versions)
 }
 
 /// The documents of a YAML stream.
@@ -134,18 +160,10 @@ pub async fn start_injector(
     Ok(Injector { program, addr })
 }
 
-/// The ready Pod `linkerd/<name>` at `ip` that the injector's Service selects.
-pub async fn injector_endpoint(cluster: &Cluster, name: &str, ip: Ipv4Addr) -> Result<()> {
-    let labels = BTreeMap::from([(INJECTOR_LABEL.0.to_owned(), INJECTOR_LABEL.1.to_owned())]);
-    create_ready_pod(
-        &cluster.client(),
-        "linkerd",
-        name,
-        &labels,
-        IpAddr::V4(ip),
-        &cluster.node_name(),
-    )
-    .await?;
+/// The injector's own Pod (made by the ReplicaSet controller), Running and Ready at `ip`, so
+/// that the API server finds it as the endpoint of the injector's Service.
+pub async fn injector_endpoint(cluster: &Cluster, ip: Ipv4Addr) -> Result<()> {
+    run_deployment_pod(cluster, "linkerd", INJECTOR_SERVICE_ACCOUNT, ip).await?;
     Ok(())
 }
 
@@ -186,4 +204,163 @@ pub async fn pods_of(
 /// Free port on loopback, re-exported for tests that need one next to the injector.
 pub fn port() -> Result<u16> {
     Ok(free_port()?)
+}
+
+/// One cluster as a user installs it: `meshlink install` (with the issuer `pki/<cluster>` and
+/// anchor `pki/anchor` that `mesh::make_pki` makes, and the cluster's own trust domain)
+/// applied with kubectl, then its control plane run as processes on a veth address of this
+/// host (each as its manifest's ServiceAccount, its Deployment's Pod Running and Ready there):
+/// identity, destination, the injector, the gateway (when installed) and cluster DNS. The
+/// cluster must run the workload controllers ([`crate::ClusterOptions::workload_controllers`]).
+#[derive(Debug)]
+pub struct Installed {
+    pub manifests: String,
+    pub anchors_file: PathBuf,
+    /// Where its programs listen (the gateway's "load balancer" address too).
+    pub ip: Ipv4Addr,
+    pub identity: Program,
+    pub destination: Program,
+    pub injector: Injector,
+    pub gateway: Option<Program>,
+    pub dns: CoreDns,
+    _net: Host,
+}
+
+impl Installed {
+    /// The `meshlink install` arguments for `cluster` with the PKI in `pki`.
+    pub fn install_args(cluster: &str, pki: &Path, gateway: bool) -> Vec<String> {
+        vec![
+            "--identity-trust-anchors-file".into(),
+            pki.join("anchor/ca.crt").display().to_string(),
+            "--identity-issuer-certificate-file".into(),
+            pki.join(cluster).join("issuer.crt").display().to_string(),
+            "--identity-issuer-key-file".into(),
+            pki.join(cluster).join("issuer.key").display().to_string(),
+            "--identity-trust-domain".into(),
+            trust_domain(cluster),
+            format!("--gateway={gateway}"),
+        ]
+    }
+
+    pub async fn start(cluster: &Cluster, pki: &Path, gateway: bool) -> Result<Self> {
+        let args = Self::install_args(cluster.name(), pki, gateway);
+        let manifests = install(
+            cluster,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        Self::run(cluster, manifests, pki, gateway).await
+    }
+
+    /// Runs the control plane of a cluster `manifests` (install output) were applied to.
+    pub async fn run(
+        cluster: &Cluster,
+        manifests: String,
+        pki: &Path,
+        gateway: bool,
+    ) -> Result<Self> {
+        let name = cluster.name();
+        let dir = pki.join(format!("{name}-installed"));
+        std::fs::create_dir_all(&dir)?;
+        let anchors_file = write_file(&dir, "anchors.pem", &anchors_of(&manifests)?)?;
+        let net = Host::create()?;
+        let ip = net.host_address();
+        let identity_addr = SocketAddr::new(IpAddr::V4(ip), 8080);
+        let identity = start_identity(cluster, identity_addr, &anchors_file, "24h", &dir)
+            .await
+            .with_context(|| format!("{name}'s identity service"))?;
+        run_deployment_pod(cluster, "linkerd", "linkerd-identity", ip).await?;
+        let destination = start_destination(
+            cluster,
+            SocketAddr::new(IpAddr::V4(ip), 8086),
+            identity_addr,
+            &anchors_file,
+            &dir,
+            &[],
+        )
+        .await
+        .with_context(|| format!("{name}'s destination service"))?;
+        run_deployment_pod(cluster, "linkerd", "linkerd-destination", ip).await?;
+        let injector = start_injector(
+            cluster,
+            ip,
+            &anchors_file,
+            &[format!("--trust-domain={}", trust_domain(name))],
+            &dir,
+        )
+        .await
+        .with_context(|| format!("{name}'s proxy injector"))?;
+        injector_endpoint(cluster, ip).await?;
+        let gateway = if gateway {
+            // What a cloud's load-balancer controller does: the Service gets an address.
+            let status = serde_json::json!({ "status": { "loadBalancer": { "ingress": [{ "ip": ip.to_string() }] } } });
+            Api::<k8s_openapi::api::core::v1::Service>::namespaced(
+                cluster.client(),
+                "linkerd-multicluster",
+            )
+            .patch_status(
+                "linkerd-gateway",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&status),
+            )
+            .await?;
+            let program = mesh::start_gateway(
+                cluster,
+                &GatewaySettings {
+                    addr: (ip, 4143).into(),
+                    admin: (ip, 4191).into(),
+                    identity_addr,
+                    anchors_file: anchors_file.clone(),
+                    extra: Vec::new(),
+                },
+                &dir,
+            )
+            .await
+            .with_context(|| format!("{name}'s gateway"))?;
+            run_deployment_pod(cluster, "linkerd-multicluster", "linkerd-gateway", ip).await?;
+            Some(program)
+        } else {
+            None
+        };
+        let dns = CoreDns::start(cluster, ip).await?;
+        Ok(Self {
+            manifests,
+            anchors_file,
+            ip,
+            identity,
+            destination,
+            injector,
+            gateway,
+            dns,
+            _net: net,
+        })
+    }
+}
+
+/// Starts the service-mirror controller install declared, as its ServiceAccount, and marks its
+/// Pod Running at `ip`.
+pub async fn start_installed_mirror(
+    cluster: &Cluster,
+    ip: Ipv4Addr,
+    dir: &Path,
+) -> Result<Program> {
+    let kubeconfig = service_account_kubeconfig(
+        cluster,
+        "linkerd-multicluster",
+        "meshlink-service-mirror",
+        dir,
+    )
+    .await?;
+    let program = start_mirror(
+        &kubeconfig,
+        &["--namespace=linkerd-multicluster".to_owned()],
+    )
+    .await?;
+    run_deployment_pod(
+        cluster,
+        "linkerd-multicluster",
+        "meshlink-service-mirror",
+        ip,
+    )
+    .await?;
+    Ok(program)
 }

@@ -21,6 +21,7 @@ pub mod coredns;
 pub mod destination;
 pub mod dns;
 pub mod install;
+pub mod kubelet;
 pub mod measure;
 pub mod mesh;
 pub mod meshlink;

@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Pod, ServiceAccount};
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
@@ -38,6 +38,7 @@ use crate::{
     Cluster,
     app::AppRequest,
     destination::{destination_id, start_destination},
+    kubelet,
     mesh::{self, IDENTITY_AUDIENCE, identity_id, start_identity, workload_id},
     meshlink::{Program, free_port, http_get, service_account_token_for, workspace_binary},
     netns::{Forwarding, Host},
@@ -56,6 +57,9 @@ pub const CONTROL_PORT: u16 = 4190;
 /// admin and control ports; 4567 and 4568 are Linkerd's defaults for `skipPorts`).
 pub const INBOUND_PORTS_TO_IGNORE: &str = "4190,4191,4567,4568";
 pub const OUTBOUND_PORTS_TO_IGNORE: &str = "4567,4568";
+/// The containers the injector adds.
+const PROXY_CONTAINER: &str = "linkerd-proxy";
+const INIT_CONTAINER: &str = "linkerd-init";
 /// Linkerd's default `clusterNetworks`.
 pub const CLUSTER_NETWORKS: &str = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16";
 /// The label the injector puts on meshed Pods; the destination service gives a Pod's endpoints
@@ -230,41 +234,8 @@ impl MeshedPod {
             std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID))?;
         }
         let env = proxy_env(&spec, cp, &host, &id, &token, &identity_dir);
-        let mut proxy = Process::new(
-            "meshlink-proxy",
-            PathBuf::from("ip"),
-            [
-                "netns",
-                "exec",
-                host.name(),
-                "setpriv",
-                &format!("--reuid={PROXY_UID}"),
-                &format!("--regid={PROXY_UID}"),
-                "--clear-groups",
-            ]
-            .into_iter()
-            .map(Into::into)
-            .chain([proxy_bin.into_os_string()])
-            .collect(),
-            dir.path(),
-        );
-        proxy.set_env(env);
-        proxy.start().context("starting meshlink-proxy")?;
-
-        let e2e = workspace_binary("e2e")?;
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "netns".into(),
-            "exec".into(),
-            host.name().into(),
-            e2e.into_os_string(),
-            "pod-app".into(),
-            format!("--name={}", spec.name).into(),
-            format!("--http=0.0.0.0:{}", spec.http_port).into(),
-        ];
-        if let Some(p) = spec.banner_port {
-            args.push(format!("--banner=0.0.0.0:{p}").into());
-        }
-        let app = Process::new("app", PathBuf::from("ip"), args, dir.path());
+        let proxy = spawn_proxy(&host, &proxy_bin, PROXY_UID, env, dir.path())?;
+        let app = spawn_app(&host, &spec, dir.path())?;
         let mut this = Self {
             spec,
             id,
@@ -275,7 +246,143 @@ impl MeshedPod {
             _forwarding: forwarding,
             dir,
         };
-        this.app.start().context("starting the app")?;
+        this.wait_started().await?;
+        this.set_ready(true).await?;
+        Ok(this)
+    }
+
+    /// Runs Pod `namespace/name` as the API server stored it, injected by the webhook or by
+    /// `meshlink inject`, as a kubelet would ([`crate::kubelet`]): scheduled to the cluster's
+    /// node, given its namespace's address, its init container's command run, its proxy run
+    /// with the container's own command, user and environment; then the test app, serving the
+    /// app container's first port (the image itself is never run). Returns once the proxy is
+    /// ready, the app listens and the Pod is marked Ready.
+    pub async fn run_stored(cluster: &Cluster, namespace: &str, name: &str) -> Result<Self> {
+        let client = cluster.client();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let stored = pods.get(name).await?;
+        let spec = stored.spec.clone().context("a Pod without a spec")?;
+        let container =
+            |name: &str, list: &[Container]| list.iter().find(|c| c.name == name).cloned();
+        let proxy = container(PROXY_CONTAINER, &spec.containers).with_context(|| {
+            format!(
+                "Pod {namespace}/{name} has no {PROXY_CONTAINER} container: it was not injected"
+            )
+        })?;
+        let init = container(
+            INIT_CONTAINER,
+            spec.init_containers.as_deref().unwrap_or_default(),
+        )
+        .with_context(|| {
+            format!("Pod {namespace}/{name} has no {INIT_CONTAINER} init container")
+        })?;
+
+        let forwarding = Forwarding::enable()?;
+        let host = Host::create()?;
+        host.route_as_pod()?;
+        if spec.node_name.is_none() {
+            kubelet::bind(&pods, name, &cluster.node_name()).await?;
+        }
+        let status = json!({ "status": {
+            "phase": "Running",
+            "podIP": host.address().to_string(),
+            "podIPs": [{ "ip": host.address().to_string() }],
+            "hostIP": "127.0.0.1",
+            "conditions": [
+                { "type": "PodScheduled", "status": "True" },
+                { "type": "Initialized", "status": "True" },
+                { "type": "ContainersReady", "status": "False" },
+                { "type": "Ready", "status": "False" },
+            ],
+        } });
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        let stored = pods.get(name).await?;
+
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let uid = proxy
+            .security_context
+            .as_ref()
+            .and_then(|c| c.run_as_user)
+            .map(u32::try_from)
+            .transpose()?
+            .unwrap_or(PROXY_UID);
+        let volumes = kubelet::make_volumes(cluster, &stored, dir.path(), uid).await?;
+        let proxy_bin = workspace_binary("meshlink-proxy")?;
+
+        // The init container: its command and arguments, as root in the Pod's namespace.
+        let mut argv: Vec<String> = init.command.clone().unwrap_or_default();
+        argv.extend(init.args.clone().unwrap_or_default());
+        if argv.first().map(String::as_str) == Some("meshlink-proxy") {
+            argv[0] = path(&proxy_bin);
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = exec_in(&host, &argv).await?;
+        let text = format!(
+            "$ {}\n{}{}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(dir.path().join("init.log"), &text)?;
+        ensure!(
+            out.status.success(),
+            "{INIT_CONTAINER} of {namespace}/{name} failed:\n{text}"
+        );
+
+        let mut env = kubelet::resolve(cluster, &stored, &proxy, &volumes).await?;
+        if let Ok(log) = std::env::var("MESHLINK_E2E_PROXY_LOG") {
+            env.retain(|(k, _)| k != "LINKERD2_PROXY_LOG");
+            env.push(("LINKERD2_PROXY_LOG".into(), log));
+        }
+        // This host's end of the veth may read /metrics, as in [`MeshedPod::start`].
+        env.push((
+            "MESHLINK_METRICS_NETWORKS".into(),
+            format!("{}/32", host.host_address()),
+        ));
+        let id = env
+            .iter()
+            .find(|(k, _)| k == "LINKERD2_PROXY_IDENTITY_LOCAL_NAME")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        ensure!(
+            proxy.command.as_deref() == Some(&["meshlink-proxy".to_owned()][..]),
+            "the proxy container runs {:?}, not meshlink-proxy",
+            proxy.command
+        );
+        let proxy = spawn_proxy(&host, &proxy_bin, uid, env, dir.path())?;
+
+        let app_port = spec
+            .containers
+            .iter()
+            .filter(|c| c.name != PROXY_CONTAINER)
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| p.container_port)
+            .next()
+            .map(u16::try_from)
+            .transpose()?
+            .unwrap_or(8080);
+        let mut pod_spec = PodSpec::new(
+            namespace,
+            name,
+            spec.service_account_name.as_deref().unwrap_or("default"),
+            "",
+        );
+        pod_spec.labels = stored.metadata.labels.clone().unwrap_or_default();
+        pod_spec.annotations = stored.metadata.annotations.clone().unwrap_or_default();
+        pod_spec.http_port = app_port;
+        let app = spawn_app(&host, &pod_spec, dir.path())?;
+        let mut this = Self {
+            spec: pod_spec,
+            id,
+            client,
+            app,
+            proxy,
+            host,
+            _forwarding: forwarding,
+            dir,
+        };
         this.wait_started().await?;
         this.set_ready(true).await?;
         Ok(this)
@@ -620,6 +727,57 @@ fn proxy_env(
 
 fn path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// `meshlink-proxy` in `host`'s namespace as `uid`, with `env`.
+fn spawn_proxy(
+    host: &Host,
+    proxy_bin: &Path,
+    uid: u32,
+    env: Vec<(String, String)>,
+    dir: &Path,
+) -> Result<Process> {
+    let mut proxy = Process::new(
+        "meshlink-proxy",
+        PathBuf::from("ip"),
+        [
+            "netns",
+            "exec",
+            host.name(),
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ]
+        .into_iter()
+        .map(Into::into)
+        .chain([proxy_bin.as_os_str().to_owned()])
+        .collect(),
+        dir,
+    );
+    proxy.set_env(env);
+    proxy.start().context("starting meshlink-proxy")?;
+    Ok(proxy)
+}
+
+/// The test app ([`crate::app`]) in `host`'s namespace as root, serving `spec`'s ports.
+fn spawn_app(host: &Host, spec: &PodSpec, dir: &Path) -> Result<Process> {
+    let e2e = workspace_binary("e2e")?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "netns".into(),
+        "exec".into(),
+        host.name().into(),
+        e2e.into_os_string(),
+        "pod-app".into(),
+        format!("--name={}", spec.name).into(),
+        format!("--http=0.0.0.0:{}", spec.http_port).into(),
+    ];
+    if let Some(p) = spec.banner_port {
+        args.push(format!("--banner=0.0.0.0:{p}").into());
+    }
+    let mut app = Process::new("app", PathBuf::from("ip"), args, dir);
+    app.start().context("starting the app")?;
+    Ok(app)
 }
 
 /// `meshlink-proxy init` in `host`'s namespace with proxy-init's arguments; its output goes to

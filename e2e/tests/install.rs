@@ -15,7 +15,7 @@ use e2e::{
     Cluster, ClusterOptions,
     install::{
         anchors_of, documents, injector_endpoint, install, kubectl, pods_of, start_injector,
-        webhook_ca_bundle, write_file,
+        stored_versions, webhook_ca_bundle, write_file,
     },
     netns::Host,
     wait_for,
@@ -28,31 +28,10 @@ use kube::{
     Api,
     api::{DeleteParams, ObjectMeta, PostParams},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 const TRUST_DOMAIN: &str = "test.cluster.local";
-
-/// (kind, namespace, name) → resourceVersion of every object in `manifests`, as stored.
-fn stored_versions(cluster: &Cluster, manifests: &str) -> Result<BTreeMap<String, String>> {
-    let list: Value = serde_json::from_str(&kubectl(
-        cluster,
-        &["get", "-f", "-", "-o", "json"],
-        Some(manifests),
-    )?)?;
-    let mut versions = BTreeMap::new();
-    for item in list["items"]
-        .as_array()
-        .context("kubectl get -o json gives a List")?
-    {
-        let m = &item["metadata"];
-        versions.insert(
-            format!("{} {}/{}", item["kind"], m["namespace"], m["name"]),
-            m["resourceVersion"].as_str().unwrap_or_default().to_owned(),
-        );
-    }
-    Ok(versions)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_applied_twice_changes_nothing_and_uninstall_removes_it() -> Result<()> {
@@ -268,7 +247,7 @@ async fn the_injector_meshes_annotated_namespaces_and_never_blocks() -> Result<(
     let ip = net.host_address();
     let extra = [format!("--trust-domain={TRUST_DOMAIN}")];
     let mut injector = start_injector(&cluster, ip, &anchors, &extra, dir.path()).await?;
-    injector_endpoint(&cluster, "linkerd-proxy-injector-0", ip).await?;
+    injector_endpoint(&cluster, ip).await?;
     let logs = |i: &e2e::install::Injector| {
         format!(
             "injector:\n{}\nkube-apiserver:\n{}",

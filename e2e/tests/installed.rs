@@ -1,0 +1,242 @@
+//! The path `make demo` shows, as a test: two clusters installed with `meshlink install` and
+//! kubectl, linked with `meshlink link`, a Deployment injected by the webhook in `east` and one
+//! injected by `meshlink inject` in `west`, their Pods run from the specs the API server
+//! stored ([`e2e::kubelet`]), cluster DNS from CoreDNS, and an unmodified curl calling the
+//! mirror by name.
+//!
+//! Needs root, iproute2, iptables, curl and setpriv; without them the setup fails and says so.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use e2e::{
+    Cluster, ClusterOptions,
+    install::{Installed, kubectl, pods_of, start_installed_mirror, stored_versions},
+    mesh::{self, gateway_id},
+    meshlink::wait_remote_access_token,
+    pod::{MeshedPod, curl},
+    wait_for,
+};
+use k8s_openapi::api::core::v1::Endpoints;
+use kube::Api;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SHOP: &str = "shop";
+
+fn label(key: &str, value: &str) -> String {
+    format!("{key}=\"{value}\"")
+}
+
+/// `east`'s shop: the namespace asks for injection; `web` is exported.
+const WEB: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations:
+    linkerd.io/inject: enabled
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: web, namespace: shop }
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  labels: { mirror.linkerd.io/exported: "true" }
+spec:
+  selector: { app: web }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: web, namespace: shop }
+spec:
+  replicas: 1
+  selector: { matchLabels: { app: web } }
+  template:
+    metadata: { labels: { app: web } }
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: ghcr.io/example/web:1
+          ports: [{ containerPort: 8080 }]
+"#;
+
+/// `west`'s client, meshed by `meshlink inject` before it is applied.
+const CLIENT: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop }
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: client, namespace: shop }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: client, namespace: shop }
+spec:
+  replicas: 1
+  selector: { matchLabels: { app: client } }
+  template:
+    metadata: { labels: { app: client } }
+    spec:
+      serviceAccountName: client
+      containers:
+        - name: client
+          image: curlimages/curl:8
+          ports: [{ containerPort: 8080 }]
+"#;
+
+/// The name of the Pod the ReplicaSet controller made for Deployment `shop/<app>`.
+async fn pod_name(cluster: &Cluster, app: &str) -> Result<String> {
+    Ok(wait_for(&format!("a Pod of shop/{app}"), WAIT, || async {
+        pods_of(cluster, SHOP, app)
+            .await
+            .ok()?
+            .into_iter()
+            .next()?
+            .metadata
+            .name
+    })
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_linked_injected_and_called_by_name() -> Result<()> {
+    let options = |name: &str| {
+        let mut o = ClusterOptions::new(name);
+        o.workload_controllers = true;
+        o
+    };
+    let (east, west) = tokio::try_join!(
+        Cluster::start_with(options("east")),
+        Cluster::start_with(options("west"))
+    )?;
+    let dir = tempfile::tempdir()?;
+    mesh::make_pki(dir.path(), &["east", "west"])?;
+    let (east_cp, west_cp) = tokio::try_join!(
+        Installed::start(&east, dir.path(), true),
+        Installed::start(&west, dir.path(), false),
+    )?;
+
+    // The install output applied a second time writes nothing (what the cluster's controllers
+    // change after an apply has settled by now: every program above is running on it).
+    let before = stored_versions(&west, &west_cp.manifests)?;
+    kubectl(
+        &west,
+        &["apply", "--server-side", "-f", "-"],
+        Some(&west_cp.manifests),
+    )?;
+    let after = stored_versions(&west, &west_cp.manifests)?;
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    ensure!(changed.is_empty(), "the second apply wrote {changed:?}");
+
+    // The link, as a user makes it: run against east, applied in west.
+    wait_remote_access_token(&east).await?;
+    let link = mesh::cli(&[
+        "link",
+        "--cluster-name",
+        "east",
+        "--kubeconfig",
+        &east.kubeconfig_path().display().to_string(),
+    ])?;
+    kubectl(&west, &["apply", "--server-side", "-f", "-"], Some(&link))?;
+    let _mirror = start_installed_mirror(&west, west_cp.ip, dir.path()).await?;
+
+    // east: the webhook injects web's Pod; the harness runs it as the API server stored it.
+    kubectl(&east, &["apply", "--server-side", "-f", "-"], Some(WEB))?;
+    let web_pod = pod_name(&east, "web").await?;
+    let web = MeshedPod::run_stored(&east, SHOP, &web_pod)
+        .await
+        .with_context(|| east_cp.injector.program.log_tail())?;
+
+    // west: `meshlink inject` meshes the client before it is applied.
+    let anchors = west_cp.anchors_file.display().to_string();
+    let injected = {
+        let mut child = std::process::Command::new(e2e::meshlink::workspace_binary("meshlink")?)
+            .args([
+                "inject",
+                "--trust-anchors-file",
+                &anchors,
+                "--trust-domain",
+                &mesh::trust_domain("west"),
+                "-",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, CLIENT.as_bytes())?;
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)?
+    };
+    kubectl(
+        &west,
+        &["apply", "--server-side", "-f", "-"],
+        Some(&injected),
+    )?;
+    let client_pod = pod_name(&west, "client").await?;
+    let client = MeshedPod::run_stored(&west, SHOP, &client_pod).await?;
+    client.host().set_resolv_conf(west_cp.ip, SHOP)?;
+
+    wait_for("the mirror web-east with endpoints", WAIT, || async {
+        let ep = Api::<Endpoints>::namespaced(west.client(), SHOP)
+            .get_opt("web-east")
+            .await
+            .ok()??;
+        ep.subsets?.first()?.addresses.as_ref()?.first().map(drop)
+    })
+    .await?;
+
+    // An unmodified curl, by name: CoreDNS, west's proxy, east's gateway (mTLS), web's proxy.
+    let outbound = [
+        label("direction", "outbound"),
+        label("tls", "true"),
+        label("server_id", &gateway_id("east")),
+        label("status_code", "200"),
+    ];
+    let outbound = outbound.each_ref().map(String::as_str);
+    let inbound = [label("direction", "inbound"), label("status_code", "200")];
+    let inbound = inbound.each_ref().map(String::as_str);
+    let answer = curl(client.host(), &["http://web-east.shop.svc.cluster.local/"])
+        .await
+        .with_context(|| client.proxy_log_tail())?;
+    ensure!(answer.status == 200, "{answer:?}");
+    ensure!(
+        answer.field("name") == Some(web_pod.as_str()),
+        "east's web answers: {answer:?}"
+    );
+    wait_for("both proxies to count the call", WAIT, || async {
+        let out = client
+            .metrics()
+            .await
+            .ok()?
+            .sum("response_total", &outbound);
+        let inb = web.metrics().await.ok()?.sum("response_total", &inbound);
+        (out >= 1.0 && inb >= 1.0).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "client's proxy:\n{}\nweb's proxy:\n{}",
+            client.proxy_log_tail(),
+            web.proxy_log_tail()
+        )
+    })?;
+    Ok(())
+}
