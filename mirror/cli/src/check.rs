@@ -22,7 +22,8 @@ use kube::Client;
 use self::decide::{Facts, Outcome};
 use crate::Output;
 
-/// Flags of `meshlink check` (`-o table|json` is the global `-o`).
+/// Flags of `meshlink check`. The report's format is the global `-o`: `table` (also what the
+/// default, `yaml`, gives here) or `json`.
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// How long to retry the checks that wait for something to happen (a controller starting,
@@ -293,7 +294,8 @@ pub(crate) fn evaluate(checks: &'static [Check], facts: &Facts) -> Vec<CheckResu
         .collect()
 }
 
-/// How long between two rounds of a retried check.
+/// How long between two rounds of a retried check: each round re-reads Links, Leases and
+/// endpoints, so rounds are spaced, but closely enough that a short `--wait` still retries.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs the checks and writes the report to stdout; an error (exit code 1) when a fatal or
@@ -364,6 +366,26 @@ mod tests {
                 seen.push(c.category);
             }
         }
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Flags {
+        #[command(flatten)]
+        args: CheckArgs,
+    }
+
+    #[test]
+    fn wait_takes_go_and_human_durations() {
+        use clap::Parser as _;
+        let wait = |a: &[&str]| {
+            Flags::try_parse_from(std::iter::once("check").chain(a.iter().copied()))
+                .map(|f| f.args.wait)
+        };
+        assert_eq!(wait(&[]).unwrap(), Duration::from_secs(300));
+        assert_eq!(wait(&["--wait", "5m0s"]).unwrap(), Duration::from_secs(300));
+        assert_eq!(wait(&["--wait", "1m30s"]).unwrap(), Duration::from_secs(90));
+        assert_eq!(wait(&["--wait", "0s"]).unwrap(), Duration::ZERO);
+        assert!(wait(&["--wait", "soon"]).is_err());
     }
 
     fn pass(_: &Facts) -> Outcome {
