@@ -298,8 +298,10 @@ pub(crate) fn evaluate(checks: &'static [Check], facts: &Facts) -> Vec<CheckResu
 /// endpoints, so rounds are spaced, but closely enough that a short `--wait` still retries.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Runs the checks and writes the report to stdout; an error (exit code 1) when a fatal or
-/// error check failed.
+/// Runs the checks, retrying the failing retryable ones until `--wait` runs out. Returns the
+/// report for `main` to print; when a fatal or error check failed, prints the report itself
+/// (stdout stays the report, `-o json` included) and returns an error, so that `main` exits
+/// with 1.
 pub async fn run(args: &CheckArgs, client: Client, output: Output) -> anyhow::Result<String> {
     let deadline = tokio::time::Instant::now() + args.wait;
     let mut facts = gather::facts(&client).await;
