@@ -1,14 +1,13 @@
-//! `meshlink check` against two real clusters linked as users link them: `east` runs its
-//! identity service, destination service and gateway; `west` runs its identity and destination
-//! services and the service-mirror controller (as its manifest's ServiceAccount), linked to
-//! `east` with `meshlink link` output applied unchanged. The harness plays the kubelet: the
-//! control-plane Pods are marked Ready, and the gateway's Pod is marked not ready when its
-//! process is stopped.
+//! `meshlink check` against two real clusters linked as users link them: each runs its identity
+//! service, destination service and proxy injector; `east` runs the gateway; `west` runs the
+//! service-mirror controller (as its manifest's ServiceAccount), linked to `east` with `meshlink
+//! link` output applied unchanged. The harness plays the kubelet: the control-plane Pods are
+//! marked Ready, and the gateway's Pod is marked not ready when its process is stopped.
 //!
-//! The healthy pair passes every check but the proxy injector's (not written yet); then each
-//! fault is injected in turn, and the matching check must fail with its hint and exit code 1:
-//! the credentials Secret deleted, the gateway stopped, the anchors differing, a mirror without
-//! endpoints, the controller stopped. After each, the pair is repaired and must pass again.
+//! The healthy pair passes every check (exit code 0); then each fault is injected in turn, and
+//! the matching check must fail with its hint and exit code 1: the credentials Secret deleted,
+//! the gateway stopped, the anchors differing, a mirror without endpoints, the controller
+//! stopped, the injector stopped. After each, the pair is repaired and must pass again.
 //!
 //! Needs root and iproute2 (the gateway listens on a veth address: Endpoints refuse loopback).
 
@@ -19,10 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use base64::Engine as _;
 use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
-    mesh::{self, GatewaySettings, service_account_kubeconfig, start_gateway},
+    install::{Injector, injector_endpoint, start_injector},
+    mesh::{self, GatewaySettings, service_account_kubeconfig, start_gateway, trust_domain},
     meshlink::{
         Program, create_gateway_service, free_port, labels, link_condition, start_mirror,
         wait_remote_access_token, workspace_binary,
@@ -33,7 +32,6 @@ use e2e::{
 };
 use k8s_openapi::{
     api::{
-        admissionregistration::v1::MutatingWebhookConfiguration,
         coordination::v1::Lease,
         core::v1::{ConfigMap, Secret, Service},
     },
@@ -49,10 +47,6 @@ const NS: &str = "linkerd-multicluster";
 const WAIT: Duration = Duration::from_secs(60);
 /// The controller's Lease: short, so that a stopped controller shows within seconds.
 const LEASE_ARGS: [&str; 2] = ["--lease-duration=4s", "--lease-renew=1s"];
-/// The only check a healthy pair fails until meshlink-injector exists (issue 13, point 3).
-/// LEAD: once this test installs the injector, make this `&[]` and the two injector rows of
-/// WEST_HEALTHY and EAST_HEALTHY "success"; every other assertion follows from it.
-const INJECTOR_PENDING: &[&str] = &["injector-registered"];
 
 /// What every check says about a healthy `west` (the source cluster, linked to east; it has no
 /// gateway of its own).
@@ -61,9 +55,8 @@ const WEST_HEALTHY: &[(&str, &str)] = &[
     ("issuer-valid", "success"),
     ("issuer-not-expiring", "success"),
     ("destination-ready", "success"),
-    // LEAD: "success" for both once the injector is installed (see INJECTOR_PENDING).
-    ("injector-registered", "error"),
-    ("injector-reachable", "skipped"),
+    ("injector-registered", "success"),
+    ("injector-reachable", "success"),
     ("gateway-ready", "skipped"),
     ("link-crd-exists", "success"),
     ("links-valid", "success"),
@@ -84,9 +77,8 @@ const EAST_HEALTHY: &[(&str, &str)] = &[
     ("issuer-valid", "success"),
     ("issuer-not-expiring", "success"),
     ("destination-ready", "success"),
-    // LEAD: as above.
-    ("injector-registered", "error"),
-    ("injector-reachable", "skipped"),
+    ("injector-registered", "success"),
+    ("injector-reachable", "success"),
     ("gateway-ready", "success"),
     ("link-crd-exists", "success"),
     ("links-valid", "skipped"),
@@ -198,12 +190,9 @@ async fn check(cluster: &Cluster, wait: &str) -> Result<Report> {
     })
 }
 
-/// Waits until `cluster` is healthy again: only the injector's check fails.
+/// Waits until every check of `cluster` passes.
 async fn healthy(cluster: &Cluster) -> Result<Report> {
-    until(cluster, "to pass its checks", |r| {
-        r.failing() == INJECTOR_PENDING
-    })
-    .await
+    until(cluster, "to pass its checks", |r| r.failing().is_empty()).await
 }
 
 /// Runs `meshlink check --wait 0s` until its report satisfies `done`; on timeout the error
@@ -231,15 +220,6 @@ fn failed(r: &Report, id: &str) -> bool {
     r.get(id).is_ok_and(|c| c["result"] == "error")
 }
 
-/// What fails when only `ids` (multicluster checks, printed after the injector's) should.
-fn failing_with(ids: &[&str]) -> Vec<String> {
-    INJECTOR_PENDING
-        .iter()
-        .chain(ids)
-        .map(|s| (*s).to_owned())
-        .collect()
-}
-
 fn assert_results(report: &Report, want: &[(&str, &str)]) -> Result<()> {
     let want: BTreeMap<String, String> = want
         .iter()
@@ -265,6 +245,10 @@ struct Pair {
     gateway_program: Option<Program>,
     controller_kubeconfig: std::path::PathBuf,
     controller: Option<Program>,
+    /// west's injector, on its own veth address (the injector's port is fixed), and east's.
+    west_net: Host,
+    injector: Option<Injector>,
+    _east_injector: Injector,
     /// What `meshlink link` printed: the credentials Secret, the Link, the controller.
     link_yaml: String,
 }
@@ -314,6 +298,25 @@ subjects:
     );
     apply_yaml(&target.client(), &yaml).await?;
     Ok(())
+}
+
+/// Starts `meshlink-injector` for `cluster` at `ip`, as its manifest's ServiceAccount.
+async fn injector(cluster: &Cluster, ip: Ipv4Addr, dir: &std::path::Path) -> Result<Injector> {
+    let extra = [format!("--trust-domain={}", trust_domain(cluster.name()))];
+    start_injector(cluster, ip, &dir.join("anchor/ca.crt"), &extra, dir).await
+}
+
+/// Applies the injector's manifest to `cluster`, starts it at `ip` and gives its Service the
+/// ready Pod there.
+async fn install_injector(
+    cluster: &Cluster,
+    ip: Ipv4Addr,
+    dir: &std::path::Path,
+) -> Result<Injector> {
+    mesh::apply_manifest(cluster, "injector/injector.yaml").await?;
+    let running = injector(cluster, ip, dir).await?;
+    injector_endpoint(cluster, "linkerd-proxy-injector-0", ip).await?;
+    Ok(running)
 }
 
 impl Pair {
@@ -387,6 +390,11 @@ impl Pair {
             .context("applying `meshlink link` output")?;
         let controller_kubeconfig =
             service_account_kubeconfig(&west, NS, "meshlink-service-mirror", dir.path()).await?;
+
+        // Both: the proxy injector, last, so that no Pod above waited for a webhook.
+        let west_net = Host::create().context("a veth address for west's injector")?;
+        let east_injector = install_injector(&east, ip, dir.path()).await?;
+        let west_injector = install_injector(&west, west_net.host_address(), dir.path()).await?;
         let mut pair = Self {
             east,
             west,
@@ -398,6 +406,9 @@ impl Pair {
             gateway_program: Some(gateway_program),
             controller_kubeconfig,
             controller: None,
+            west_net,
+            injector: Some(west_injector),
+            _east_injector: east_injector,
             link_yaml,
         };
         pair.start_controller().await?;
@@ -429,6 +440,12 @@ impl Pair {
         Ok(pair)
     }
 
+    async fn start_injector(&mut self) -> Result<()> {
+        let ip = self.west_net.host_address();
+        self.injector = Some(injector(&self.west, ip, self.dir.path()).await?);
+        Ok(())
+    }
+
     async fn start_controller(&mut self) -> Result<()> {
         let mut args = vec![format!("--namespace={NS}")];
         args.extend(LEASE_ARGS.iter().map(|a| (*a).to_owned()));
@@ -439,9 +456,13 @@ impl Pair {
     fn logs(&self) -> String {
         let tail = |p: &Option<Program>| p.as_ref().map(Program::log_tail).unwrap_or_default();
         format!(
-            "--- controller log:\n{}\n--- gateway log:\n{}",
+            "--- controller log:\n{}\n--- gateway log:\n{}\n--- west's injector log:\n{}",
             tail(&self.controller),
-            tail(&self.gateway_program)
+            tail(&self.gateway_program),
+            self.injector
+                .as_ref()
+                .map(|i| i.program.log_tail())
+                .unwrap_or_default()
         )
     }
 }
@@ -456,33 +477,31 @@ async fn check_passes_a_healthy_pair_and_names_each_fault() -> Result<()> {
 async fn faults(pair: &mut Pair) -> Result<()> {
     let w = pair.west.client();
 
-    // Healthy: both clusters pass every check but the injector's.
+    // Healthy: both clusters pass every check, and say so with exit code 0.
     let west = healthy(&pair.west).await?;
     assert_results(&west, WEST_HEALTHY)?;
     let east = healthy(&pair.east).await?;
     assert_results(&east, EAST_HEALTHY)?;
-    if INJECTOR_PENDING.is_empty() {
-        ensure!(
-            west.code == Some(0) && east.code == Some(0),
-            "{:?} {:?}",
-            west.code,
-            east.code
-        );
-    } else {
-        // No injector: its check fails, error level, and says to install it.
-        west.assert_fails(
-            "injector-registered",
-            "MutatingWebhookConfiguration linkerd-proxy-injector-webhook-config does not exist",
-            "meshlink install",
-        )?;
-    }
+    ensure!(
+        west.code == Some(0) && east.code == Some(0) && west.json["success"] == true,
+        "exit codes {:?} {:?}",
+        west.code,
+        east.code
+    );
+    let (code, table, _) = run_check(&pair.west, "table", "0s").await?;
+    ensure!(
+        code == Some(0)
+            && table.contains("√ API server reaches the proxy injector\n")
+            && table.ends_with("Status check results are √\n"),
+        "{table}"
+    );
 
     credentials_deleted(pair, &w).await?;
     gateway_stopped(pair, &w).await?;
     anchors_differ(pair, &w).await?;
     mirror_without_endpoints(pair, &w).await?;
     controller_stopped(pair, &w).await?;
-    injector_unreachable(pair).await?;
+    injector_stopped(pair).await?;
     Ok(())
 }
 
@@ -556,7 +575,7 @@ async fn gateway_stopped(pair: &mut Pair, w: &Client) -> Result<()> {
     set_pod_ready(&pair.east.client(), NS, "linkerd-gateway-0", true).await?;
     let r = check(&pair.west, "60s").await?;
     ensure!(
-        r.failing() == INJECTOR_PENDING,
+        r.code == Some(0) && r.failing().is_empty(),
         "--wait did not wait for the gateway: {:#}",
         r.json
     );
@@ -628,7 +647,7 @@ async fn mirror_without_endpoints(pair: &mut Pair, w: &Client) -> Result<()> {
         "has ready pods",
     )?;
     ensure!(
-        r.failing() == failing_with(&["mirrors-have-endpoints"]),
+        r.failing() == ["mirrors-have-endpoints"],
         "only the mirror's check fails: {:#}",
         r.json
     );
@@ -689,48 +708,23 @@ async fn controller_stopped(pair: &mut Pair, w: &Client) -> Result<()> {
     for id in ["remotes-reachable", "gateways-alive"] {
         ensure!(r.get(id)?["result"] == "skipped", "{id}: {:#}", r.json);
     }
-    ensure!(
-        r.failing() == failing_with(&["controllers-running"]),
-        "{:#}",
-        r.json
-    );
+    ensure!(r.failing() == ["controllers-running"], "{:#}", r.json);
     pair.start_controller().await?;
     healthy(&pair.west).await?;
     Ok(())
 }
 
-/// The injector's webhook registered, but nothing answers at its address: with failurePolicy
-/// Ignore the API server creates the Pod un-injected, and only the dry run shows it.
-/// LEAD: with meshlink-injector installed, stop its process instead of registering this one.
-async fn injector_unreachable(pair: &mut Pair) -> Result<()> {
-    let webhooks = Api::<MutatingWebhookConfiguration>::all(pair.west.client());
-    let ca = base64::engine::general_purpose::STANDARD.encode(pair.west.ca_pem());
-    let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": { "name": "linkerd-proxy-injector-webhook-config" },
-        "webhooks": [{
-            "name": "linkerd-proxy-injector.linkerd.io",
-            "clientConfig": {
-                "url": format!("https://127.0.0.1:{}/", free_port()?),
-                "caBundle": ca,
-            },
-            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
-            "failurePolicy": "Ignore",
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 2,
-        }],
-    }))?;
-    webhooks.create(&PostParams::default(), &webhook).await?;
-    let r = check(&pair.west, "0s").await;
-    webhooks
-        .delete(
-            "linkerd-proxy-injector-webhook-config",
-            &DeleteParams::default(),
-        )
-        .await?;
-    let r = r?;
+/// The injector stopped: with failurePolicy Ignore the API server creates Pods un-injected and
+/// says nothing, so only the dry run shows it.
+async fn injector_stopped(pair: &mut Pair) -> Result<()> {
+    drop(pair.injector.take());
+    let r = until(&pair.west, "to see the injector gone", |r| {
+        failed(r, "injector-reachable")
+    })
+    .await?;
     ensure!(
-        r.get("injector-registered")?["result"] == "success",
+        r.get("injector-registered")?["result"] == "success"
+            && r.failing() == ["injector-reachable"],
         "{:#}",
         r.json
     );
@@ -739,6 +733,7 @@ async fn injector_unreachable(pair: &mut Pair) -> Result<()> {
         "a dry-run Pod annotated linkerd.io/inject: enabled came back without a linkerd-proxy container (containers: check)",
         "linkerd-proxy-injector has ready endpoints",
     )?;
+    pair.start_injector().await?;
     healthy(&pair.west).await?;
     Ok(())
 }
