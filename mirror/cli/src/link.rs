@@ -523,7 +523,7 @@ fn controller_docs(namespace: &str) -> Vec<Value> {
 /// Prints documents as YAML (`---` separated) or JSON (one per line).
 pub fn print(docs: &[Value], output: Output) -> String {
     match output {
-        Output::Yaml => docs
+        Output::Yaml | Output::Table => docs
             .iter()
             .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap_or_default()))
             .collect(),

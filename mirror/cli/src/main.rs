@@ -3,6 +3,7 @@
 //! `identity` makes the trust anchor and issuers; `inject` adds the proxy to manifests;
 //! `install` and `uninstall` print what installs meshlink in a cluster and what removes it.
 
+mod check;
 mod gateways;
 mod identity;
 mod inject;
@@ -43,6 +44,8 @@ struct Cli {
 pub enum Output {
     Yaml,
     Json,
+    /// For reports (`check`, `gateways`; the default there); documents print as YAML.
+    Table,
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,6 +73,9 @@ enum Command {
     /// Run against a cluster; prints what removes meshlink from it, for `kubectl delete -f -`
     /// (refused while any Link exists).
     Uninstall(install::UninstallArgs),
+    /// Run against any cluster; checks its identity, control plane, Links, controllers,
+    /// gateways and mirrors (`-o table` or `-o json`), exit code 1 when one fails.
+    Check(check::CheckArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -112,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Inject(args) => return inject::run(args, &mut std::io::stderr().lock()),
         Command::Install(args) => install::run(args, &mut std::io::stderr().lock())?,
         Command::Uninstall(args) => install::uninstall(args, connect(&cli).await?.0).await?,
+        Command::Check(args) => return check::run(args, connect(&cli).await?.0, cli.output).await,
     };
     Ok(link::print(&docs, cli.output))
 }
