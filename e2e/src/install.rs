@@ -101,6 +101,40 @@ pub fn stored_versions(
     Ok(versions)
 }
 
+/// `meshlink check -o json --wait <wait>` against `cluster`: its exit code and report.
+pub async fn check(cluster: &Cluster, wait: &str) -> Result<(Option<i32>, Value)> {
+    let out = tokio::process::Command::new(crate::meshlink::workspace_binary("meshlink")?)
+        .args(["check", "-o", "json", "--wait", wait, "--kubeconfig"])
+        .arg(cluster.kubeconfig_path())
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let report = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "meshlink check printed {:?}; stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((out.status.code(), report))
+}
+
+/// Check `id` of a `meshlink check -o json` report.
+pub fn check_result<'a>(report: &'a Value, id: &str) -> Result<&'a Value> {
+    checks_of(report)
+        .find(|c| c["id"] == id)
+        .with_context(|| format!("no check {id} in {report:#}"))
+}
+
+/// Every check of a `meshlink check -o json` report.
+pub fn checks_of(report: &Value) -> impl Iterator<Item = &Value> {
+    report["categories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["checks"].as_array().into_iter().flatten())
+}
+
 /// The documents of a YAML stream.
 pub fn documents(yaml: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
@@ -164,6 +198,25 @@ pub async fn start_injector(
 /// that the API server finds it as the endpoint of the injector's Service.
 pub async fn injector_endpoint(cluster: &Cluster, ip: Ipv4Addr) -> Result<()> {
     run_deployment_pod(cluster, "linkerd", INJECTOR_SERVICE_ACCOUNT, ip).await?;
+    Ok(())
+}
+
+/// A ready Pod `linkerd/<name>` at `ip` with the injector's labels, for a cluster that runs no
+/// workload controllers (so no Deployment makes the injector's own Pod).
+pub async fn injector_pod(cluster: &Cluster, name: &str, ip: Ipv4Addr) -> Result<()> {
+    let labels = std::collections::BTreeMap::from([(
+        "linkerd.io/control-plane-component".to_owned(),
+        "proxy-injector".to_owned(),
+    )]);
+    crate::create_ready_pod(
+        &cluster.client(),
+        "linkerd",
+        name,
+        &labels,
+        IpAddr::V4(ip),
+        &cluster.node_name(),
+    )
+    .await?;
     Ok(())
 }
 

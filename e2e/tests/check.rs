@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use e2e::{
     Cluster, apply_yaml, create_namespace, create_ready_pod,
-    install::{Injector, injector_endpoint, start_injector},
+    install::{Injector, injector_pod, start_injector},
     mesh::{self, GatewaySettings, service_account_kubeconfig, start_gateway, trust_domain},
     meshlink::{
         Program, create_gateway_service, free_port, labels, link_condition, start_mirror,
@@ -58,6 +58,7 @@ const WEST_HEALTHY: &[(&str, &str)] = &[
     ("injector-registered", "success"),
     ("injector-reachable", "success"),
     ("gateway-ready", "skipped"),
+    ("pods-meshed", "skipped"),
     ("link-crd-exists", "success"),
     ("links-valid", "success"),
     ("links-version", "success"),
@@ -80,6 +81,7 @@ const EAST_HEALTHY: &[(&str, &str)] = &[
     ("injector-registered", "success"),
     ("injector-reachable", "success"),
     ("gateway-ready", "success"),
+    ("pods-meshed", "skipped"),
     ("link-crd-exists", "success"),
     ("links-valid", "skipped"),
     ("links-version", "skipped"),
@@ -273,33 +275,6 @@ async fn destination_pod(cluster: &Cluster, octet: u8) -> Result<()> {
     Ok(())
 }
 
-/// The remote-access ServiceAccount of `target` may read its trust roots, as Linkerd's may read
-/// `linkerd-config` for the same check. manifests/mirror/remote-access.yaml does not grant it
-/// yet, so the test does.
-async fn grant_trust_roots_read(target: &Cluster) -> Result<()> {
-    let account = link_crd::keys::DEFAULT_REMOTE_ACCESS_SERVICE_ACCOUNT;
-    let yaml = format!(
-        "apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{ name: {account}-trust-roots, namespace: linkerd }}
-rules:
-  - apiGroups: [\"\"]
-    resources: [configmaps]
-    resourceNames: [linkerd-identity-trust-roots]
-    verbs: [get]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{ name: {account}-trust-roots, namespace: linkerd }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: {account}-trust-roots }}
-subjects:
-  - {{ kind: ServiceAccount, name: {account}, namespace: {NS} }}
-"
-    );
-    apply_yaml(&target.client(), &yaml).await?;
-    Ok(())
-}
-
 /// Starts `meshlink-injector` for `cluster` at `ip`, as its manifest's ServiceAccount.
 async fn injector(cluster: &Cluster, ip: Ipv4Addr, dir: &std::path::Path) -> Result<Injector> {
     let extra = [format!("--trust-domain={}", trust_domain(cluster.name()))];
@@ -315,7 +290,7 @@ async fn install_injector(
 ) -> Result<Injector> {
     mesh::apply_manifest(cluster, "injector/injector.yaml").await?;
     let running = injector(cluster, ip, dir).await?;
-    injector_endpoint(cluster, "linkerd-proxy-injector-0", ip).await?;
+    injector_pod(cluster, "linkerd-proxy-injector-0", ip).await?;
     Ok(running)
 }
 
@@ -371,7 +346,6 @@ impl Pair {
 
         // east: remote access for west.
         mesh::apply_manifest(&east, "mirror/remote-access.yaml").await?;
-        grant_trust_roots_read(&east).await?;
         wait_remote_access_token(&east).await?;
 
         // west: `meshlink link` against east, applied unchanged, and the controller.

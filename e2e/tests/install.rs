@@ -14,8 +14,8 @@ use anyhow::{Context, Result, ensure};
 use e2e::{
     Cluster, ClusterOptions,
     install::{
-        anchors_of, documents, injector_endpoint, install, kubectl, pods_of, start_injector,
-        stored_versions, webhook_ca_bundle, write_file,
+        anchors_of, check, check_result, documents, injector_endpoint, install, kubectl, pods_of,
+        start_injector, stored_versions, webhook_ca_bundle, write_file,
     },
     netns::Host,
     wait_for,
@@ -329,6 +329,28 @@ async fn the_injector_meshes_annotated_namespaces_and_never_blocks() -> Result<(
     assert!(
         fail_open_after > fail_open_before,
         "the API server's fail-open count moved: {fail_open_before} -> {fail_open_after}"
+    );
+    // And `meshlink check` names the Pod that should have the proxy, with what to do.
+    let (_, report) = check(&cluster, "0s").await?;
+    let pods = check_result(&report, "pods-meshed")?;
+    assert_eq!(pods["result"], "warning", "{pods:#}");
+    let error = pods["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "shop/{}",
+            late.metadata.name.clone().unwrap_or_default()
+        )) && error.contains("asks for the proxy"),
+        "{error}"
+    );
+    assert!(
+        pods["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rollout restart")
+    );
+    assert_eq!(
+        check_result(&report, "injector-reachable")?["result"],
+        "error"
     );
 
     // A new CA (its Secret deleted, the injector restarted): the bundle is replaced and the API

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use e2e::{
     Cluster, ClusterOptions,
-    install::{Installed, kubectl, pods_of, start_installed_mirror, stored_versions},
+    install::{
+        Installed, check, checks_of, kubectl, pods_of, start_installed_mirror, stored_versions,
+    },
     mesh::{self, gateway_id},
     meshlink::wait_remote_access_token,
     pod::{MeshedPod, curl},
@@ -238,5 +240,20 @@ async fn installed_linked_injected_and_called_by_name() -> Result<()> {
             web.proxy_log_tail()
         )
     })?;
+
+    // `meshlink check` on both: every check passes or does not apply (east has no Links,
+    // west no gateway), and the command says so with exit code 0.
+    for cluster in [&east, &west] {
+        let (code, report) = check(cluster, "30s").await?;
+        let failing: Vec<String> = checks_of(&report)
+            .filter(|c| c["result"] != "success" && c["result"] != "skipped")
+            .map(|c| format!("{}: {}", c["id"], c["error"]))
+            .collect();
+        ensure!(
+            code == Some(0) && failing.is_empty(),
+            "meshlink check on {} exited {code:?}: {failing:#?}",
+            cluster.name()
+        );
+    }
     Ok(())
 }

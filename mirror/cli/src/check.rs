@@ -159,6 +159,15 @@ pub(crate) const CHECKS: &[Check] = &[
         decide: |f| decide::gateway_ready(&f.gateway),
     },
     Check {
+        id: "pods-meshed",
+        category: Category::ControlPlane,
+        description: "pods that ask for the proxy have it",
+        severity: Severity::Warning,
+        hint: "these Pods were created while the API server could not reach the proxy injector (failurePolicy Ignore let them start without the proxy); once `API server reaches the proxy injector` passes, restart them, e.g. `kubectl rollout restart deployment -n <namespace> <name>`",
+        retry: false,
+        decide: |f| decide::pods_meshed(&f.pods),
+    },
+    Check {
         id: "link-crd-exists",
         category: Category::Multicluster,
         description: "Link CRD exists",

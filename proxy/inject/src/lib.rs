@@ -29,7 +29,7 @@ pub use crate::{
     overrides::{INBOUND_POLICIES, quantity},
     pod::{
         IDENTITY_TOKEN_AUDIENCE, INIT_CONTAINER_NAME, Origin, Outcome, PROXY_CONTAINER_NAME,
-        PodContext, SkipReason, inject_pod_spec,
+        PodContext, SkipReason, inject_pod_spec, why_not,
     },
 };
 

@@ -136,14 +136,11 @@ pub fn inject_pod_spec(
     {
         return Ok(Outcome::AlreadyInjected);
     }
-    let empty = BTreeMap::new();
-    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
-    if let Some(reason) = skip_reason(ctx.origin, annotations, ctx.namespace_annotations) {
+    if let Some(reason) = why_not(ctx, meta, spec) {
         return Ok(Outcome::Skipped(reason));
     }
-    if spec.host_network == Some(true) {
-        return Ok(Outcome::Skipped(SkipReason::HostNetwork));
-    }
+    let empty = BTreeMap::new();
+    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
     config.check()?;
     let settings = overrides::resolve(
         annotations,
@@ -187,6 +184,18 @@ pub fn inject_pod_spec(
         labels.insert(label.to_owned(), name.to_owned());
     }
     Ok(Outcome::Injected)
+}
+
+/// Why [`inject_pod_spec`] would leave a pod without the proxy, by its annotations, its
+/// namespace's and its network alone (`None`: it asks for the proxy); what `meshlink check`
+/// uses to find Pods that were created while the webhook was unreachable.
+pub fn why_not(ctx: &PodContext<'_>, meta: &ObjectMeta, spec: &PodSpec) -> Option<SkipReason> {
+    let empty = BTreeMap::new();
+    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    if let Some(reason) = skip_reason(ctx.origin, annotations, ctx.namespace_annotations) {
+        return Some(reason);
+    }
+    (spec.host_network == Some(true)).then_some(SkipReason::HostNetwork)
 }
 
 /// Linkerd's rules for `linkerd.io/inject` (`disabledByAnnotation` in its `pkg/inject`).

@@ -151,6 +151,16 @@ pub(crate) struct Facts {
     /// Per namespace of Links: the controller's Leases there.
     pub leases: BTreeMap<String, Fetched<Vec<LeaseFact>>>,
     pub mirrors: Fetched<Vec<Mirror>>,
+    /// Every Pod, with its namespace's labels and annotations.
+    pub pods: Fetched<Vec<PodFact>>,
+}
+
+/// A Pod and its namespace's metadata, for the check that Pods asking for the proxy have it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PodFact {
+    pub pod: k8s_openapi::api::core::v1::Pod,
+    pub namespace_labels: BTreeMap<String, String>,
+    pub namespace_annotations: BTreeMap<String, String>,
 }
 
 #[cfg(test)]
@@ -170,6 +180,7 @@ impl Facts {
             rbac: BTreeMap::new(),
             leases: BTreeMap::new(),
             mirrors: Ok(Vec::new()),
+            pods: Ok(Vec::new()),
         }
     }
 }
@@ -1041,6 +1052,71 @@ pub(crate) fn mirrors_part_of_link(
         })
         .collect();
     combine(items, "no mirror Services")
+}
+
+/// Namespaces the injector's webhook is never called for (its `namespaceSelector`, in
+/// manifests/injector/injector.yaml).
+fn outside_webhook(labels: &BTreeMap<String, String>, namespace: &str) -> bool {
+    labels
+        .get("config.linkerd.io/admission-webhooks")
+        .map(String::as_str)
+        == Some("disabled")
+        || matches!(namespace, "kube-system" | "cert-manager")
+}
+
+/// Every running Pod that asks for the proxy (by `proxy_inject`'s own rules, as the webhook
+/// applies them) has it. One without was created while the webhook was unreachable: its
+/// `failurePolicy: Ignore` let it start unmeshed, and only a restart meshes it.
+pub(crate) fn pods_meshed(pods: &Fetched<Vec<PodFact>>) -> Outcome {
+    let list = match pods {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot list Pods: {e}")),
+    };
+    let mut meshed = 0;
+    let mut bad = Vec::new();
+    for fact in list {
+        let (meta, Some(spec)) = (&fact.pod.metadata, fact.pod.spec.as_ref()) else {
+            continue;
+        };
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let finished = matches!(
+            fact.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if finished || outside_webhook(&fact.namespace_labels, &namespace) {
+            continue;
+        }
+        if spec.containers.iter().any(|c| c.name == PROXY_CONTAINER) {
+            meshed += 1;
+            continue;
+        }
+        let ctx = proxy_inject::PodContext {
+            origin: proxy_inject::Origin::Webhook,
+            owner: None,
+            namespace: Some(&namespace),
+            namespace_annotations: &fact.namespace_annotations,
+        };
+        if proxy_inject::why_not(&ctx, meta, spec).is_none() {
+            let name = meta.name.clone().unwrap_or_default();
+            let owner = meta
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| format!(" (of {} {})", o.kind, o.name))
+                .unwrap_or_default();
+            bad.push(format!(
+                "* {namespace}/{name}{owner} asks for the proxy but runs without it"
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        return Outcome::Fail(bad);
+    }
+    if meshed == 0 {
+        return Outcome::Skip("no Pod asks for the proxy".to_owned());
+    }
+    pass(format!("* {meshed} meshed Pods"))
 }
 
 #[cfg(test)]

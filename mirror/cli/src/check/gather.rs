@@ -14,7 +14,7 @@ use k8s_openapi::{
         apps::v1::Deployment,
         authorization::v1::{SelfSubjectAccessReview, SubjectAccessReview},
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Pod, Secret, Service},
+        core::v1::{ConfigMap, Namespace, Pod, Secret, Service},
         discovery::v1::EndpointSlice,
     },
     jiff::Timestamp,
@@ -29,8 +29,8 @@ use serde_json::json;
 use super::decide::{
     self, AccountAccess, ApiFailure, Facts, Fetched, INJECTOR_WEBHOOK, ISSUER_CERT_KEY,
     ISSUER_SECRET, Issuer, LINK_LEASE_PREFIX, LINKERD_NAMESPACE, LeaseFact, LinkKey, Mirror,
-    RawLink, Readiness, Remote, SHARED_LEASE, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY, TrustRoots,
-    Webhook,
+    PodFact, RawLink, Readiness, Remote, SHARED_LEASE, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
+    TrustRoots, Webhook,
 };
 
 /// How long one API call may take (Linkerd's check `--timeout` default).
@@ -112,6 +112,7 @@ pub(crate) async fn facts(client: &Client) -> Facts {
         rbac: BTreeMap::new(),
         leases: BTreeMap::new(),
         mirrors: Ok(Vec::new()),
+        pods: pods(client).await,
     };
     refresh(client, &mut facts).await;
     let mut reviewed: BTreeMap<String, AccountAccess> = BTreeMap::new();
@@ -501,4 +502,36 @@ async fn mirrors(client: &Client) -> Fetched<Vec<Mirror>> {
         });
     }
     Ok(out)
+}
+
+/// Every Pod, with its namespace's labels and annotations.
+async fn pods(client: &Client) -> Fetched<Vec<PodFact>> {
+    let namespaces: BTreeMap<String, Namespace> =
+        call(Api::<Namespace>::all(client.clone()).list(&ListParams::default()))
+            .await?
+            .items
+            .into_iter()
+            .map(|ns| (ns.name_any(), ns))
+            .collect();
+    let pods = call(Api::<Pod>::all(client.clone()).list(&ListParams::default())).await?;
+    Ok(pods
+        .items
+        .into_iter()
+        .map(|pod| {
+            let ns = pod
+                .metadata
+                .namespace
+                .as_ref()
+                .and_then(|n| namespaces.get(n));
+            PodFact {
+                namespace_labels: ns
+                    .and_then(|n| n.metadata.labels.clone())
+                    .unwrap_or_default(),
+                namespace_annotations: ns
+                    .and_then(|n| n.metadata.annotations.clone())
+                    .unwrap_or_default(),
+                pod,
+            }
+        })
+        .collect())
 }

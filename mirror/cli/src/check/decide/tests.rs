@@ -966,3 +966,102 @@ fn mirrors() {
         ),
     ]);
 }
+
+fn pod_fact(
+    namespace: &str,
+    name: &str,
+    pod: serde_json::Value,
+    ns_labels: &[(&str, &str)],
+    ns_annotations: &[(&str, &str)],
+) -> PodFact {
+    let mut pod = pod;
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["namespace"] = json!(namespace);
+    let map = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    PodFact {
+        pod: serde_json::from_value(pod).unwrap(),
+        namespace_labels: map(ns_labels),
+        namespace_annotations: map(ns_annotations),
+    }
+}
+
+#[test]
+fn pods_asking_for_the_proxy() {
+    let enabled = [("linkerd.io/inject", "enabled")];
+    let app = json!({ "spec": { "containers": [{ "name": "app" }] } });
+    let meshed =
+        json!({ "spec": { "containers": [{ "name": "linkerd-proxy" }, { "name": "app" }] } });
+    let asks = json!({
+        "metadata": {
+            "annotations": { "linkerd.io/inject": "enabled" },
+            "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-7f", "uid": "1", "controller": true }],
+        },
+        "spec": { "containers": [{ "name": "app" }] },
+    });
+    let done = json!({ "spec": { "containers": [{ "name": "app" }] }, "status": { "phase": "Succeeded" } });
+    let host = json!({ "spec": { "hostNetwork": true, "containers": [{ "name": "app" }] } });
+    let disabled = json!({
+        "metadata": { "annotations": { "linkerd.io/inject": "disabled" } },
+        "spec": { "containers": [{ "name": "app" }] },
+    });
+    let webhooks_off = [("config.linkerd.io/admission-webhooks", "disabled")];
+    assert_table(vec![
+        (
+            "nothing asks",
+            pods_meshed(&Ok(vec![pod_fact("a", "x", app.clone(), &[], &[])])),
+            "skip",
+            "no Pod asks",
+        ),
+        (
+            "meshed in an enabled namespace",
+            pods_meshed(&Ok(vec![pod_fact(
+                "shop",
+                "web",
+                meshed.clone(),
+                &[],
+                &enabled,
+            )])),
+            "pass",
+            "1 meshed Pods",
+        ),
+        (
+            "created while the webhook was down (namespace enabled)",
+            pods_meshed(&Ok(vec![
+                pod_fact("shop", "web", meshed.clone(), &[], &enabled),
+                pod_fact("shop", "late", app.clone(), &[], &enabled),
+            ])),
+            "fail",
+            "* shop/late asks for the proxy but runs without it",
+        ),
+        (
+            "created while the webhook was down (template enabled), with its owner",
+            pods_meshed(&Ok(vec![pod_fact("plain", "api-7f-x", asks, &[], &[])])),
+            "fail",
+            "* plain/api-7f-x (of ReplicaSet api-7f) asks for the proxy",
+        ),
+        (
+            "finished, host network, disabled, or outside the webhook's namespaces",
+            pods_meshed(&Ok(vec![
+                pod_fact("shop", "job", done, &[], &enabled),
+                pod_fact("shop", "node-agent", host, &[], &enabled),
+                pod_fact("shop", "opted-out", disabled, &[], &enabled),
+                pod_fact("linkerd", "identity", app.clone(), &webhooks_off, &enabled),
+                pod_fact("kube-system", "dns", app, &[], &enabled),
+                pod_fact("shop", "web", meshed, &[], &enabled),
+            ])),
+            "pass",
+            "1 meshed Pods",
+        ),
+        (
+            "cannot list",
+            pods_meshed(&Err(forbidden())),
+            "fail",
+            "cannot list Pods",
+        ),
+    ]);
+}
