@@ -228,12 +228,14 @@ async fn run_demo(dir: &Path, out: &mut impl Write) -> Result<()> {
     let clusters = futures::future::try_join_all(names.iter().map(|name| {
         let mut opts = ClusterOptions::new(name);
         opts.fixed_dir = Some(dir.join(name));
+        // Deployments make their Pods, which the injector meshes and the demo then runs.
+        opts.workload_controllers = true;
         Cluster::start_with(opts)
     }))
     .await?;
     let kubectl = Binaries::locate()?.kubectl();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let result = demo::run(&repo, &clusters[0], &clusters[1], &kubectl, out).await;
+    let result = demo::run(&repo, &clusters[0], &clusters[1], out).await;
     let mut kubeconfigs = Vec::new();
     for cluster in clusters {
         kubeconfigs.push(cluster.kubeconfig_path().to_owned());
@@ -243,7 +245,7 @@ async fn run_demo(dir: &Path, out: &mut impl Write) -> Result<()> {
     let joined = std::env::join_paths(&kubeconfigs)?;
     writeln!(
         out,
-        "\nThe controller has stopped; the clusters and the mirror stay. Look around with:"
+        "\nmeshlink's programs have stopped; the clusters and what was applied to them stay. Look around with:"
     )?;
     writeln!(
         out,
@@ -251,7 +253,17 @@ async fn run_demo(dir: &Path, out: &mut impl Write) -> Result<()> {
         joined.to_string_lossy(),
         kubectl.parent().unwrap_or(dir).display()
     )?;
-    writeln!(out, "  kubectl --context west -n shop get svc,endpoints")?;
-    writeln!(out, "Stop them with `make clusters-down`.")?;
+    writeln!(
+        out,
+        "  kubectl --context west -n shop get svc,endpoints,pods"
+    )?;
+    writeln!(
+        out,
+        "  kubectl --context east -n shop get pod -o yaml   # the proxy the injector added"
+    )?;
+    writeln!(
+        out,
+        "Tear it all down with `make clusters-down` (or `meshlink uninstall --context <c> | kubectl delete -f -` after `meshlink unlink`)."
+    )?;
     Ok(())
 }

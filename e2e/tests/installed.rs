@@ -30,69 +30,9 @@ fn label(key: &str, value: &str) -> String {
 }
 
 /// `east`'s shop: the namespace asks for injection; `web` is exported.
-const WEB: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: shop
-  annotations:
-    linkerd.io/inject: enabled
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: { name: web, namespace: shop }
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: shop
-  labels: { mirror.linkerd.io/exported: "true" }
-spec:
-  selector: { app: web }
-  ports: [{ name: http, port: 80, targetPort: 8080 }]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: { name: web, namespace: shop }
-spec:
-  replicas: 1
-  selector: { matchLabels: { app: web } }
-  template:
-    metadata: { labels: { app: web } }
-    spec:
-      serviceAccountName: web
-      containers:
-        - name: web
-          image: ghcr.io/example/web:1
-          ports: [{ containerPort: 8080 }]
-"#;
-
+const WEB: &str = include_str!("../../manifests/examples/shop-web.yaml");
 /// `west`'s client, meshed by `meshlink inject` before it is applied.
-const CLIENT: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: { name: shop }
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: { name: client, namespace: shop }
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: { name: client, namespace: shop }
-spec:
-  replicas: 1
-  selector: { matchLabels: { app: client } }
-  template:
-    metadata: { labels: { app: client } }
-    spec:
-      serviceAccountName: client
-      containers:
-        - name: client
-          image: curlimages/curl:8
-          ports: [{ containerPort: 8080 }]
-"#;
+const CLIENT: &str = include_str!("../../manifests/examples/shop-client.yaml");
 
 /// The name of the Pod the ReplicaSet controller made for Deployment `shop/<app>`.
 async fn pod_name(cluster: &Cluster, app: &str) -> Result<String> {
