@@ -15,19 +15,19 @@
 //! Nothing leaves this machine. At the end the programs stop; the clusters stay for you to look
 //! at.
 
-use std::{io::Write, path::Path, process::Stdio, time::Duration};
+use std::{io::Write, path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::{Endpoints, Pod};
-use kube::Api;
+use k8s_openapi::api::core::v1::Pod;
 
 use e2e::{
     Cluster,
     install::{
-        Installed, check, checks_of, kubectl, pods_of, start_installed_mirror, stored_versions,
+        Installed, check, checks_of, kubectl, meshlink_piped, pods_of, start_installed_mirror,
+        stored_versions, wait_mirror_endpoints,
     },
     mesh,
-    meshlink::{wait_remote_access_token, workspace_binary},
+    meshlink::wait_remote_access_token,
     netns::Forwarding,
     pod::{MeshedPod, exec_in},
     wait_for,
@@ -62,27 +62,9 @@ fn kubectl_shown(
 
 /// `meshlink <args>`, with `stdin`: its standard output (its notes go to `out`).
 fn meshlink(args: &[&str], stdin: Option<&str>, out: &mut impl Write) -> Result<String> {
-    let mut child = std::process::Command::new(workspace_binary("meshlink")?)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    out.write_all(&output.stderr)?;
-    ensure!(
-        output.status.success(),
-        "meshlink {} failed",
-        args.join(" ")
-    );
-    Ok(String::from_utf8(output.stdout)?)
+    let (stdout, notes) = meshlink_piped(args, stdin)?;
+    out.write_all(notes.as_bytes())?;
+    Ok(stdout)
 }
 
 /// The one Pod of Deployment `shop/<app>`, once the ReplicaSet controller made it.
@@ -301,18 +283,7 @@ pub async fn run(repo: &Path, east: &Cluster, west: &Cluster, out: &mut impl Wri
         }
     }
 
-    wait_for(
-        "the mirror web-east with endpoints at east's gateway",
-        WAIT,
-        || async {
-            let ep = Api::<Endpoints>::namespaced(west.client(), SHOP)
-                .get_opt("web-east")
-                .await
-                .ok()??;
-            ep.subsets?.first()?.addresses.as_ref()?.first().map(drop)
-        },
-    )
-    .await?;
+    wait_mirror_endpoints(west, SHOP, "web-east").await?;
     kubectl_shown(west, &["get", "links", "-A"], None, "", out)?;
     kubectl_shown(
         west,

@@ -7,7 +7,7 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Output, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +22,7 @@ use crate::{
     destination::start_destination,
     kubelet::run_deployment_pod,
     mesh::{self, GatewaySettings, cli, service_account_kubeconfig, start_identity, trust_domain},
-    meshlink::{Program, free_port, start_mirror},
+    meshlink::{Program, free_port, start_mirror, workspace_binary},
     netns::Host,
 };
 
@@ -32,14 +32,10 @@ pub const WEBHOOK_CONFIGURATION: &str = "linkerd-proxy-injector-webhook-config";
 /// The port the injector's Service sends to (its `targetPort`).
 pub const INJECTOR_PORT: u16 = 8443;
 
-/// `kubectl --kubeconfig <cluster's> <args>`, with `stdin` as its standard input; its output,
-/// or an error with its stderr.
-pub fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut child = std::process::Command::new(Binaries::locate()?.kubectl())
-        .arg(format!(
-            "--kubeconfig={}",
-            cluster.kubeconfig_path().display()
-        ))
+/// Runs `program` with `args` and `stdin` as its standard input (none: /dev/null), and
+/// returns what it printed.
+pub fn run_piped(program: &Path, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+    let mut child = std::process::Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -49,11 +45,21 @@ pub fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running kubectl")?;
+        .with_context(|| format!("running {}", program.display()))?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes())?;
     }
-    let out = child.wait_with_output()?;
+    Ok(child.wait_with_output()?)
+}
+
+/// `kubectl --kubeconfig <cluster's> <args>`, with `stdin` as its standard input; its output,
+/// or an error with its stderr.
+pub fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let kubeconfig = format!("--kubeconfig={}", cluster.kubeconfig_path().display());
+    let all: Vec<&str> = std::iter::once(kubeconfig.as_str())
+        .chain(args.iter().copied())
+        .collect();
+    let out = run_piped(&Binaries::locate()?.kubectl(), &all, stdin)?;
     if !out.status.success() {
         bail!(
             "kubectl {}: {}",
@@ -62,6 +68,37 @@ pub fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> Result<
         );
     }
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `meshlink <args>` with `stdin`; what it printed on stdout and stderr, or an error with its
+/// stderr.
+pub fn meshlink_piped(args: &[&str], stdin: Option<&str>) -> Result<(String, String)> {
+    let out = run_piped(&workspace_binary("meshlink")?, args, stdin)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        bail!("meshlink {}: {stderr}", args.join(" "));
+    }
+    Ok((String::from_utf8(out.stdout)?, stderr))
+}
+
+/// Waits until mirror `namespace/name` has an endpoint (at the gateway of its cluster).
+pub async fn wait_mirror_endpoints(cluster: &Cluster, namespace: &str, name: &str) -> Result<()> {
+    crate::wait_for(
+        &format!("the mirror {namespace}/{name} with endpoints"),
+        std::time::Duration::from_secs(60),
+        || async {
+            let ep = Api::<k8s_openapi::api::core::v1::Endpoints>::namespaced(
+                cluster.client(),
+                namespace,
+            )
+            .get_opt(name)
+            .await
+            .ok()??;
+            ep.subsets?.first()?.addresses.as_ref()?.first().map(drop)
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// `meshlink install <args>` for `cluster`, applied with `kubectl apply --server-side`;

@@ -286,6 +286,36 @@ pub async fn make_volumes(
     Ok(made)
 }
 
+/// What a kubelet reports for a started Pod: Running at `ip`, Ready or not yet.
+pub async fn mark_running(
+    pods: &Api<Pod>,
+    name: &str,
+    ip: std::net::Ipv4Addr,
+    ready: bool,
+) -> Result<()> {
+    let ready = if ready { "True" } else { "False" };
+    let status = serde_json::json!({ "status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{ "ip": ip.to_string() }],
+        "hostIP": "127.0.0.1",
+        "conditions": [
+            { "type": "PodScheduled", "status": "True" },
+            { "type": "Initialized", "status": "True" },
+            { "type": "ContainersReady", "status": ready },
+            { "type": "Ready", "status": ready },
+        ],
+    } });
+    pods.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .with_context(|| format!("marking Pod {name} Running"))?;
+    Ok(())
+}
+
 /// What the scheduler does: binds Pod `name` of `pods` to `node`.
 pub async fn bind(pods: &Api<Pod>, name: &str, node: &str) -> Result<()> {
     let binding = serde_json::json!({
@@ -315,7 +345,6 @@ pub async fn run_deployment_pod(
     ip: std::net::Ipv4Addr,
 ) -> Result<String> {
     use k8s_openapi::api::apps::v1::Deployment;
-    use kube::api::{Patch, PatchParams};
 
     let client = cluster.client();
     let selector = Api::<Deployment>::namespaced(client.clone(), namespace)
@@ -351,20 +380,7 @@ pub async fn run_deployment_pod(
     {
         bind(&pods, &name, &cluster.node_name()).await?;
     }
-    let status = serde_json::json!({ "status": {
-        "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{ "ip": ip.to_string() }],
-        "hostIP": "127.0.0.1",
-        "conditions": [
-            { "type": "PodScheduled", "status": "True" },
-            { "type": "Initialized", "status": "True" },
-            { "type": "ContainersReady", "status": "True" },
-            { "type": "Ready", "status": "True" },
-        ],
-    } });
-    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
+    mark_running(&pods, &name, ip, true).await?;
     Ok(name)
 }
 

@@ -236,7 +236,7 @@ impl MeshedPod {
         let env = proxy_env(&spec, cp, &host, &id, &token, &identity_dir);
         let proxy = spawn_proxy(&host, &proxy_bin, PROXY_UID, env, dir.path())?;
         let app = spawn_app(&host, &spec, dir.path())?;
-        let mut this = Self {
+        let this = Self {
             spec,
             id,
             client,
@@ -246,9 +246,7 @@ impl MeshedPod {
             _forwarding: forwarding,
             dir,
         };
-        this.wait_started().await?;
-        this.set_ready(true).await?;
-        Ok(this)
+        this.started().await
     }
 
     /// Runs Pod `namespace/name` as the API server stored it, injected by the webhook or by
@@ -283,20 +281,7 @@ impl MeshedPod {
         if spec.node_name.is_none() {
             kubelet::bind(&pods, name, &cluster.node_name()).await?;
         }
-        let status = json!({ "status": {
-            "phase": "Running",
-            "podIP": host.address().to_string(),
-            "podIPs": [{ "ip": host.address().to_string() }],
-            "hostIP": "127.0.0.1",
-            "conditions": [
-                { "type": "PodScheduled", "status": "True" },
-                { "type": "Initialized", "status": "True" },
-                { "type": "ContainersReady", "status": "False" },
-                { "type": "Ready", "status": "False" },
-            ],
-        } });
-        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await?;
+        kubelet::mark_running(&pods, name, host.address(), false).await?;
         let stored = pods.get(name).await?;
 
         let dir = tempfile::tempdir()?;
@@ -373,7 +358,7 @@ impl MeshedPod {
         pod_spec.annotations = stored.metadata.annotations.clone().unwrap_or_default();
         pod_spec.http_port = app_port;
         let app = spawn_app(&host, &pod_spec, dir.path())?;
-        let mut this = Self {
+        let this = Self {
             spec: pod_spec,
             id,
             client,
@@ -383,9 +368,14 @@ impl MeshedPod {
             _forwarding: forwarding,
             dir,
         };
-        this.wait_started().await?;
-        this.set_ready(true).await?;
-        Ok(this)
+        this.started().await
+    }
+
+    /// Once its proxy and app are up, the Pod is Ready, as a kubelet's probes would say.
+    async fn started(mut self) -> Result<Self> {
+        self.wait_started().await?;
+        self.set_ready(true).await?;
+        Ok(self)
     }
 
     /// Waits for the app's `listening` line and the proxy's `/ready`, failing early with the
@@ -880,22 +870,7 @@ async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr, node: &
     pods.create(&PostParams::default(), &pod)
         .await
         .with_context(|| format!("creating Pod {}/{}", spec.namespace, spec.name))?;
-    let status = json!({
-        "status": {
-            "phase": "Running",
-            "podIP": ip.to_string(),
-            "podIPs": [{ "ip": ip.to_string() }],
-            "hostIP": "127.0.0.1",
-            "conditions": [
-                { "type": "PodScheduled", "status": "True" },
-                { "type": "Initialized", "status": "True" },
-                { "type": "ContainersReady", "status": "False" },
-                { "type": "Ready", "status": "False" },
-            ],
-        }
-    });
-    pods.patch_status(&spec.name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
+    kubelet::mark_running(&pods, &spec.name, ip, false).await?;
     Ok(())
 }
 

@@ -12,15 +12,14 @@ use anyhow::{Context, Result, ensure};
 use e2e::{
     Cluster, ClusterOptions,
     install::{
-        Installed, check, checks_of, kubectl, pods_of, start_installed_mirror, stored_versions,
+        Installed, check, checks_of, kubectl, meshlink_piped, pods_of, start_installed_mirror,
+        stored_versions, wait_mirror_endpoints,
     },
     mesh::{self, gateway_id},
     meshlink::wait_remote_access_token,
     pod::{MeshedPod, curl},
     wait_for,
 };
-use k8s_openapi::api::core::v1::Endpoints;
-use kube::Api;
 
 const WAIT: Duration = Duration::from_secs(60);
 const SHOP: &str = "shop";
@@ -103,30 +102,17 @@ async fn installed_linked_injected_and_called_by_name() -> Result<()> {
 
     // west: `meshlink inject` meshes the client before it is applied.
     let anchors = west_cp.anchors_file.display().to_string();
-    let injected = {
-        let mut child = std::process::Command::new(e2e::meshlink::workspace_binary("meshlink")?)
-            .args([
-                "inject",
-                "--trust-anchors-file",
-                &anchors,
-                "--trust-domain",
-                &mesh::trust_domain("west"),
-                "-",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, CLIENT.as_bytes())?;
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)?
-    };
+    let (injected, _) = meshlink_piped(
+        &[
+            "inject",
+            "--trust-anchors-file",
+            &anchors,
+            "--trust-domain",
+            &mesh::trust_domain("west"),
+            "-",
+        ],
+        Some(CLIENT),
+    )?;
     kubectl(
         &west,
         &["apply", "--server-side", "-f", "-"],
@@ -136,14 +122,7 @@ async fn installed_linked_injected_and_called_by_name() -> Result<()> {
     let client = MeshedPod::run_stored(&west, SHOP, &client_pod).await?;
     client.host().set_resolv_conf(west_cp.ip, SHOP)?;
 
-    wait_for("the mirror web-east with endpoints", WAIT, || async {
-        let ep = Api::<Endpoints>::namespaced(west.client(), SHOP)
-            .get_opt("web-east")
-            .await
-            .ok()??;
-        ep.subsets?.first()?.addresses.as_ref()?.first().map(drop)
-    })
-    .await?;
+    wait_mirror_endpoints(&west, SHOP, "web-east").await?;
 
     // An unmodified curl, by name: CoreDNS, west's proxy, east's gateway (mTLS), web's proxy.
     let outbound = [
