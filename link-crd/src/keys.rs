@@ -84,6 +84,26 @@ pub const EXTENSION_LABEL: &str = "linkerd.io/extension";
 pub const EXTENSION_VALUE: &str = "multicluster";
 /// Annotation naming the tool that produced an object (`linkerd/cli <version>` in Linkerd).
 pub const CREATED_BY_ANNOTATION: &str = "linkerd.io/created-by";
+/// The [`CREATED_BY_ANNOTATION`] value `meshlink link` writes, which `meshlink check` compares
+/// with its own version.
+pub const CLI_CREATED_BY: &str = concat!("meshlink/cli ", env!("CARGO_PKG_VERSION"));
+
+/// The identity service's issuer Secret (`tls.crt`, `tls.key`), in the control plane's namespace.
+pub const ISSUER_SECRET: &str = "linkerd-identity-issuer";
+/// The trust-anchor bundle ConfigMap (key [`TRUST_ROOTS_KEY`]), in each namespace that reads it.
+pub const TRUST_ROOTS_CONFIGMAP: &str = "linkerd-identity-trust-roots";
+pub const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+
+/// The Lease the service-mirror controller holds while it writes: Linkerd's name for a
+/// controller of one Link, one name for a controller of every Link in its namespace.
+pub fn controller_lease(link: Option<&str>) -> String {
+    match link {
+        Some(link) => format!("{CONTROLLER_LEASE_PREFIX}{link}"),
+        None => SHARED_CONTROLLER_LEASE.to_owned(),
+    }
+}
+pub const CONTROLLER_LEASE_PREFIX: &str = "service-mirror-write-";
+pub const SHARED_CONTROLLER_LEASE: &str = "meshlink-service-mirror-write";
 
 /// Namespace of the multicluster extension.
 pub const DEFAULT_MULTICLUSTER_NAMESPACE: &str = "linkerd-multicluster";

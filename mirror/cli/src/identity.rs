@@ -240,7 +240,7 @@ pub fn issuer_docs(
             "kind": "Secret",
             "type": "kubernetes.io/tls",
             "metadata": {
-                "name": "linkerd-identity-issuer",
+                "name": link_crd::keys::ISSUER_SECRET,
                 "namespace": namespace,
                 "labels": { "linkerd.io/control-plane-component": "identity" },
             },
@@ -251,11 +251,11 @@ pub fn issuer_docs(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {
-                "name": "linkerd-identity-trust-roots",
+                "name": link_crd::keys::TRUST_ROOTS_CONFIGMAP,
                 "namespace": ns,
                 "labels": { "linkerd.io/control-plane-component": "identity" },
             },
-            "data": { "ca-bundle.crt": bundle },
+            "data": { link_crd::keys::TRUST_ROOTS_KEY: bundle },
         }));
     }
     Ok(docs)

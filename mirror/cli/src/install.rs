@@ -21,7 +21,7 @@ use kube::{
     api::{DynamicObject, GroupVersionKind},
     discovery,
 };
-use link_crd::Link;
+use link_crd::{Link, keys};
 use proxy_identity::ca;
 use serde_json::{Value, json};
 
@@ -397,10 +397,10 @@ pub async fn uninstall(_args: &UninstallArgs, client: Client) -> Result<Vec<Valu
     }
     // The identity material's objects by name (their contents do not matter here).
     let identity = vec![
-        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "linkerd-identity-issuer", "namespace": CONTROL_PLANE_NS } }),
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": keys::ISSUER_SECRET, "namespace": CONTROL_PLANE_NS } }),
         json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": INJECTOR_CA_SECRET, "namespace": CONTROL_PLANE_NS } }),
-        json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "linkerd-identity-trust-roots", "namespace": CONTROL_PLANE_NS } }),
-        json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "linkerd-identity-trust-roots", "namespace": link_crd::keys::DEFAULT_MULTICLUSTER_NAMESPACE } }),
+        json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": keys::TRUST_ROOTS_CONFIGMAP, "namespace": CONTROL_PLANE_NS } }),
+        json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": keys::TRUST_ROOTS_CONFIGMAP, "namespace": keys::DEFAULT_MULTICLUSTER_NAMESPACE } }),
     ];
     let settings = Settings {
         ha: true,

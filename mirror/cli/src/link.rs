@@ -505,7 +505,7 @@ pub(crate) fn render(
         "metadata": {
             "name": cluster,
             "namespace": args.namespace,
-            "annotations": BTreeMap::from([(keys::CREATED_BY_ANNOTATION, format!("meshlink/cli {}", env!("CARGO_PKG_VERSION")))]),
+            "annotations": BTreeMap::from([(keys::CREATED_BY_ANNOTATION, keys::CLI_CREATED_BY)]),
         },
         "spec": spec,
     });

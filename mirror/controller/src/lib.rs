@@ -147,11 +147,7 @@ pub async fn run(
     readiness: Readiness,
     cancel: CancellationToken,
 ) {
-    // Linkerd's name for a per-Link controller's Lease; one name for a controller of them all.
-    let name = match &options.link {
-        Some(link) => format!("service-mirror-write-{link}"),
-        None => "meshlink-service-mirror-write".to_owned(),
-    };
+    let name = link_crd::keys::controller_lease(options.link.as_deref());
     let namespace = options.namespace.clone();
     leader::run_while_leader(
         client.clone(),

@@ -10,14 +10,14 @@ use link_crd::{
 use x509_parser::{certificate::X509Certificate, pem::Pem, prelude::FromDer};
 
 /// The `linkerd.io/created-by` value `meshlink link` writes, for this version.
-pub(crate) const CLI_CREATED_BY: &str = concat!("meshlink/cli ", env!("CARGO_PKG_VERSION"));
+pub(crate) const CLI_CREATED_BY: &str = keys::CLI_CREATED_BY;
 
 /// The control-plane namespace and the identity objects `meshlink identity manifests` prints.
 pub(crate) const LINKERD_NAMESPACE: &str = keys::DEFAULT_LINKERD_NAMESPACE;
-pub(crate) const ISSUER_SECRET: &str = "linkerd-identity-issuer";
+pub(crate) const ISSUER_SECRET: &str = keys::ISSUER_SECRET;
 pub(crate) const ISSUER_CERT_KEY: &str = "tls.crt";
-pub(crate) const TRUST_ROOTS_CONFIGMAP: &str = "linkerd-identity-trust-roots";
-pub(crate) const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+pub(crate) const TRUST_ROOTS_CONFIGMAP: &str = keys::TRUST_ROOTS_CONFIGMAP;
+pub(crate) const TRUST_ROOTS_KEY: &str = keys::TRUST_ROOTS_KEY;
 /// Linkerd's names for the destination and proxy-injector Services and the webhook.
 pub(crate) const DESTINATION_SERVICE: &str = "linkerd-dst";
 pub(crate) const INJECTOR_WEBHOOK: &str = "linkerd-proxy-injector-webhook-config";
@@ -25,8 +25,8 @@ pub(crate) const INJECTOR_WEBHOOK: &str = "linkerd-proxy-injector-webhook-config
 pub(crate) const PROXY_CONTAINER: &str = "linkerd-proxy";
 /// The controller's Leases (mirror/controller `run`): one per Link for a controller started
 /// with `--link` (Linkerd's name), one for a controller of every Link in its namespace.
-pub(crate) const LINK_LEASE_PREFIX: &str = "service-mirror-write-";
-pub(crate) const SHARED_LEASE: &str = "meshlink-service-mirror-write";
+pub(crate) const LINK_LEASE_PREFIX: &str = keys::CONTROLLER_LEASE_PREFIX;
+pub(crate) const SHARED_LEASE: &str = keys::SHARED_CONTROLLER_LEASE;
 
 /// How long before its expiry an issuer is reported (Linkerd's "valid for at least 60 days").
 pub(crate) const ISSUER_EXPIRY_WARNING: SignedDuration = SignedDuration::from_hours(60 * 24);
