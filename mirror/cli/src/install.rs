@@ -574,6 +574,31 @@ mod tests {
     }
 
     #[test]
+    fn every_program_is_this_version() {
+        let want = format!("ghcr.io/meshlink/meshlink:{}", env!("CARGO_PKG_VERSION"));
+        for d in rendered(&Settings::default()) {
+            for c in d["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                assert_eq!(
+                    c["image"],
+                    want.as_str(),
+                    "{} {}",
+                    d["kind"],
+                    d["metadata"]["name"]
+                );
+                assert!(
+                    c["command"][0]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with("meshlink-"))
+                );
+            }
+        }
+    }
+
+    #[test]
     fn high_availability() {
         let docs = rendered(&Settings {
             ha: true,
