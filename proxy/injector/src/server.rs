@@ -280,3 +280,126 @@ where
         Box::pin(async move { Ok(inner.handle(req).await) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use kube::runtime::watcher;
+    use serde_json::json;
+    use tower_service::Service;
+
+    use super::*;
+
+    const ANCHOR: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    /// A webhook whose namespace cache holds `shop` (annotated for injection), and whose API
+    /// client is kube's mock service: a test that reached the API server would hang, so these
+    /// requests are answered from the cache alone.
+    fn webhook(dir: &std::path::Path) -> (Webhook, Metrics) {
+        let anchors = dir.join("anchors.pem");
+        std::fs::write(&anchors, ANCHOR).unwrap();
+        let (store, mut writer) = kube::runtime::reflector::store::<Namespace>();
+        let shop: Namespace = serde_json::from_value(json!({
+            "metadata": { "name": "shop", "annotations": { "linkerd.io/inject": "enabled" } },
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(shop));
+        let (mock, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(mock, "default");
+        let settings = <ConfigArgs as clap::FromArgMatches>::from_arg_matches(
+            &<ConfigArgs as clap::Args>::augment_args(clap::Command::new("t"))
+                .get_matches_from(["t"]),
+        )
+        .unwrap();
+        let metrics = Metrics::default();
+        (
+            Webhook::new(settings, anchors, store, Api::all(client), metrics.clone()),
+            metrics,
+        )
+    }
+
+    fn review(namespace: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1",
+                "kind": { "group": "", "version": "v1", "kind": "Pod" },
+                "resource": { "group": "", "version": "v1", "resource": "pods" },
+                "namespace": namespace,
+                "operation": "CREATE",
+                "userInfo": {},
+                "object": { "apiVersion": "v1", "kind": "Pod", "metadata": { "generateName": "web-" },
+                            "spec": { "containers": [{ "name": "web", "image": "web" }] } },
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn call(w: &mut Webhook, method: Method, body: Vec<u8>) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri("/")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let rsp = w.call(req).await.unwrap();
+        let status = rsp.status();
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn answers_reviews_and_refuses_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, metrics) = webhook(dir.path());
+
+        let (status, body) = call(&mut w, Method::POST, review("shop")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["uid"], "u1");
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+
+        let (status, _) = call(&mut w, Method::GET, Vec::new()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let (status, body) = call(&mut w, Method::POST, b"{not json".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("not an AdmissionReview"), "{body}");
+        // A body over the limit is refused without being read whole.
+        let (status, body) = call(&mut w, Method::POST, vec![b' '; MAX_BODY + 1]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("reading the body"), "{body}");
+
+        let mut text = String::new();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("injector_pods_total{outcome=\"injected\",reason=\"injected\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("injector_request_errors_total{error=\"malformed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("injector_request_errors_total{error=\"body\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_anchor_file_is_a_server_error_that_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = webhook(dir.path());
+        std::fs::write(dir.path().join("anchors.pem"), "not a certificate").unwrap();
+        let (status, body) = call(&mut w, Method::POST, review("shop")).await;
+        // The API server then applies failurePolicy; the injector says why in its answer.
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("trust_anchors_pem"), "{body}");
+    }
+}
