@@ -10,7 +10,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use http::{Request, Response, Uri};
@@ -23,49 +22,15 @@ use hyper_util::{
     rt::TokioIo,
 };
 use proxy_discovery::{Endpoint, Hint};
-use proxy_identity::{Credentials, Id, tls};
-use proxy_transport::tcp::{ConnectError, connect};
-use proxy_transport_header::{Header, PROTOCOL, SessionProtocol};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
-};
-use tokio_rustls::client::TlsStream;
+use proxy_identity::Id;
+use proxy_transport::tcp::ConnectError;
+use proxy_transport_header::{Header, SessionProtocol};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::either::Either;
 
 use crate::metrics::Tls;
 
-/// A connection to an endpoint: plaintext or mTLS.
-pub type Io = Either<TcpStream, TlsStream<TcpStream>>;
-
-/// Why an endpoint could not be reached.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error(transparent)]
-    Tls(#[from] tls::ConnectError),
-    #[error("{0} did not negotiate transport.l5d.io/v1")]
-    NoTransportHeader(SocketAddr),
-    #[error("writing the transport header to {addr}: {source}")]
-    Write {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl DialError {
-    /// The metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Connect(ConnectError::Timeout(_)) => "connect timeout",
-            Self::Connect(_) => "connect",
-            Self::Tls(_) => "tls",
-            Self::NoTransportHeader(_) | Self::Write { .. } => "transport header",
-        }
-    }
-}
+pub use proxy_transport::dial::{DialError, Dialer, Io};
 
 /// Whether an error (or one of its sources) is a connect timeout: a 504, not a 502.
 pub fn is_connect_timeout(error: &(dyn StdError + 'static)) -> bool {
@@ -75,7 +40,9 @@ pub fn is_connect_timeout(error: &(dyn StdError + 'static)) -> bool {
         if let Some(ConnectError::Timeout(_)) = err.downcast_ref::<ConnectError>() {
             return true;
         }
-        if let Some(DialError::Connect(ConnectError::Timeout(_))) = err.downcast_ref::<DialError>()
+        if err
+            .downcast_ref::<DialError>()
+            .is_some_and(DialError::is_timeout)
         {
             return true;
         }
@@ -90,16 +57,6 @@ pub fn is_connect_timeout(error: &(dyn StdError + 'static)) -> bool {
         e = err.source();
     }
     false
-}
-
-/// Dials endpoints with this proxy's identity.
-#[derive(Clone, Debug)]
-pub struct Dialer {
-    /// No ALPN: mesh traffic between proxies is prior-knowledge HTTP/2 or opaque.
-    mesh: Arc<rustls::ClientConfig>,
-    /// ALPN `transport.l5d.io/v1`: a transport header follows.
-    header: Arc<rustls::ClientConfig>,
-    pub connect_timeout: Duration,
 }
 
 /// How an endpoint is reached.
@@ -173,59 +130,17 @@ pub fn tls_of(ep: &Endpoint) -> Tls {
     }
 }
 
-impl Dialer {
-    pub fn new(creds: &Arc<Credentials>, connect_timeout: Duration) -> Self {
-        Self {
-            mesh: tls::client_config(creds, &[]),
-            header: tls::client_config(creds, &[PROTOCOL]),
-            connect_timeout,
-        }
-    }
-
-    /// A plaintext connection to `addr` (targets outside the mesh).
-    pub async fn plain(&self, addr: SocketAddr) -> Result<Io, DialError> {
-        Ok(Either::Left(connect(addr, self.connect_timeout).await?))
-    }
-
-    /// A connection to `addr`, which must prove `id`, that carries `header` first: a remote
-    /// cluster's gateway (the header names the Service) or a peer proxy's inbound port (it
-    /// names the port). As Linkerd, the header is written only when the peer agreed, by ALPN
-    /// `transport.l5d.io/v1`, to read one.
-    pub async fn with_header(
-        &self,
-        addr: SocketAddr,
-        id: &Id,
-        header: &Header,
-    ) -> Result<TlsStream<TcpStream>, DialError> {
-        let tcp = connect(addr, self.connect_timeout).await?;
-        let mut stream = tls::connect(self.header.clone(), tcp, id).await?;
-        if stream.get_ref().1.alpn_protocol() != Some(PROTOCOL) {
-            return Err(DialError::NoTransportHeader(addr));
-        }
-        stream
-            .write_all(&header.encode())
-            .await
-            .map_err(|source| DialError::Write { addr, source })?;
-        Ok(stream)
-    }
-
-    /// A connection to `ep` for traffic of `protocol` (`None`: opaque).
-    pub async fn dial(
-        &self,
-        ep: &Endpoint,
-        protocol: Option<SessionProtocol>,
-    ) -> Result<Io, DialError> {
-        match route(ep, protocol) {
-            Route::Plain => self.plain(ep.addr).await,
-            Route::Mesh(id) => {
-                let tcp = connect(ep.addr, self.connect_timeout).await?;
-                Ok(Either::Right(
-                    tls::connect(self.mesh.clone(), tcp, &id).await?,
-                ))
-            }
-            Route::Header { addr, id, header } => {
-                Ok(Either::Right(self.with_header(addr, &id, &header).await?))
-            }
+/// A connection to `ep` for traffic of `protocol` (`None`: opaque).
+pub async fn dial(
+    dialer: &Dialer,
+    ep: &Endpoint,
+    protocol: Option<SessionProtocol>,
+) -> Result<Io, DialError> {
+    match route(ep, protocol) {
+        Route::Plain => dialer.plain(ep.addr).await,
+        Route::Mesh(id) => Ok(Either::Right(dialer.mesh(ep.addr, &id).await?)),
+        Route::Header { addr, id, header } => {
+            Ok(Either::Right(dialer.with_header(addr, &id, &header).await?))
         }
     }
 }
@@ -302,7 +217,7 @@ impl tower::Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let io = this.dialer.dial(&this.ep, Some(this.protocol)).await?;
+            let io = dial(&this.dialer, &this.ep, Some(this.protocol)).await?;
             Ok(TokioIo::new(Conn(io)))
         })
     }
@@ -403,7 +318,7 @@ impl tower::Service<()> for TcpEndpoint {
     fn call(&mut self, (): ()) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let io = this.dialer.dial(&this.ep, None).await?;
+            let io = dial(&this.dialer, &this.ep, None).await?;
             Ok((io, this.ep))
         })
     }

@@ -2,7 +2,8 @@
 //!
 //! For the data plane (the gateway, the sidecar): [`serve_connections`] (the accept loop, spread
 //! over worker threads, with drain), [`tcp`] (keepalive and no-delay on every socket accepted
-//! or dialled, dialling with a deadline), [`direct`] (Linkerd's mTLS + transport-header inbound
+//! or dialled, dialling with a deadline), [`dial`] (a peer dialled in plaintext, in mTLS, or in
+//! mTLS with a transport header), [`direct`] (Linkerd's mTLS + transport-header inbound
 //! connection, each refusal with its reason), [`Pending`] (a bounded handshake set in which a
 //! newcomer evicts the oldest), [`Share`] (a share of the connections per client address or
 //! identity), [`copy_bidirectional`] (opaque forwarding that holds no buffer while idle),
@@ -25,6 +26,7 @@
 mod accept;
 mod activity;
 mod deadline;
+pub mod dial;
 pub mod direct;
 mod duplex;
 pub mod files;
