@@ -59,6 +59,20 @@ impl Id {
         ))
     }
 
+    /// The control-plane namespace and trust domain of an identity [`Id::service_account`]
+    /// made (`<sa>.<ns>.serviceaccount.identity.<control-plane-ns>.<trust-domain>`): where a
+    /// workload's identity says the rest of its mesh's identities are issued. `None` for any
+    /// other identity.
+    pub fn control_plane(&self) -> Option<(&str, &str)> {
+        let Self::Dns(s) = self else { return None };
+        let (workload, rest) = s.split_once(".serviceaccount.identity.")?;
+        // A ServiceAccount's and a namespace's names are one DNS label each.
+        if workload.split('.').count() != 2 {
+            return None;
+        }
+        rest.split_once('.')
+    }
+
     /// The identity as text.
     pub fn as_str(&self) -> &str {
         match self {
@@ -190,6 +204,32 @@ mod tests {
         ] {
             assert!(Id::parse(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn control_plane_of_a_service_account_identity() {
+        for (id, expected) in [
+            (
+                "web.shop.serviceaccount.identity.linkerd.cluster.local",
+                Some(("linkerd", "cluster.local")),
+            ),
+            (
+                "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.cp.east.example",
+                Some(("cp", "east.example")),
+            ),
+            // No trust domain after the namespace, or not a ServiceAccount's.
+            ("web.shop.serviceaccount.identity.linkerd", None),
+            ("a.web.shop.serviceaccount.identity.linkerd.cluster.local", None),
+            ("shop.serviceaccount.identity.linkerd.cluster.local", None),
+            ("gateway.test", None),
+            ("spiffe://cluster.local/ns/shop/sa/web", None),
+        ] {
+            let id = Id::parse(id).unwrap();
+            assert_eq!(id.control_plane(), expected, "{id}");
+        }
+        // The inverse of `service_account`.
+        let id = Id::service_account("web", "shop", "linkerd", "west.example").unwrap();
+        assert_eq!(id.control_plane(), Some(("linkerd", "west.example")));
     }
 
     #[test]
