@@ -1,9 +1,13 @@
 //! Forwarding an accepted connection: opaque TCP to the first endpoint that accepts, or HTTP/1
 //! and HTTP/2 served and proxied request by request, balanced across endpoints. The mechanisms
-//! (copying, pools, serving, error responses) are `proxy-transport`'s and `proxy-http`'s; what
-//! is here is the gateway's routing: which endpoint, which headers, which loop to refuse.
+//! (dialling, copying, pools, serving, error responses) are `proxy-transport`'s and
+//! `proxy-http`'s; what is here is the gateway's routing: which endpoint and how it is dialled,
+//! which headers, which loop to refuse.
+//!
+//! A meshed endpoint is dialled over mTLS as the gateway (its proxy then tells the application
+//! `l5d-client-id: <the gateway>`, as it does behind a Linkerd gateway); any other in plaintext.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
@@ -13,24 +17,86 @@ use proxy_http::{
     forwarded_by, is_grpc, serve_connection, set_client_id, strip_hop_by_hop,
 };
 use proxy_identity::Id;
-use proxy_transport::{Activity, Direction, tcp};
-use proxy_transport_header::SessionProtocol;
+use proxy_transport::{
+    Activity, Direction,
+    dial::{DialError, Dialer, Io},
+};
+use proxy_transport_header::{Header, SessionProtocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Options, Refusal,
+    Endpoint, Refusal,
     metrics::StatusLabels,
     server::{Inner, Target},
 };
 
 /// Connections to endpoints for HTTP/2, per endpoint and per client identity: one client's
 /// stalled uploads or unread answers fill only its own connections.
-pub(crate) fn clients(options: &Options) -> Http2Pool<Id> {
-    Http2Pool::new(PoolLimits {
-        connect_timeout: options.connect_timeout,
-        ..PoolLimits::default()
-    })
+pub(crate) fn clients(dialer: &Dialer) -> Http2Pool<Id> {
+    Http2Pool::new(PoolLimits::default(), dialer.clone())
+}
+
+/// How an opaque connection reaches an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Opaque {
+    Plain(SocketAddr),
+    /// Linkerd's opaque transport: mTLS to the Pod's proxy on its inbound port, with a
+    /// transport header naming the application's port. The proxy forwards the stream without
+    /// detecting a protocol, whatever it knows of that port (a server-speaks-first protocol on
+    /// a port it would otherwise detect on, or a port it takes as opaque and never terminates
+    /// TLS on).
+    Transport {
+        addr: SocketAddr,
+        id: Id,
+        header: Header,
+    },
+}
+
+/// The route of an opaque connection to `ep`. Pure.
+fn opaque_route(ep: &Endpoint) -> Opaque {
+    match &ep.meshed {
+        None => Opaque::Plain(ep.addr),
+        Some(meshed) => Opaque::Transport {
+            addr: SocketAddr::new(ep.addr.ip(), meshed.inbound_port),
+            id: meshed.identity.clone(),
+            header: Header {
+                port: ep.addr.port(),
+                name: None,
+                protocol: None,
+            },
+        },
+    }
+}
+
+async fn dial_opaque(dialer: &Dialer, ep: &Endpoint) -> Result<Io, DialError> {
+    match opaque_route(ep) {
+        Opaque::Plain(addr) => dialer.plain(addr).await,
+        Opaque::Transport { addr, id, header } => Ok(tokio_util::either::Either::Right(
+            dialer.with_header(addr, &id, &header).await?,
+        )),
+    }
+}
+
+/// The first of `endpoints` that accepts; every failure (refused, timed out, a certificate
+/// that does not prove the Pod's identity) is logged with its endpoint.
+async fn dial_first<'a>(
+    dialer: &Dialer,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> Option<(Io, &'a Endpoint)> {
+    for ep in endpoints {
+        match dial_opaque(dialer, ep).await {
+            Ok(io) => return Some((io, ep)),
+            Err(error) => tracing::info!(
+                addr = %ep.addr,
+                identity = ?ep.meshed.as_ref().map(|m| m.identity.as_str()),
+                error = %error,
+                reason = error.label(),
+                "endpoint not reached"
+            ),
+        }
+    }
+    None
 }
 
 pub(crate) async fn forward<IO>(
@@ -55,14 +121,13 @@ where
 {
     // On shutdown an opaque stream cannot be asked to finish: it runs until it ends or the
     // process's drain deadline.
-    let connect_timeout = inner.options.connect_timeout;
-    let Some((stream, addr)) =
-        tcp::connect_first(target.endpoints.ordered(), connect_timeout).await
-    else {
+    let Some((stream, ep)) = dial_first(&inner.dialer, target.endpoints.ordered()).await else {
         inner.metrics.refuse(Refusal::NoEndpoints);
         tracing::info!(target = %target.name, reason = Refusal::NoEndpoints.as_str(), "connection refused");
         return;
     };
+    let addr = ep.addr;
+    tracing::debug!(%addr, mtls = ep.meshed.is_some(), "opaque connection to an endpoint");
     let _open = inner.metrics.tcp.open(Direction::Outbound);
     let mut server = inner
         .metrics
@@ -166,11 +231,13 @@ async fn route(
         .to_owned();
     // One endpoint per request, round-robin. A failed request is not replayed elsewhere: its
     // body may already have been sent.
-    let addr = target
+    let peer = target
         .endpoints
         .ordered()
         .next()
-        .ok_or(ProxyError::NO_ENDPOINTS)?;
+        .ok_or(ProxyError::NO_ENDPOINTS)?
+        .peer();
+    let addr = peer.addr;
     // HTTP/2 needs the absolute form (it becomes :scheme and :authority); HTTP/1 sends the path.
     let uri = if http2 {
         http::Uri::try_from(format!("http://{addr}{path}"))
@@ -181,21 +248,26 @@ async fn route(
     };
     *req.uri_mut() = uri.map_err(|_| ProxyError::BAD_PATH)?;
     let sent = req;
-    let connect_timeout = inner.options.connect_timeout;
     let sent = if http2 {
         inner
             .clients
-            .send(addr, &target.client, sent)
+            .send(&peer, &target.client, sent)
             .await
             .map(|r| r.map(BodyExt::boxed))
     } else {
         http1
-            .send(addr, connect_timeout, sent, orig.is_none())
+            .send(&inner.dialer, &peer, sent, orig.is_none())
             .await
             .map(|r| r.map(BodyExt::boxed))
     };
     let rsp = sent.map_err(|e| {
-        tracing::info!(%addr, target = %target.name, error = %e, "endpoint request failed");
+        tracing::info!(
+            %addr,
+            identity = ?peer.identity.as_ref().map(Id::as_str),
+            target = %target.name,
+            error = %e,
+            "endpoint request failed"
+        );
         if e.is_timeout() {
             ProxyError::CONNECT_TIMEOUT
         } else {

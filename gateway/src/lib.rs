@@ -6,6 +6,9 @@
 //! authorized; send a transport header naming `<svc>.<ns>.<suffix>:<port>` within the header
 //! timeout. It is then forwarded to a ready endpoint of that Service, as opaque TCP or, when the
 //! header names a session protocol, as HTTP/1 or HTTP/2 (with `Forwarded` and loop refusal).
+//! An endpoint whose Pod this mesh meshed is dialled over mTLS as the gateway, its proxy's
+//! identity checked (opaque TCP with a transport header to its inbound port, as Linkerd's
+//! opaque transport); any other in plaintext.
 //! Anything else closes the connection with a [`Refusal`], logged with fields and counted.
 
 mod discover;
@@ -19,7 +22,8 @@ use proxy_identity::Id;
 use proxy_transport::direct;
 
 pub use self::discover::{
-    Discovery, Endpoints, Export, Unresolved, default_export_selector, split_target,
+    CONTROL_PLANE_NS_LABEL, Discovery, Endpoint, Endpoints, Export, Mesh, Meshed, Unresolved,
+    default_export_selector, split_target,
 };
 pub use self::metrics::Metrics;
 pub use self::server::{BindError, Gateway};

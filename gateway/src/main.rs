@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use gateway::{Discovery, Gateway, Metrics, Options};
+use gateway::{Discovery, Gateway, Mesh, Metrics, Options};
 use proxy_identity::IdentityOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +73,13 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     );
     // Everything is parsed and read before a socket is bound.
     let creds = args.identity.credentials().context("identity settings")?;
+    // Meshed endpoints are dialled as the identities this gateway's own control plane issues.
+    let mesh = Mesh::of(creds.id()).with_context(|| {
+        format!(
+            "--identity {} is not <sa>.<ns>.serviceaccount.identity.<control-plane-ns>.<trust-domain>",
+            creds.id()
+        )
+    })?;
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
@@ -84,7 +91,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
     let certify = args
         .identity
         .spawn_certify(creds.clone(), &mut registry, cancel.clone());
-    let discovery = Discovery::default();
+    tracing::info!(control_plane = %mesh.control_plane_ns, trust_domain = %mesh.trust_domain, "meshed endpoints are dialled over mTLS");
+    let discovery = Discovery::new(Some(mesh));
     let ready = proxy_admin::all_ready(vec![creds.valid(), discovery.synced()]);
     let admin_tls = proxy_identity::tls::server_config(&creds, &[b"http/1.1"]);
     let metrics_identities = proxy_admin::metrics_identities(&args.metrics_identities, creds.id());

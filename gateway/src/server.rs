@@ -5,6 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 use proxy_identity::{Credentials, Id, tls};
 use proxy_transport::{
     Direction,
+    dial::Dialer,
     direct::{self, Admission},
 };
 use proxy_transport_header::{self as header, Header};
@@ -12,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Authorization, Discovery, Endpoints, Export, Metrics, Options, Refusal, Unresolved,
+    Authorization, Discovery, Endpoint, Endpoints, Export, Metrics, Options, Refusal, Unresolved,
     discover::split_target, forward, metrics::HeaderLabels,
 };
 
@@ -40,6 +41,8 @@ pub(crate) struct Inner {
     pub metrics: Metrics,
     pub authz: Authorization,
     pub export: Export,
+    /// Dials endpoints as this gateway: mTLS with its certificate to meshed ones.
+    pub dialer: Dialer,
     pub clients: proxy_http::Http2Pool<Id>,
 }
 
@@ -61,7 +64,8 @@ impl Gateway {
     ) -> Self {
         let authz = options.authorization();
         let export = options.export();
-        let clients = forward::clients(&options);
+        let dialer = Dialer::new(&creds, options.connect_timeout);
+        let clients = forward::clients(&dialer);
         Self {
             inner: Arc::new(Inner {
                 options,
@@ -70,6 +74,7 @@ impl Gateway {
                 metrics,
                 authz,
                 export,
+                dialer,
                 clients,
             }),
             workers: Vec::new(),
@@ -197,7 +202,7 @@ impl Connection {
             header.protocol.is_none(),
             &client,
             self.inner.creds.id(),
-            &endpoints.addrs,
+            &endpoints.all,
             self.local,
         ) {
             tracing::info!(client = %client, target = %name, reason, "gateway loop refused");
@@ -230,7 +235,7 @@ fn loop_reason(
     opaque: bool,
     client: &Id,
     own: &Id,
-    endpoints: &[SocketAddr],
+    endpoints: &[Endpoint],
     local: SocketAddr,
 ) -> Option<&'static str> {
     if opaque && client == own {
@@ -239,6 +244,6 @@ fn loop_reason(
     let local = (local.ip().to_canonical(), local.port());
     endpoints
         .iter()
-        .any(|e| (e.ip().to_canonical(), e.port()) == local)
+        .any(|e| (e.addr.ip().to_canonical(), e.addr.port()) == local)
         .then_some("target is this gateway")
 }

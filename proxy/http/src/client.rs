@@ -8,6 +8,9 @@
 //!
 //! HTTP/1 ([`Http1Conns`]): kept per client connection, which sends one request at a time, so
 //! no pool is locked or searched per request.
+//!
+//! Both dial a [`Peer`] with a [`Dialer`]: plaintext to an endpoint without an identity, mTLS
+//! to a meshed one (whose proxy detects HTTP/1 or HTTP/2 inside the TLS it terminates).
 
 use std::{
     collections::HashMap,
@@ -28,7 +31,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use proxy_transport::tcp::{ConnectError, connect};
+use proxy_transport::dial::{DialError, Dialer, Peer};
 use tokio::time::Instant;
 
 /// How long an unused HTTP/1 connection to an endpoint is kept (Linkerd's
@@ -61,7 +64,7 @@ where
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
-    Connect(#[from] ConnectError),
+    Dial(#[from] DialError),
     #[error("HTTP to {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -73,14 +76,13 @@ pub enum SendError {
 impl SendError {
     /// Whether the endpoint did not answer the connection attempt in time (a 504, not a 502).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Self::Connect(ConnectError::Timeout(_)))
+        matches!(self, Self::Dial(e) if e.is_timeout())
     }
 }
 
 /// The bounds of an [`Http2Pool`].
 #[derive(Clone, Copy, Debug)]
 pub struct PoolLimits {
-    pub connect_timeout: Duration,
     /// Requests in flight on one connection before the client's next request opens another
     /// (below the 100 streams an HTTP/2 server must allow at least, so that a server's own
     /// limit never queues a request).
@@ -94,7 +96,6 @@ pub struct PoolLimits {
 impl Default for PoolLimits {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(1),
             streams_per_connection: 64,
             connections_per_client: 8,
             idle_timeout: Duration::from_secs(90),
@@ -106,7 +107,8 @@ impl Default for PoolLimits {
 #[derive(Debug)]
 pub struct Http2Pool<K> {
     limits: PoolLimits,
-    entries: Mutex<HashMap<(SocketAddr, K), Entry>>,
+    dialer: Dialer,
+    entries: Mutex<HashMap<(Peer, K), Entry>>,
 }
 
 #[derive(Debug, Default)]
@@ -125,22 +127,24 @@ struct Conn {
 }
 
 impl<K: Hash + Eq + Clone> Http2Pool<K> {
-    pub fn new(limits: PoolLimits) -> Self {
+    pub fn new(limits: PoolLimits, dialer: Dialer) -> Self {
         Self {
             limits,
+            dialer,
             entries: Mutex::default(),
         }
     }
 
-    /// Sends `req` to `addr` on one of `client`'s connections. The request counts against its
+    /// Sends `req` to `peer` on one of `client`'s connections. The request counts against its
     /// connection until the response's body is done or dropped.
     pub async fn send(
         &self,
-        addr: SocketAddr,
+        peer: &Peer,
         client: &K,
         req: Request<Incoming>,
     ) -> Result<Response<InFlightBody>, SendError> {
-        let key = (addr, client.clone());
+        let addr = peer.addr;
+        let key = (peer.clone(), client.clone());
         let (mut sender, guard) = self.sender(&key).await?;
         let req = match sender.try_send_request(req).await {
             Ok(rsp) => {
@@ -174,7 +178,7 @@ impl<K: Hash + Eq + Clone> Http2Pool<K> {
 
     async fn sender(
         &self,
-        key: &(SocketAddr, K),
+        key: &(Peer, K),
     ) -> Result<(http2::SendRequest<Incoming>, InFlight), SendError> {
         if let Some(picked) = self.pick(key) {
             return Ok(picked);
@@ -190,7 +194,7 @@ impl<K: Hash + Eq + Clone> Http2Pool<K> {
 
     /// The least busy of the client's connections, unless all carry their share of streams
     /// and it may open another.
-    fn pick(&self, key: &(SocketAddr, K)) -> Option<(http2::SendRequest<Incoming>, InFlight)> {
+    fn pick(&self, key: &(Peer, K)) -> Option<(http2::SendRequest<Incoming>, InFlight)> {
         let mut entries = self.lock();
         let entry = entries.get_mut(key)?;
         entry.conns.retain(|c| !c.sender.is_closed());
@@ -208,14 +212,14 @@ impl<K: Hash + Eq + Clone> Http2Pool<K> {
 
     async fn open(
         &self,
-        key: &(SocketAddr, K),
+        key: &(Peer, K),
     ) -> Result<(http2::SendRequest<Incoming>, InFlight), SendError> {
-        let addr = key.0;
-        let tcp = connect(addr, self.limits.connect_timeout).await?;
+        let addr = key.0.addr;
+        let io = self.dialer.peer(&key.0).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| SendError::Http { addr, source })?;
         tokio::spawn(async move {
@@ -244,7 +248,7 @@ impl<K: Hash + Eq + Clone> Http2Pool<K> {
         Ok((sender, guard))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, K), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Peer, K), Entry>> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -297,31 +301,32 @@ impl Body for InFlightBody {
 
 /// One client connection's HTTP/1 connections to endpoints, each reused while it lives.
 #[derive(Debug, Default)]
-pub struct Http1Conns(Mutex<HashMap<SocketAddr, http1::SendRequest<Incoming>>>);
+pub struct Http1Conns(Mutex<HashMap<Peer, http1::SendRequest<Incoming>>>);
 
 impl Http1Conns {
-    /// Sends on the kept connection to `addr`, or a new one. With `wait`, a kept connection
+    /// Sends on the kept connection to `peer`, or a new one dialled with `dialer`. With `wait`, a kept connection
     /// still busy with the previous response is waited for (a client connection speaking
     /// HTTP/1 sends one request at a time, so it is nearly done); without (many requests of one
     /// HTTP/2 client, downgraded), a busy one is left to its request and another is opened, so
     /// that one slow response does not hold up the others.
     pub async fn send(
         &self,
-        addr: SocketAddr,
-        connect_timeout: Duration,
+        dialer: &Dialer,
+        peer: &Peer,
         req: Request<Incoming>,
         wait: bool,
     ) -> Result<Response<Incoming>, SendError> {
+        let addr = peer.addr;
         let cached = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&addr);
+            .remove(peer);
         let mut req = req;
         let reusable = match cached.filter(|s| !s.is_closed()) {
             Some(sender) if wait || sender.is_ready() => Some(sender),
             Some(busy) => {
-                self.put(addr, busy);
+                self.put(peer, busy);
                 None
             }
             None => None,
@@ -331,7 +336,7 @@ impl Http1Conns {
             && sender.ready().await.is_ok()
         {
             let sent = sender.try_send_request(req);
-            self.put(addr, sender);
+            self.put(peer, sender);
             match sent.await {
                 Ok(rsp) => return Ok(rsp),
                 // Not sent (the endpoint closed the idle connection): once more on a new one.
@@ -343,9 +348,9 @@ impl Http1Conns {
                 }
             }
         }
-        let tcp = connect(addr, connect_timeout).await?;
+        let io = dialer.peer(peer).await?;
         let (mut sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| SendError::Http { addr, source })?;
         tokio::spawn(async move {
@@ -354,15 +359,15 @@ impl Http1Conns {
             }
         });
         let sent = sender.send_request(req);
-        self.put(addr, sender);
+        self.put(peer, sender);
         sent.await
             .map_err(|source| SendError::Http { addr, source })
     }
 
-    fn put(&self, addr: SocketAddr, sender: http1::SendRequest<Incoming>) {
+    fn put(&self, peer: &Peer, sender: http1::SendRequest<Incoming>) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(addr, sender);
+            .insert(peer.clone(), sender);
     }
 }
