@@ -219,7 +219,10 @@ mod tests {
             ),
             // No trust domain after the namespace, or not a ServiceAccount's.
             ("web.shop.serviceaccount.identity.linkerd", None),
-            ("a.web.shop.serviceaccount.identity.linkerd.cluster.local", None),
+            (
+                "a.web.shop.serviceaccount.identity.linkerd.cluster.local",
+                None,
+            ),
             ("shop.serviceaccount.identity.linkerd.cluster.local", None),
             ("gateway.test", None),
             ("spiffe://cluster.local/ns/shop/sa/web", None),
