@@ -282,3 +282,55 @@ async fn route(
     }
     Ok(rsp)
 }
+
+#[cfg(test)]
+mod tests {
+    use proxy_transport::dial::Peer;
+
+    use super::*;
+    use crate::Meshed;
+
+    #[test]
+    fn meshed_endpoints_are_dialled_as_their_identity() {
+        let id = Id::parse("web.shop.serviceaccount.identity.linkerd.cluster.local").unwrap();
+        let addr: SocketAddr = "10.1.0.7:8080".parse().unwrap();
+        let meshed = Endpoint {
+            addr,
+            meshed: Some(Meshed {
+                identity: id.clone(),
+                inbound_port: 4143,
+            }),
+        };
+        let plain = Endpoint { addr, meshed: None };
+        for (ep, http, opaque) in [
+            (
+                &meshed,
+                Peer {
+                    addr,
+                    identity: Some(id.clone()),
+                },
+                // Opaque: the proxy's inbound port, the header naming the application's.
+                Opaque::Transport {
+                    addr: "10.1.0.7:4143".parse().unwrap(),
+                    id: id.clone(),
+                    header: Header {
+                        port: 8080,
+                        name: None,
+                        protocol: None,
+                    },
+                },
+            ),
+            (
+                &plain,
+                Peer {
+                    addr,
+                    identity: None,
+                },
+                Opaque::Plain(addr),
+            ),
+        ] {
+            assert_eq!(ep.peer(), http, "{ep:?}");
+            assert_eq!(opaque_route(ep), opaque, "{ep:?}");
+        }
+    }
+}

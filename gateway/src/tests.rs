@@ -13,7 +13,9 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
+    core::v1::{
+        Container, EnvVar, ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec,
+    },
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use kube::api::ObjectMeta;
@@ -27,7 +29,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Discovery, Gateway, Metrics, Options};
+use crate::{CONTROL_PLANE_NS_LABEL, Discovery, Gateway, Mesh, Metrics, Options};
 
 const GW: &str =
     "linkerd-gateway.linkerd-multicluster.serviceaccount.identity.linkerd.cluster.local";
@@ -1444,4 +1446,258 @@ async fn one_identity_holds_only_its_share() {
     .await;
     let mut again = dial_as(WEB).await;
     assert_eq!(reversed(&mut again, b"ok").await, b"ko");
+}
+
+/// The identity of the meshed Pods of these tests (ServiceAccount `api` of `shop`), issued by
+/// the gateway's own control plane.
+const API: &str = "api.shop.serviceaccount.identity.linkerd.cluster.local";
+
+/// A meshed Pod's proxy as the gateway meets it, with a certificate for the identity it is
+/// given. On `app` (the application's port, as redirected to the proxy) it terminates TLS and
+/// serves HTTP/1 or HTTP/2 (as meshlink-proxy's inbound side detects it), answering with the
+/// client identity its certificate proved; on `inbound` (the proxy's inbound port) it takes
+/// mTLS with ALPN `transport.l5d.io/v1` and a transport header, then answers an opaque stream,
+/// once the client half-closes, with the client identity, the header's port and the bytes
+/// reversed. `served` counts requests and opaque streams.
+struct PodProxy {
+    app: SocketAddr,
+    inbound: SocketAddr,
+    served: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn pod_proxy(pki: &TestPki, id: &str) -> PodProxy {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let creds = pki.creds(id);
+    let served = Arc::new(AtomicUsize::new(0));
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (app_addr, inbound_addr) = (app.local_addr().unwrap(), inbound.local_addr().unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&creds, &[]));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = app.accept().await.unwrap();
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client = tls::client_id(tls.get_ref().1).map(|id| id.to_string());
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let body = format!(
+                        "tls-client={} version={:?}",
+                        client.as_deref().unwrap_or("none"),
+                        req.version()
+                    );
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&creds, &[PROTOCOL]));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = inbound.accept().await.unwrap();
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client = tls::client_id(tls.get_ref().1).map(|id| id.to_string());
+                let Ok((header, rest)) = proxy_transport_header::read(&mut tls).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut stream = proxy_transport_header::Prefixed::new(rest, tls);
+                let mut buf = Vec::new();
+                stream.read_to_end(&mut buf).await.unwrap();
+                buf.reverse();
+                let answer = format!(
+                    "tls-client={} port={} name={:?} protocol={:?} {}",
+                    client.as_deref().unwrap_or("none"),
+                    header.port,
+                    header.name,
+                    header.protocol,
+                    String::from_utf8_lossy(&buf)
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                stream.shutdown().await.unwrap();
+            });
+        }
+    });
+    PodProxy {
+        app: app_addr,
+        inbound: inbound_addr,
+        served,
+    }
+}
+
+/// A Pod of `shop` running as ServiceAccount `sa`, with `label` on
+/// `linkerd.io/control-plane-ns` and, when it has one, its proxy on `inbound_port`.
+fn pod(name: &str, sa: &str, label: Option<&str>, inbound_port: Option<u16>) -> Pod {
+    let mut containers = vec![Container {
+        name: "app".into(),
+        ..Container::default()
+    }];
+    if let Some(port) = inbound_port {
+        containers.push(Container {
+            name: "linkerd-proxy".into(),
+            env: Some(vec![EnvVar {
+                name: "LINKERD2_PROXY_INBOUND_LISTEN_ADDR".into(),
+                value: Some(format!("0.0.0.0:{port}")),
+                ..EnvVar::default()
+            }]),
+            ..Container::default()
+        });
+    }
+    Pod {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            labels: label.map(|l| [(CONTROL_PLANE_NS_LABEL.to_owned(), l.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: Some(sa.into()),
+            containers,
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// A gateway of the mesh its identity names (control plane `linkerd`, `cluster.local`), with
+/// Service `api` (port 80) whose one endpoint, at `app`, is the Pod `pod`.
+async fn meshed_gateway() -> Running {
+    let mesh = Mesh::of(&Id::parse(GW).unwrap());
+    assert!(mesh.is_some(), "the gateway's identity names its mesh");
+    let d = Discovery::new(mesh);
+    d.apply_service(&service("api", 80));
+    d.mark_synced();
+    start(&[], d).await
+}
+
+/// Points Service `api` at `app`, an endpoint whose `targetRef` is `pod`.
+fn api_endpoint(gw: &Running, app: SocketAddr, pod: &Pod) {
+    let mut slice = slice("api", &[app]);
+    for e in slice.endpoints.iter_mut().flatten() {
+        e.target_ref = Some(ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: Some("shop".into()),
+            name: pod.metadata.name.clone(),
+            ..ObjectReference::default()
+        });
+    }
+    gw.discovery.apply_pod(pod);
+    gw.discovery.apply_slice(&slice);
+}
+
+fn api(protocol: Option<SessionProtocol>) -> Header {
+    header("api.shop.svc.cluster.local", 80, protocol)
+}
+
+const BOTH: [SessionProtocol; 2] = [SessionProtocol::Http1, SessionProtocol::Http2];
+
+/// A meshed endpoint is dialled over mTLS: its proxy sees the gateway's certificate. HTTP goes
+/// to the application's port in the version the client spoke; opaque TCP to the proxy's
+/// inbound port with a transport header naming the application's port.
+#[tokio::test]
+async fn meshed_endpoints_are_dialled_with_mtls_as_the_gateway() {
+    let gw = meshed_gateway().await;
+    let proxy = pod_proxy(&gw.pki, API).await;
+    let api_0 = pod("api-0", "api", Some("linkerd"), Some(proxy.inbound.port()));
+    api_endpoint(&gw, proxy.app, &api_0);
+    for version in BOTH {
+        let rsp = http_request(gw.dial(&api(Some(version))).await, version, None).await;
+        assert_eq!(rsp.status(), 200, "{version:?}");
+        let body = String::from_utf8_lossy(rsp.body()).into_owned();
+        let expected = match version {
+            SessionProtocol::Http1 => "HTTP/1.1",
+            SessionProtocol::Http2 => "HTTP/2.0",
+        };
+        assert_eq!(body, format!("tls-client={GW} version={expected}"));
+    }
+    let mut s = gw.dial(&api(None)).await;
+    assert_eq!(
+        String::from_utf8(reversed(&mut s, b"hello pod").await).unwrap(),
+        format!(
+            "tls-client={GW} port={} name=None protocol=None dop olleh",
+            proxy.app.port()
+        )
+    );
+    assert_eq!(proxy.served.load(std::sync::atomic::Ordering::Relaxed), 3);
+}
+
+/// Endpoints that are not this mesh's (no Pod, a Pod without the label, a Pod of another
+/// control plane) are dialled in plaintext, as before.
+#[tokio::test]
+async fn unmeshed_endpoints_are_dialled_in_plaintext() {
+    for unmeshed in [
+        None,
+        Some(pod("api-0", "api", None, None)),
+        Some(pod("api-0", "api", Some("other-linkerd"), Some(4143))),
+    ] {
+        let gw = meshed_gateway().await;
+        let seen = Arc::default();
+        let http = http_server("plain", seen).await;
+        let tcp = reverse_server().await;
+        for (backend, protocols) in [(http, &BOTH[..]), (tcp, &[][..])] {
+            match &unmeshed {
+                Some(p) => api_endpoint(&gw, backend, p),
+                None => gw.discovery.apply_slice(&slice("api", &[backend])),
+            }
+            for &version in protocols {
+                let rsp = http_request(gw.dial(&api(Some(version))).await, version, None).await;
+                assert_eq!(rsp.status(), 200, "{unmeshed:?} {version:?}");
+                let body = String::from_utf8_lossy(rsp.body()).into_owned();
+                assert!(body.starts_with("server=plain"), "{body}");
+            }
+        }
+        let mut s = gw.dial(&api(None)).await;
+        assert_eq!(reversed(&mut s, b"abc").await, b"cba", "{unmeshed:?}");
+    }
+}
+
+/// A meshed endpoint whose certificate names another identity than its Pod's is not used: the
+/// dial fails as a refused connection does (HTTP answers 502, opaque TCP is refused with
+/// `no_endpoints`), and nothing reaches it.
+#[tokio::test]
+async fn a_meshed_endpoint_proving_another_identity_is_refused() {
+    let gw = meshed_gateway().await;
+    let impostor = pod_proxy(
+        &gw.pki,
+        "db.shop.serviceaccount.identity.linkerd.cluster.local",
+    )
+    .await;
+    let api_0 = pod(
+        "api-0",
+        "api",
+        Some("linkerd"),
+        Some(impostor.inbound.port()),
+    );
+    api_endpoint(&gw, impostor.app, &api_0);
+    for version in BOTH {
+        let rsp = http_request(gw.dial(&api(Some(version))).await, version, None).await;
+        assert_eq!(rsp.status(), 502, "{version:?}");
+    }
+    assert_eq!(
+        gw.metric("inbound_http_statuses_total{http_status=\"502\"}"),
+        2
+    );
+    let mut s = gw.dial(&api(None)).await;
+    assert!(closed(&mut s).await);
+    gw.expect_refused("no_endpoints", 1).await;
+    assert_eq!(
+        impostor.served.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
