@@ -132,7 +132,11 @@ async fn installed_linked_injected_and_called_by_name() -> Result<()> {
         label("status_code", "200"),
     ];
     let outbound = outbound.each_ref().map(String::as_str);
-    let inbound = [label("direction", "inbound"), label("status_code", "200")];
+    let inbound = [
+        label("direction", "inbound"),
+        label("tls", "true"),
+        label("status_code", "200"),
+    ];
     let inbound = inbound.each_ref().map(String::as_str);
     let answer = curl(client.host(), &["http://web-east.shop.svc.cluster.local/"])
         .await

@@ -659,6 +659,14 @@ async fn multicluster_http(env: Arc<Env>) -> Result<()> {
     ];
     let out = out.each_ref().map(String::as_str);
     let out_before = env.west_client.metrics().await?.sum("response_total", &out);
+    // east's web-0 is meshed: the gateway reaches its proxy over mTLS as the gateway.
+    let inbound = [
+        label("direction", "inbound"),
+        label("tls", "true"),
+        label("client_id", &gw),
+    ];
+    let inbound = inbound.each_ref().map(String::as_str);
+    let in_before = env.web.metrics().await?.sum("request_total", &inbound);
     let headers_before = gateway_headers(&env, "").await;
 
     let a = curl(env.west_client.host(), &[&format!("http://{ip}/")]).await?;
@@ -667,18 +675,12 @@ async fn multicluster_http(env: Arc<Env>) -> Result<()> {
         a.field("name") == Some("web-0"),
         "east's web-0 answers: {a:?}"
     );
-    // What east's Pod learnt of the caller (the gateway dials it as it sees fit): shown, not
-    // asserted.
-    eprintln!(
-        "east's app saw l5d-client-id={:?} through the gateway; web-0's inbound requests:\n{}",
-        a.field("client-id"),
-        env.web
-            .metrics()
-            .await?
-            .samples("request_total", &[&label("direction", "inbound")])
-            .join("\n")
+    ensure!(
+        a.field("client-id") == Some(gw.as_str()),
+        "east's app is told by its proxy that the gateway called: {a:?}"
     );
     grows(&env.west_client, "response_total", &out, out_before).await?;
+    grows(&env.web, "request_total", &inbound, in_before).await?;
     wait_for(
         "the gateway to count a transport-header connection",
         WAIT,
