@@ -143,7 +143,7 @@ impl Dialer {
 mod tests {
     use std::time::Duration;
 
-    use proxy_identity::{TrustAnchors, ca};
+    use proxy_identity::testing::TestPki;
     use tokio::{io::AsyncReadExt, net::TcpListener};
 
     use super::*;
@@ -151,30 +151,12 @@ mod tests {
     const SERVER: &str = "web.shop.serviceaccount.identity.linkerd.cluster.local";
     const CLIENT: &str = "gw.mc.serviceaccount.identity.linkerd.cluster.local";
 
-    fn creds(signer: &ca::Signer, anchor: &ca::CertKey, id: &str) -> Arc<Credentials> {
-        let id = Id::parse(id).unwrap();
-        let creds = Credentials::new(
-            id.clone(),
-            TrustAnchors::from_pem(&anchor.cert_pem).unwrap(),
-        );
-        let (leaf, key) = signer.issue(&id, Duration::from_secs(600)).unwrap();
-        creds
-            .install(leaf, vec![signer.cert_der().to_vec()], &key)
-            .unwrap();
-        creds
-    }
-
     /// A server with `server`'s certificate that answers each connection with the client's
     /// identity and what it read, and one client dialler with `client`'s.
     async fn pair(server: &str, client: &str) -> (SocketAddr, Dialer) {
-        tls::install_default_provider();
-        let anchor = ca::new_anchor("root", Duration::from_secs(600)).unwrap();
-        let issuer = ca::new_issuer(&anchor, "issuer", Duration::from_secs(600)).unwrap();
-        let signer = ca::Signer::from_pem(&issuer.cert_pem, &issuer.key_pem).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(
-            &creds(&signer, &anchor, server),
-            &[PROTOCOL],
-        ));
+        let pki = TestPki::new();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls::server_config(&pki.creds(server), &[PROTOCOL]));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -194,7 +176,7 @@ mod tests {
                 });
             }
         });
-        let dialer = Dialer::new(&creds(&signer, &anchor, client), Duration::from_secs(5));
+        let dialer = Dialer::new(&pki.creds(client), Duration::from_secs(5));
         (addr, dialer)
     }
 
