@@ -27,8 +27,6 @@ use crate::{
 /// How long a component may take to become ready. Generous: two clusters starting at once on a
 /// loaded two-core CI machine take about 10 s; a cold page cache can triple that.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often readiness is polled.
-const POLL: Duration = Duration::from_millis(100);
 /// How many times start-up is retried when another process took a port between the harness
 /// choosing it and the component binding it.
 const PORT_ATTEMPTS: usize = 3;
@@ -412,42 +410,16 @@ impl Cluster {
         &mut self,
         component: Component,
         what: &'static str,
-        mut probe: F,
+        probe: F,
     ) -> Result<(), Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<()>>,
     {
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if probe().await.is_some() {
-                return Ok(());
-            }
-            let cluster = self.name.clone();
-            let proc = self.process_mut(component);
-            if let Some(status) = proc.exited() {
-                let err = Error::Exited {
-                    cluster,
-                    component: proc.name(),
-                    status: status.to_string(),
-                    log: proc.log_path().to_owned(),
-                    tail: proc.log_tail(),
-                };
-                proc.kill();
-                return Err(err);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::NotReady {
-                    cluster,
-                    component: proc.name(),
-                    what,
-                    secs: READY_TIMEOUT.as_secs(),
-                    log: proc.log_path().to_owned(),
-                    tail: proc.log_tail(),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let cluster = self.name.clone();
+        self.process_mut(component)
+            .wait_ready(&cluster, what, READY_TIMEOUT, probe)
+            .await
     }
 
     /// The Node that test Pods run on. The EndpointSlice controller skips Pods whose Node does

@@ -200,40 +200,24 @@ impl CoreDns {
     /// synced) and a query for the cluster zone's SOA is answered on the DNS address (which the
     /// listeners may bind a moment after the `ready` server).
     async fn wait_ready(&mut self, ready: SocketAddr) -> Result<(), Error> {
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let (cluster, addr) = (self.cluster.clone(), self.addr);
         let zone = format!("{CLUSTER_DOMAIN}.");
-        loop {
-            if http_get(ready, "/ready")
-                .await
-                .is_ok_and(|(code, _)| code == 200)
-                && self
-                    .query(&zone, RecordType::SOA, Transport::Udp)
-                    .await
-                    .is_ok_and(|m| !m.answers.is_empty())
-            {
-                return Ok(());
-            }
-            if let Some(status) = self.process.exited() {
-                return Err(Error::Exited {
-                    cluster: self.cluster.clone(),
-                    component: "coredns",
-                    status: status.to_string(),
-                    log: self.process.log_path().to_owned(),
-                    tail: self.process.log_tail(),
-                });
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::NotReady {
-                    cluster: self.cluster.clone(),
-                    component: "coredns",
-                    what: "/ready to answer 200 and the cluster zone's SOA to be served",
-                    secs: READY_TIMEOUT.as_secs(),
-                    log: self.process.log_path().to_owned(),
-                    tail: self.process.log_tail(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let zone = &zone;
+        let cluster_name = &cluster;
+        self.process
+            .wait_ready(
+                &cluster,
+                "/ready to answer 200 and the cluster zone's SOA to be served",
+                READY_TIMEOUT,
+                || async move {
+                    let up = http_get(ready, "/ready").await.ok()?.0 == 200;
+                    let soa = query_at(cluster_name, addr, zone, RecordType::SOA, Transport::Udp)
+                        .await
+                        .ok()?;
+                    (up && !soa.answers.is_empty()).then_some(())
+                },
+            )
+            .await
     }
 
     /// Where it serves DNS (UDP and TCP).
@@ -264,42 +248,53 @@ impl CoreDns {
         record_type: RecordType,
         transport: Transport,
     ) -> Result<Message, Error> {
-        let mut fqdn = Name::from_ascii(name)
-            .map_err(|e| Error::Invalid(format!("DNS name {name:?}: {e}")))?;
-        fqdn.set_fqdn(true);
-        let mut request = Message::query();
-        request.metadata.recursion_desired = true;
-        request.add_query(Query::query(fqdn, record_type));
-        let bytes = request
-            .to_vec()
-            .map_err(|e| Error::Invalid(format!("encoding a query for {name}: {e}")))?;
-        let exchange = async {
-            match transport {
-                Transport::Udp => udp_exchange(self.addr, &bytes).await,
-                Transport::Tcp => tcp_exchange(self.addr, &bytes).await,
-            }
-        };
-        let io = |source| Error::Io {
-            cluster: self.cluster.clone(),
-            source,
-        };
-        let reply = tokio::time::timeout(QUERY_TIMEOUT, exchange)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: format!("CoreDNS at {} to answer {name} {record_type}", self.addr),
-                secs: QUERY_TIMEOUT.as_secs(),
-            })?
-            .map_err(io)?;
-        let reply = Message::from_vec(&reply)
-            .map_err(|e| Error::Invalid(format!("CoreDNS's answer for {name}: {e}")))?;
-        if reply.metadata.id != request.metadata.id {
-            return Err(Error::Invalid(format!(
-                "CoreDNS answered query {} with id {}",
-                request.metadata.id, reply.metadata.id
-            )));
-        }
-        Ok(reply)
+        query_at(&self.cluster, self.addr, name, record_type, transport).await
     }
+}
+
+/// One query to the CoreDNS of `cluster` at `addr`; its whole answer.
+async fn query_at(
+    cluster: &str,
+    addr: SocketAddr,
+    name: &str,
+    record_type: RecordType,
+    transport: Transport,
+) -> Result<Message, Error> {
+    let mut fqdn =
+        Name::from_ascii(name).map_err(|e| Error::Invalid(format!("DNS name {name:?}: {e}")))?;
+    fqdn.set_fqdn(true);
+    let mut request = Message::query();
+    request.metadata.recursion_desired = true;
+    request.add_query(Query::query(fqdn, record_type));
+    let bytes = request
+        .to_vec()
+        .map_err(|e| Error::Invalid(format!("encoding a query for {name}: {e}")))?;
+    let exchange = async {
+        match transport {
+            Transport::Udp => udp_exchange(addr, &bytes).await,
+            Transport::Tcp => tcp_exchange(addr, &bytes).await,
+        }
+    };
+    let io = |source| Error::Io {
+        cluster: cluster.to_owned(),
+        source,
+    };
+    let reply = tokio::time::timeout(QUERY_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("CoreDNS at {addr} to answer {name} {record_type}"),
+            secs: QUERY_TIMEOUT.as_secs(),
+        })?
+        .map_err(io)?;
+    let reply = Message::from_vec(&reply)
+        .map_err(|e| Error::Invalid(format!("CoreDNS's answer for {name}: {e}")))?;
+    if reply.metadata.id != request.metadata.id {
+        return Err(Error::Invalid(format!(
+            "CoreDNS answered query {} with id {}",
+            request.metadata.id, reply.metadata.id
+        )));
+    }
+    Ok(reply)
 }
 
 /// The `coredns` binary: `$MESHLINK_COREDNS_BIN_DIR/coredns`, or what `e2e/coredns/build.sh`

@@ -4,6 +4,7 @@
 use std::{
     ffi::OsString,
     fs::{File, OpenOptions},
+    future::Future,
     io::{Read, Seek, SeekFrom},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -13,6 +14,8 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
+/// How often [`Process::wait_ready`] probes.
+const POLL: Duration = Duration::from_millis(100);
 /// How many lines of a component's log an error shows.
 const LOG_TAIL_LINES: usize = 25;
 
@@ -130,6 +133,50 @@ impl Process {
     /// The last lines of the process's log, for error messages.
     pub(crate) fn log_tail(&self) -> String {
         log_tail(&self.log, LOG_TAIL_LINES)
+    }
+
+    /// Polls `probe` every [`POLL`] until it says the process is ready (`Some`), for at most
+    /// `timeout`. A process that exits meanwhile ends the wait at once, with its log; one that
+    /// never gets ready is an error naming `what` it waited for.
+    pub(crate) async fn wait_ready<F, Fut>(
+        &mut self,
+        cluster: &str,
+        what: &'static str,
+        timeout: Duration,
+        mut probe: F,
+    ) -> Result<(), crate::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<()>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if probe().await.is_some() {
+                return Ok(());
+            }
+            if let Some(status) = self.exited() {
+                let err = crate::Error::Exited {
+                    cluster: cluster.to_owned(),
+                    component: self.name,
+                    status: status.to_string(),
+                    log: self.log.clone(),
+                    tail: self.log_tail(),
+                };
+                self.kill();
+                return Err(err);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::Error::NotReady {
+                    cluster: cluster.to_owned(),
+                    component: self.name,
+                    what,
+                    secs: timeout.as_secs(),
+                    log: self.log.clone(),
+                    tail: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 }
 

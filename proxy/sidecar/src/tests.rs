@@ -557,9 +557,9 @@ async fn balancer_prefers_fast_endpoints_and_forgets_removed_ones() {
                 let addr = ep.addr;
                 async move {
                     if addr.ip().to_string().ends_with(".2") {
-                        // The slow endpoint's own latency, which peak-EWMA measures (paused
-                        // time: nothing waits for real); not a wait for the test's sake.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // The slow endpoint's own latency, which peak-EWMA measures: the paused
+                        // clock moves on by 50 ms while it answers (nothing waits for real).
+                        tokio::time::advance(Duration::from_millis(50)).await;
                     }
                     Ok::<_, Infallible>(addr)
                 }
