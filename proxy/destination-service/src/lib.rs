@@ -72,11 +72,12 @@ pub async fn serve(
         keep_alive_interval: Duration::from_secs(10),
         client_auth: ClientAuth::RequiredExceptLoopback,
     };
-    proxy_transport::serve_h2(
+    proxy_transport::serve_tls(
         addr,
         proxy_identity::tls::server_config(creds, &[b"h2"]),
         router,
         server,
+        proxy_transport::Protocol::Http2,
         cancel,
     )
     .await

@@ -62,11 +62,12 @@ pub async fn serve_with<S: Identity>(
     deadlines: CallDeadlines,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
-    proxy_transport::serve_h2(
+    proxy_transport::serve_tls(
         addr,
         tls::server_config(&creds, &[b"h2"]),
         WithDeadlines::new(service, deadlines),
         limits,
+        proxy_transport::Protocol::Http2,
         cancel,
     )
     .await

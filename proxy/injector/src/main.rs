@@ -117,7 +117,8 @@ async fn main() -> Result<()> {
         }
     });
 
-    let (in_place_tx, in_place_rx) = watch::channel(false);
+    // Readiness does not wait for the bundle to be in place: the configuration may be applied
+    // after the injector starts, and the API server reaches only ready endpoints.
     let keep_bundle = tokio::spawn(proxy_injector::keep_ca_bundle(
         Api::<MutatingWebhookConfiguration>::all(client.clone()),
         Target {
@@ -126,12 +127,8 @@ async fn main() -> Result<()> {
             service_name: args.service.clone(),
         },
         bundle_rx,
-        in_place_tx,
         cancel.clone(),
     ));
-    // Logged as it changes; readiness does not wait for it (the configuration may be applied
-    // after the injector starts, and the API server reaches only ready endpoints).
-    drop(in_place_rx);
 
     let renew = tokio::spawn({
         let cancel = cancel.clone();

@@ -69,12 +69,11 @@ pub fn ca_bundle_patch(
 }
 
 /// Watches the configuration and patches its CA bundle to the latest of `bundle` until
-/// `cancel` fires. `in_place` reports whether the configuration carries it now.
+/// `cancel` fires.
 pub async fn keep_ca_bundle(
     api: Api<MutatingWebhookConfiguration>,
     target: Target,
     mut bundle: watch::Receiver<String>,
-    in_place: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     let config =
@@ -91,7 +90,6 @@ pub async fn keep_ca_bundle(
                 Some(Ok(watcher::Event::Delete(_))) => {
                     tracing::warn!(configuration = %target.configuration, "the MutatingWebhookConfiguration was deleted: no Pod is injected until it is applied again (meshlink install)");
                     last = None;
-                    in_place.send_replace(false);
                     continue;
                 }
                 Some(Ok(watcher::Event::Init)) => continue,
@@ -113,7 +111,6 @@ pub async fn keep_ca_bundle(
         let Some(current) = &last else { continue };
         let pem = bundle.borrow().clone();
         let Some(patch) = ca_bundle_patch(current, &target, &pem) else {
-            in_place.send_replace(true);
             backoff = retry_backoff();
             continue;
         };
@@ -124,8 +121,6 @@ pub async fn keep_ca_bundle(
         {
             Ok(patched) => {
                 tracing::info!(configuration = %target.configuration, "CA bundle patched into the MutatingWebhookConfiguration");
-                let done = ca_bundle_patch(&patched, &target, &pem).is_none();
-                in_place.send_replace(done);
                 last = Some(patched);
                 backoff = retry_backoff();
             }

@@ -10,9 +10,9 @@
 //! [`Tracked`]/[`Activity`] (byte and idle accounting), and [`files`] (the connection limit
 //! fitted under the open-file limit).
 //!
-//! For the control-plane services: [`serve_h2`], one bounded accept loop that terminates TLS 1.3
-//! and serves HTTP/2 (gRPC) until cancelled, then drains; [`serve_tls`] the same with HTTP/1.1
-//! too (the injector webhook).
+//! For the control-plane services: [`serve_tls`], one bounded accept loop that terminates TLS 1.3
+//! and serves HTTP/2 (gRPC), or HTTP/1.1 too (the injector webhook), until cancelled, then
+//! drains.
 //!
 //! Every listener built on it gets the same protections: at most
 //! [`ServerLimits::max_connections`] connections at once (the next client waits in the
@@ -112,31 +112,9 @@ pub enum Protocol {
     Http1And2,
 }
 
-/// Binds `addr`; the returned future serves `service` over HTTP/2 until `cancel` fires, then
+/// Binds `addr`; the returned future serves `service` in `protocol` until `cancel` fires, then
 /// drains every connection gracefully (in-flight calls finish; the caller bounds how long with
 /// a timeout).
-pub async fn serve_h2<S, B>(
-    addr: SocketAddr,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
-    service: S,
-    limits: ServerLimits,
-    cancel: CancellationToken,
-) -> Result<(SocketAddr, impl Future<Output = ()>), BindError>
-where
-    S: tower_service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_tls(addr, tls, service, limits, Protocol::Http2, cancel).await
-}
-
-/// Like [`serve_h2`], speaking `protocol`.
 pub async fn serve_tls<S, B>(
     addr: SocketAddr,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
