@@ -32,6 +32,19 @@ pub fn strip_keeping_upgrade(headers: &mut HeaderMap) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
+/// Hop-by-hop hygiene for a request a proxy passes on: an upgrade keeps `Upgrade` and its
+/// client's side is taken now, before the request goes on, to be [`splice`]d when the answer is
+/// `101`; any other request loses every hop-by-hop header.
+pub fn take<B>(req: &mut Request<B>) -> Option<OnUpgrade> {
+    if is_upgrade(req) {
+        strip_keeping_upgrade(req.headers_mut());
+        Some(hyper::upgrade::on(req))
+    } else {
+        crate::headers::strip_hop_by_hop(req.headers_mut());
+        None
+    }
+}
+
 /// Joins the client's upgraded connection (`downstream`, taken from its request before it was
 /// sent on) with the far side's, once `rsp` says `101`: in a task of its own, until either side
 /// closes. Any other answer leaves both as they are.

@@ -528,13 +528,7 @@ impl Conn {
         }
         // The peer's upgrade undone: the application gets the version its client spoke.
         let orig = OrigProto::downgrade(&mut req);
-        let downstream = if proxy_http::upgrade::is_upgrade(&req) {
-            proxy_http::upgrade::strip_keeping_upgrade(req.headers_mut());
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            proxy_http::strip_hop_by_hop(req.headers_mut());
-            None
-        };
+        let downstream = proxy_http::upgrade::take(&mut req);
         // Only a verified identity reaches the application; a client's own claim never does.
         match &self.client_id {
             Some(id) => proxy_http::set_client_id(req.headers_mut(), id.as_str()),

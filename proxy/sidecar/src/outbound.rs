@@ -304,13 +304,7 @@ impl Outbound {
         }
         // An upgrade (WebSocket) keeps its Upgrade header; the client's side of it is taken now,
         // before the request goes on, and joined to the endpoint's when it answers 101.
-        let downstream = if proxy_http::upgrade::is_upgrade(&req) {
-            proxy_http::upgrade::strip_keeping_upgrade(req.headers_mut());
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            proxy_http::strip_hop_by_hop(req.headers_mut());
-            None
-        };
+        let downstream = proxy_http::upgrade::take(&mut req);
         if absolute_form {
             req.extensions_mut().insert(AbsoluteForm);
         }
