@@ -163,9 +163,8 @@ pub(crate) struct PodFact {
     pub namespace_annotations: BTreeMap<String, String>,
 }
 
-#[cfg(test)]
 impl Facts {
-    /// Nothing installed, nothing linked.
+    /// Nothing installed, nothing linked: what `gather` starts from.
     pub(crate) fn empty() -> Self {
         Self {
             now: Timestamp::UNIX_EPOCH,
@@ -891,41 +890,76 @@ fn explain(c: &LinkCondition) -> String {
     }
 }
 
-/// Each Link's controller reports its target's API server reachable (status condition
-/// RemoteReachable); a Link whose controller is not running has no current status and is
-/// skipped.
-pub(crate) fn remotes_reachable(
+/// What a check of one Link status condition says about a Link.
+struct ConditionCheck<'a> {
+    type_: &'a str,
+    /// Why the condition does not apply to a Link (`None`: it does).
+    not_applicable: fn(&Link) -> Option<String>,
+    /// What a Link whose controller is not running means for this condition.
+    not_served: &'a str,
+    ok: fn(&Link) -> String,
+    bad: fn(&Link, &LinkCondition) -> String,
+}
+
+/// Each valid Link's condition as its running controller reports it: a Link whose controller
+/// is not running has no current status and is skipped.
+fn link_conditions(
     links: &Fetched<Vec<RawLink>>,
     leases: &BTreeMap<String, Fetched<Vec<LeaseFact>>>,
     now: Timestamp,
+    check: &ConditionCheck<'_>,
 ) -> Outcome {
     let items = valid_links(links)
         .into_iter()
         .map(|(raw, link)| {
             let name = &raw.name;
-            if serving(raw, leases, now).is_err() {
-                return Item::Skipped(format!(
-                    "* {name}: no controller is running, so its status is not current"
-                ));
+            if let Some(why) = (check.not_applicable)(link) {
+                return Item::Skipped(format!("* {name}: {why}"));
             }
-            match condition(link, CONDITION_REMOTE_REACHABLE) {
-                Some(c) if c.status == ConditionStatus::True => Item::Ok(format!(
-                    "* {name}: {} reachable",
-                    link.spec.target_cluster_name
-                )),
-                Some(c) => Item::Bad(format!(
-                    "* {name}: RemoteReachable is {:?} since {}: {}",
-                    c.status,
-                    c.last_transition_time.0,
-                    explain(c)
-                )),
+            if serving(raw, leases, now).is_err() {
+                return Item::Skipped(format!("* {name}: {}", check.not_served));
+            }
+            match condition(link, check.type_) {
+                Some(c) if c.status == ConditionStatus::True => {
+                    Item::Ok(format!("* {name}: {}", (check.ok)(link)))
+                }
+                Some(c) => Item::Bad(format!("* {name}: {}", (check.bad)(link, c))),
                 None => Item::Bad(format!(
-                    "* {name}: its controller has not reported RemoteReachable yet"
+                    "* {name}: its controller has not reported {} yet",
+                    check.type_
                 )),
             }
         })
         .collect();
     combine(items, NO_LINKS)
+}
+
+/// Each Link's controller reports its target's API server reachable (status condition
+/// RemoteReachable).
+pub(crate) fn remotes_reachable(
+    links: &Fetched<Vec<RawLink>>,
+    leases: &BTreeMap<String, Fetched<Vec<LeaseFact>>>,
+    now: Timestamp,
+) -> Outcome {
+    link_conditions(
+        links,
+        leases,
+        now,
+        &ConditionCheck {
+            type_: CONDITION_REMOTE_REACHABLE,
+            not_applicable: |_| None,
+            not_served: "no controller is running, so its status is not current",
+            ok: |link| format!("{} reachable", link.spec.target_cluster_name),
+            bad: |_, c| {
+                format!(
+                    "RemoteReachable is {:?} since {}: {}",
+                    c.status,
+                    c.last_transition_time.0,
+                    explain(c)
+                )
+            },
+        },
+    )
 }
 
 /// Each Link with a probed gateway reports it alive (status condition GatewayAlive).
@@ -934,48 +968,38 @@ pub(crate) fn gateways_alive(
     leases: &BTreeMap<String, Fetched<Vec<LeaseFact>>>,
     now: Timestamp,
 ) -> Outcome {
-    let items = valid_links(links)
-        .into_iter()
-        .map(|(raw, link)| {
-            let name = &raw.name;
-            if link.spec.gateway_address.is_empty() || link.spec.probe_spec.path.is_empty() {
-                return Item::Skipped(format!(
-                    "* {name}: no gateway probe (remote discovery only)"
-                ));
-            }
-            if serving(raw, leases, now).is_err() {
-                return Item::Skipped(format!(
-                    "* {name}: no controller is running, so nothing probes its gateway"
-                ));
-            }
-            match condition(link, CONDITION_GATEWAY_ALIVE) {
-                Some(c) if c.status == ConditionStatus::True => {
-                    let latency = link
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.gateway.as_ref()?.latency_milliseconds)
-                        .map(|ms| format!(", latency {ms}ms"))
-                        .unwrap_or_default();
-                    Item::Ok(format!(
-                        "* {name}: gateway {} alive{latency}",
-                        link.spec.gateway_address
-                    ))
-                }
-                Some(c) => Item::Bad(format!(
-                    "* {name}: the gateway at {}:{} (probe port {}) is not alive since {}: {}",
+    link_conditions(
+        links,
+        leases,
+        now,
+        &ConditionCheck {
+            type_: CONDITION_GATEWAY_ALIVE,
+            not_applicable: |link| {
+                (link.spec.gateway_address.is_empty() || link.spec.probe_spec.path.is_empty())
+                    .then(|| "no gateway probe (remote discovery only)".to_owned())
+            },
+            not_served: "no controller is running, so nothing probes its gateway",
+            ok: |link| {
+                let latency = link
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.gateway.as_ref()?.latency_milliseconds)
+                    .map(|ms| format!(", latency {ms}ms"))
+                    .unwrap_or_default();
+                format!("gateway {} alive{latency}", link.spec.gateway_address)
+            },
+            bad: |link, c| {
+                format!(
+                    "the gateway at {}:{} (probe port {}) is not alive since {}: {}",
                     link.spec.gateway_address,
                     link.spec.gateway_port,
                     link.spec.probe_spec.port,
                     c.last_transition_time.0,
                     explain(c)
-                )),
-                None => Item::Bad(format!(
-                    "* {name}: its controller has not reported GatewayAlive yet"
-                )),
-            }
-        })
-        .collect();
-    combine(items, NO_LINKS)
+                )
+            },
+        },
+    )
 }
 
 fn has(map: &BTreeMap<String, String>, key: &str) -> bool {

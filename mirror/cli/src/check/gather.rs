@@ -99,20 +99,13 @@ async fn call<T>(call: impl Future<Output = Result<T, kube::Error>>) -> Fetched<
 
 /// Reads every fact.
 pub(crate) async fn facts(client: &Client) -> Facts {
+    // The time, Links, readiness, Leases and mirrors are read by `refresh`.
     let mut facts = Facts {
-        now: Timestamp::now(),
         trust_roots: trust_roots(client, LINKERD_NAMESPACE).await,
         issuer: issuer(client).await,
-        destination: Ok(None),
-        gateway: Ok(None),
         injector_webhook: webhook(client).await,
-        injector_dry_run: None,
-        links: Ok(Vec::new()),
-        remotes: BTreeMap::new(),
-        rbac: BTreeMap::new(),
-        leases: BTreeMap::new(),
-        mirrors: Ok(Vec::new()),
         pods: pods(client).await,
+        ..Facts::empty()
     };
     refresh(client, &mut facts).await;
     let mut reviewed: BTreeMap<String, AccountAccess> = BTreeMap::new();
