@@ -80,68 +80,46 @@ pub struct InstallArgs {
     /// This cluster's issuer key.
     #[arg(long, value_name = "PATH", requires = "identity_trust_anchors_file")]
     identity_issuer_key_file: Option<PathBuf>,
-    /// The trust domain of this cluster's identities (with a per-cluster issuer from
-    /// `meshlink identity issuer --cluster <name>`: <name>.cluster.local).
-    #[arg(long, default_value = MANIFEST_TRUST_DOMAIN)]
-    identity_trust_domain: String,
-    /// Install the multicluster gateway (a cluster others link to needs it).
-    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
-    gateway: bool,
-    /// The gateway Service's port for cross-cluster traffic.
-    #[arg(long, default_value_t = 4143)]
-    gateway_port: u16,
-    /// How often linked clusters probe the gateway, in seconds.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=3600))]
-    gateway_probe_seconds: u32,
-    /// The gateway Service's port for probes.
-    #[arg(long, default_value_t = 4191)]
-    gateway_probe_port: u16,
-    /// The gateway Service's type.
-    #[arg(long, value_enum, default_value_t = ServiceType::LoadBalancer)]
-    gateway_service_type: ServiceType,
-    /// High availability: three replicas of each Deployment, spread over nodes, with a
-    /// PodDisruptionBudget.
-    #[arg(long)]
-    ha: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 /// What the flags ask for, apart from identity material.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
+    /// The trust domain of this cluster's identities (with a per-cluster issuer from
+    /// `meshlink identity issuer --cluster <name>`: <name>.cluster.local).
+    #[arg(long = "identity-trust-domain", default_value = MANIFEST_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Install the multicluster gateway (a cluster others link to needs it).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     pub gateway: bool,
+    /// The gateway Service's port for cross-cluster traffic.
+    #[arg(long, default_value_t = 4143)]
     pub gateway_port: u16,
+    /// How often linked clusters probe the gateway, in seconds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub gateway_probe_seconds: u32,
+    /// The gateway Service's port for probes.
+    #[arg(long, default_value_t = 4191)]
     pub gateway_probe_port: u16,
+    /// The gateway Service's type.
+    #[arg(long, value_enum, default_value_t = ServiceType::LoadBalancer)]
     pub gateway_service_type: ServiceType,
+    /// High availability: three replicas of each Deployment, spread over nodes, with a
+    /// PodDisruptionBudget.
+    #[arg(long)]
     pub ha: bool,
 }
 
 impl Default for Settings {
+    /// What `meshlink install` does without flags.
     fn default() -> Self {
-        Self {
-            trust_domain: MANIFEST_TRUST_DOMAIN.to_owned(),
-            gateway: true,
-            gateway_port: 4143,
-            gateway_probe_seconds: 3,
-            gateway_probe_port: 4191,
-            gateway_service_type: ServiceType::LoadBalancer,
-            ha: false,
-        }
-    }
-}
-
-impl InstallArgs {
-    fn settings(&self) -> Settings {
-        Settings {
-            trust_domain: self.identity_trust_domain.clone(),
-            gateway: self.gateway,
-            gateway_port: self.gateway_port,
-            gateway_probe_seconds: self.gateway_probe_seconds,
-            gateway_probe_port: self.gateway_probe_port,
-            gateway_service_type: self.gateway_service_type,
-            ha: self.ha,
-        }
+        <Self as clap::FromArgMatches>::from_arg_matches(
+            &<Self as Args>::augment_args(clap::Command::new("install"))
+                .get_matches_from(["install"]),
+        )
+        .expect("every setting has a default")
     }
 }
 
@@ -151,7 +129,7 @@ fn read(path: &std::path::Path, flag: &str) -> Result<String> {
 
 /// The manifests for this cluster; notes for the user go to `notes` (stderr).
 pub fn run(args: &InstallArgs, notes: &mut impl Write) -> Result<Vec<Value>> {
-    let settings = args.settings();
+    let settings = &args.settings;
     proxy_identity::Id::parse(&settings.trust_domain).with_context(|| {
         format!(
             "--identity-trust-domain {:?} must be a DNS name",
@@ -199,7 +177,7 @@ pub fn run(args: &InstallArgs, notes: &mut impl Write) -> Result<Vec<Value>> {
             )?
         }
     };
-    render(&settings, identity)
+    render(settings, identity)
 }
 
 /// Parses one embedded manifest file.
@@ -636,13 +614,10 @@ mod tests {
             identity_trust_anchors_file: None,
             identity_issuer_certificate_file: None,
             identity_issuer_key_file: None,
-            identity_trust_domain: "west.cluster.local".into(),
-            gateway: true,
-            gateway_port: 4143,
-            gateway_probe_seconds: 3,
-            gateway_probe_port: 4191,
-            gateway_service_type: ServiceType::LoadBalancer,
-            ha: false,
+            settings: Settings {
+                trust_domain: "west.cluster.local".into(),
+                ..Settings::default()
+            },
         };
         let mut notes = Vec::new();
         let docs = run(&args, &mut notes).unwrap();
@@ -679,13 +654,10 @@ mod tests {
             identity_trust_anchors_file: Some(write("ca.crt", &anchor.cert_pem)),
             identity_issuer_certificate_file: Some(write("issuer.crt", &issuer.cert_pem)),
             identity_issuer_key_file: Some(write("issuer.key", &issuer.key_pem)),
-            identity_trust_domain: MANIFEST_TRUST_DOMAIN.into(),
-            gateway: true,
-            gateway_port: 4143,
-            gateway_probe_seconds: 3,
-            gateway_probe_port: 4191,
-            gateway_service_type: ServiceType::LoadBalancer,
-            ha: false,
+            settings: Settings {
+                trust_domain: MANIFEST_TRUST_DOMAIN.into(),
+                ..Settings::default()
+            },
         };
         let error = format!("{:#}", run(&args, &mut Vec::new()).unwrap_err());
         assert!(
