@@ -492,19 +492,39 @@ async fn refused_tcp_is_closed() {
     assert!(text(&metrics).contains("inbound_tcp_authz_deny_total"));
 }
 
+/// A server-speaks-first application (SMTP, a database): it greets each client at once.
+async fn banner_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(GREETING).await.unwrap();
+        let _ = tcp.read(&mut [0u8; 16]).await;
+    });
+    addr
+}
+
+const GREETING: &[u8] = b"220 ready\r\n";
+
+/// A client of `proxy` that sends nothing gets the banner server's greeting, well before the
+/// detect timeout (60 s in these tests) would have let it through.
+async fn greeted(proxy: SocketAddr) {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    let mut buf = [0u8; GREETING.len()];
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut buf))
+        .await
+        .expect("the greeting came before the detect timeout")
+        .unwrap();
+    assert_eq!(&buf, GREETING);
+}
+
 /// A server-speaks-first protocol on a port discovery marks opaque: the client's proxy does not
 /// wait for the client's first bytes, so the server's greeting arrives (detection would hold the
 /// connection for the detect timeout, 60 s here, first).
 #[tokio::test]
 async fn opaque_ports_skip_detection() {
     let pki = TestPki::new();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let banner = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        tcp.write_all(b"220 ready\r\n").await.unwrap();
-        let _ = tcp.read(&mut [0u8; 16]).await;
-    });
+    let banner = banner_server().await;
     let answers = Answers {
         opaque: true,
         ..Answers::default()
@@ -516,13 +536,7 @@ async fn opaque_ports_skip_detection() {
         ..Default::default()
     });
     let (outbound, metrics) = client_proxy(&pki, answers, Duration::from_secs(3)).await;
-    let mut tcp = TcpStream::connect(outbound).await.unwrap();
-    let mut buf = [0u8; 11];
-    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut buf))
-        .await
-        .expect("the greeting came before the detect timeout")
-        .unwrap();
-    assert_eq!(&buf, b"220 ready\r\n");
+    greeted(outbound).await;
     let out = text(&metrics);
     assert!(
         out.contains(r#"tcp_open_total{direction="outbound""#)
@@ -726,13 +740,7 @@ async fn the_application_gets_pooled_connections() {
 #[tokio::test]
 async fn inbound_opaque_ports_let_the_server_speak_first() {
     let pki = TestPki::new();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let banner = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        tcp.write_all(b"220 ready\r\n").await.unwrap();
-        let _ = tcp.read(&mut [0u8; 16]).await;
-    });
+    let banner = banner_server().await;
     let (inbound, _) = server_proxy_with(
         &pki,
         banner,
@@ -741,13 +749,7 @@ async fn inbound_opaque_ports_let_the_server_speak_first() {
         vec![banner.port()],
     )
     .await;
-    let mut tcp = TcpStream::connect(inbound).await.unwrap();
-    let mut buf = [0u8; 11];
-    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut buf))
-        .await
-        .expect("the greeting came before the detect timeout")
-        .unwrap();
-    assert_eq!(&buf, b"220 ready\r\n");
+    greeted(inbound).await;
 }
 
 /// An endpoint that does not answer the connection attempt within the connect timeout is a
