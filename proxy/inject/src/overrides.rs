@@ -16,7 +16,9 @@ use crate::{
     },
 };
 
-/// The inbound policies Linkerd's proxy (and meshlink-proxy's `DefaultPolicy`) accept.
+/// The inbound policies Linkerd's proxy (and meshlink-proxy's `DefaultPolicy`) accept; a test
+/// holds them to the proxy's list, which this crate cannot depend on (it is the control-plane
+/// client, with gRPC).
 pub const INBOUND_POLICIES: [&str; 6] = [
     "all-unauthenticated",
     "all-authenticated",
@@ -351,6 +353,12 @@ pub fn is_cidr(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The policies the injector accepts are exactly those the proxy reads, in its order.
+    #[test]
+    fn inbound_policies_are_the_proxys() {
+        assert_eq!(INBOUND_POLICIES, proxy_discovery::DefaultPolicy::NAMES);
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
