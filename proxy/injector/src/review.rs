@@ -65,22 +65,14 @@ pub fn review(
     };
     match inject_pod_spec(&ctx, metadata, spec, config) {
         Ok(Outcome::Injected) => {
-            let (Ok(before), Ok(after)) =
-                (serde_json::to_value(original), serde_json::to_value(&pod))
-            else {
-                let why = "the Pod cannot be serialized".to_owned();
-                return (
-                    admit.deny(&why),
-                    Decision::Refused {
-                        label: "serialize",
-                        why,
-                    },
-                );
-            };
-            match admit.clone().with_patch(json_patch::diff(&before, &after)) {
+            let patched = serde_json::to_value(original)
+                .and_then(|before| Ok(json_patch::diff(&before, &serde_json::to_value(&pod)?)))
+                .map_err(|e| e.to_string())
+                .and_then(|patch| admit.clone().with_patch(patch).map_err(|e| e.to_string()));
+            match patched {
                 Ok(response) => (response, Decision::Injected),
                 Err(error) => {
-                    let why = format!("the patch cannot be serialized: {error}");
+                    let why = format!("the patch cannot be written: {error}");
                     (
                         admit.deny(&why),
                         Decision::Refused {
