@@ -22,7 +22,7 @@ use crate::{
     destination::start_destination,
     kubelet::run_deployment_pod,
     mesh::{self, GatewaySettings, cli, service_account_kubeconfig, start_identity, trust_domain},
-    meshlink::{Program, free_port, start_mirror, workspace_binary},
+    meshlink::{Program, start_mirror, workspace_binary},
     netns::Host,
 };
 
@@ -289,11 +289,6 @@ pub async fn pods_of(
         .list(&kube::api::ListParams::default().labels(&format!("app={app}")))
         .await?
         .items)
-}
-
-/// Free port on loopback, re-exported for tests that need one next to the injector.
-pub fn port() -> Result<u16> {
-    Ok(free_port()?)
 }
 
 /// One cluster as a user installs it: `meshlink install` (with the issuer `pki/<cluster>` and
