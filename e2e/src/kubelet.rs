@@ -230,13 +230,10 @@ pub async fn resolve(
         .collect();
     let mut out = Vec::new();
     for (name, value) in env {
-        let value = if name.ends_with("_SVC_ADDR") {
-            match service_endpoint(cluster, &value).await? {
-                Some(addr) => addr.to_string(),
-                None => value,
-            }
-        } else {
-            under_mounts(&value, &mounts)
+        // Any value that is a Service's address, whatever the variable.
+        let value = match service_endpoint(cluster, &value).await? {
+            Some(addr) => addr.to_string(),
+            None => under_mounts(&value, &mounts),
         };
         out.push((name, value));
     }
