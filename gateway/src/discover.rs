@@ -26,6 +26,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use link_crd::LabelSelector;
+pub use link_crd::keys::CONTROL_PLANE_NS_LABEL;
 use proxy_identity::Id;
 use proxy_transport::dial::Peer;
 use tokio::sync::watch;
@@ -33,9 +34,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The label Linkerd's injector (and meshlink's, `proxy-inject`) puts on a meshed Pod: the
-/// namespace of the control plane whose identity service certifies its proxy.
-pub const CONTROL_PLANE_NS_LABEL: &str = "linkerd.io/control-plane-ns";
 /// The injected proxy's container, and the variable that says where it accepts connections
 /// (the injector's `LINKERD2_PROXY_INBOUND_LISTEN_ADDR=0.0.0.0:4143`).
 const PROXY_CONTAINER: &str = "linkerd-proxy";

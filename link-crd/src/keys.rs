@@ -76,8 +76,16 @@ pub const PROBE_PORT_NAME: &str = "mc-probe";
 
 /// `controllerName` written into Link status entries.
 pub const STATUS_CONTROLLER_NAME: &str = "linkerd.io/service-mirror";
-/// Annotation that is always copied onto mirrors, whatever the exclusion lists say.
+/// Ports served without protocol detection. Always copied onto mirrors, whatever the exclusion
+/// lists say; read by the destination service, written by the injector.
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.linkerd.io/opaque-ports";
+/// The policy of a Pod's ports that no Server selects: on a Pod or its namespace, written by the
+/// injector, read by the destination service.
+pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "config.linkerd.io/default-inbound-policy";
+/// Label Linkerd's injector (and meshlink's) puts on a meshed Pod: the namespace of the control
+/// plane whose identity service certifies its proxy. The destination service gives an endpoint an
+/// identity, and the gateway dials a Pod over mTLS, only when it is there.
+pub const CONTROL_PLANE_NS_LABEL: &str = "linkerd.io/control-plane-ns";
 /// Label on every object of the extension, value [`EXTENSION_VALUE`].
 pub const EXTENSION_LABEL: &str = "linkerd.io/extension";
 /// Value of [`EXTENSION_LABEL`].

@@ -14,10 +14,7 @@ use crate::opaque::{self, PortSet};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// A meshed Pod carries its control plane's namespace (Linkerd's injector sets it).
-pub const CONTROL_PLANE_NS_LABEL: &str = "linkerd.io/control-plane-ns";
-/// The default inbound policy of a Pod or a namespace.
-pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "config.linkerd.io/default-inbound-policy";
+pub use keys::{CONTROL_PLANE_NS_LABEL, DEFAULT_INBOUND_POLICY_ANNOTATION};
 /// Set by the Deployment controller on every Pod of a ReplicaSet it owns.
 const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 

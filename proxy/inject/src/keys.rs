@@ -10,9 +10,11 @@ pub const INJECT_DISABLED: &str = "disabled";
 /// ingress mode, so it is injected as `enabled` is.
 pub const INJECT_INGRESS: &str = "ingress";
 
-/// The control plane's namespace. The destination service gives a pod's endpoints an identity
-/// only when it carries this label (`proxy-destination-service`'s `CONTROL_PLANE_NS_LABEL`).
-pub const CONTROL_PLANE_NS_LABEL: &str = "linkerd.io/control-plane-ns";
+/// The keys other components read from what the injector writes: the control plane's namespace
+/// label, opaque ports and the default inbound policy. Their home is `link_crd::keys`.
+pub use link_crd::keys::{
+    CONTROL_PLANE_NS_LABEL, DEFAULT_INBOUND_POLICY_ANNOTATION, OPAQUE_PORTS_ANNOTATION,
+};
 /// The workload's namespace.
 pub const WORKLOAD_NS_LABEL: &str = "linkerd.io/workload-ns";
 /// The proxy's version, as Linkerd's injector records it.
@@ -41,10 +43,6 @@ pub fn owner_label(kind: &str) -> Option<&'static str> {
 pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "config.linkerd.io/skip-inbound-ports";
 /// Outbound ports (and ranges) the init container's rules leave alone.
 pub const SKIP_OUTBOUND_PORTS_ANNOTATION: &str = "config.linkerd.io/skip-outbound-ports";
-/// Ports served without protocol detection; read by the destination service too.
-pub const OPAQUE_PORTS_ANNOTATION: &str = "config.linkerd.io/opaque-ports";
-/// The policy of ports no Server selects; read by the destination service too.
-pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "config.linkerd.io/default-inbound-policy";
 pub const PROXY_CPU_REQUEST_ANNOTATION: &str = "config.linkerd.io/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT_ANNOTATION: &str = "config.linkerd.io/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST_ANNOTATION: &str = "config.linkerd.io/proxy-memory-request";
