@@ -107,6 +107,8 @@ haproxy:
 GATEWAY_BENCH_ARGS ?=
 bench-gateway: prerequisites kube-binaries haproxy
 	$(CARGO) build --release --workspace --bins --locked
+	@# The gateway as it ships: the `dist` profile (whole-program optimised; see Cargo.toml).
+	$(CARGO) build --profile dist -p gateway --bin meshlink-gateway --locked
 	$(CARGO) bench --locked --workspace --bench gateway -- $(GATEWAY_BENCH_ARGS)
 
 .PHONY: bench-proxy
@@ -117,8 +119,8 @@ bench-gateway: prerequisites kube-binaries haproxy
 PROXY_BENCH_ARGS ?=
 bench-proxy: prerequisites kube-binaries haproxy
 	$(CARGO) build --release --workspace --bins --locked
-	@# The proxy as it ships: the `sidecar` profile (whole-program optimised; see Cargo.toml).
-	$(CARGO) build --profile sidecar -p proxy-sidecar --bin meshlink-proxy --locked
+	@# The proxy as it ships: the `dist` profile (whole-program optimised; see Cargo.toml).
+	$(CARGO) build --profile dist -p proxy-sidecar --bin meshlink-proxy --locked
 	$(CARGO) bench --locked --workspace --bench proxy -- $(PROXY_BENCH_ARGS)
 
 .PHONY: fuzz

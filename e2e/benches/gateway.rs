@@ -6,9 +6,10 @@
 //!
 //! - **direct**: the client dials the backend in plain TCP. The baseline: what the network, the
 //!   client and the backend cost by themselves, so that what remains is the proxy's cost.
-//! - **gateway**: the client dials the release `meshlink-gateway` as a Linkerd proxy would (mTLS,
-//!   ALPN `transport.l5d.io/v1`, a transport header naming the Service); the gateway forwards to
-//!   the endpoint it discovered through a real API server.
+//! - **gateway**: the client dials `meshlink-gateway` as it ships (the `dist` profile, which
+//!   `make bench-gateway` builds) as a Linkerd proxy would (mTLS, ALPN `transport.l5d.io/v1`, a
+//!   transport header naming the Service); the gateway forwards to the endpoint it discovered
+//!   through a real API server.
 //! - **haproxy**: Debian's HAProxy terminating the same mTLS (the gateway's identity as server
 //!   certificate, client certificates verified against the same trust anchor, TLS 1.3 only) in
 //!   front of the same backend: what a mature general-purpose proxy does with the same work.
@@ -58,7 +59,7 @@ use e2e::{
         status_kib, upload, wait_listening, write_json,
     },
     mesh::{self, GatewaySettings, start_gateway, start_identity},
-    meshlink::{Program, free_port, labels},
+    meshlink::{Program, free_port, labels, shipped_binary},
     netns::Host,
     wait_for,
 };
@@ -863,10 +864,13 @@ impl Topology {
                 format!("--cores={threads}"),
                 "--max-connections-per-identity=3000".to_owned(),
             ],
+            binary: Some(shipped_binary("meshlink-gateway")?),
         };
         let gateway = start_gateway(&cluster, &settings, dir.path())
             .await
-            .context("the release gateway (cargo build --release --bins)")?;
+            .context(
+                "the gateway (cargo build --profile dist -p gateway --bin meshlink-gateway)",
+            )?;
 
         let signer = issuer(dir.path())?;
         let creds = client_credentials(&signer, &anchors)?;

@@ -64,7 +64,7 @@ use e2e::{
         wait_listening, write_json,
     },
     mesh::{self, IDENTITY_AUDIENCE, identity_id, start_identity, workload_id},
-    meshlink::{Program, free_port, http_get, labels, service_account_token_for, workspace_binary},
+    meshlink::{Program, free_port, http_get, labels, service_account_token_for, shipped_binary},
     netns::Host,
 };
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -768,7 +768,7 @@ impl Topology {
 
         let proxy_dir = tempfile::tempdir()?;
         set_mode(proxy_dir.path(), 0o755)?;
-        let proxy_binary = shipped_proxy()?;
+        let proxy_binary = shipped_binary("meshlink-proxy")?;
         let control = ControlPlane {
             identity_port,
             destination_port,
@@ -1749,30 +1749,6 @@ fn goals(r: &Ratios) -> Vec<Goal> {
             r.server_proxy_peak_rss_mib < RSS_GOAL_MIB,
         ),
     ]
-}
-
-/// `meshlink-proxy` as it ships, built with the `sidecar` profile (`make bench-proxy` builds
-/// it), beside the release build this bench runs from; the release build's otherwise, said so.
-fn shipped_proxy() -> Result<PathBuf> {
-    let release = workspace_binary("meshlink-proxy")?;
-    let shipped = release
-        .parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("sidecar/meshlink-proxy"))
-        .filter(|p| p.is_file());
-    match shipped {
-        Some(p) => {
-            eprintln!("measuring {} (the sidecar profile)", p.display());
-            Ok(p)
-        }
-        None => {
-            eprintln!(
-                "note: measuring the release build of meshlink-proxy; build the shipped one with \
-                 `cargo build --profile sidecar -p proxy-sidecar --bin meshlink-proxy`"
-            );
-            Ok(release)
-        }
-    }
 }
 
 /// The issue's memory goal, 12 MB (10^6 bytes), in the MiB the figures are in.

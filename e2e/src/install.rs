@@ -396,6 +396,7 @@ impl Installed {
                     identity_addr,
                     anchors_file: anchors_file.clone(),
                     extra: Vec::new(),
+                    binary: None,
                 },
                 &dir,
             )

@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     Cluster, Error,
-    meshlink::{Program, service_account_token, service_account_token_for},
+    meshlink::{Program, service_account_token, service_account_token_for, workspace_binary},
 };
 
 /// The audience of the tokens workloads send to the identity service (Linkerd's).
@@ -409,6 +409,8 @@ pub struct GatewaySettings {
     pub identity_addr: SocketAddr,
     pub anchors_file: PathBuf,
     pub extra: Vec<String>,
+    /// The executable to run; the workspace's build of `meshlink-gateway` when `None`.
+    pub binary: Option<PathBuf>,
 }
 
 /// Starts `meshlink-gateway` for `cluster` as its ServiceAccount
@@ -443,8 +445,13 @@ pub async fn start_gateway(
         "--log=info".to_owned(),
     ];
     args.extend(settings.extra.iter().cloned());
-    Program::start_with_admin(
+    let binary = match &settings.binary {
+        Some(path) => path.clone(),
+        None => workspace_binary("meshlink-gateway")?,
+    };
+    Program::start_path_with_admin(
         "meshlink-gateway",
+        binary,
         &args,
         &[("KUBECONFIG", kubeconfig.display().to_string())],
         settings.admin,

@@ -45,6 +45,30 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, Error> {
     }
 }
 
+/// `name` as it ships: built with the `dist` profile (whole-program optimised; `make
+/// bench-proxy` and `make bench-gateway` build it) beside the running build's target directory.
+/// The running build's own when there is none, said so on stderr: a benchmark then measures a
+/// program that is larger than the one users run.
+pub fn shipped_binary(name: &str) -> Result<PathBuf, Error> {
+    let built = workspace_binary(name)?;
+    let shipped = built
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|target| target.join("dist").join(name))
+        .filter(|p| p.is_file());
+    if let Some(path) = shipped {
+        eprintln!("measuring {} (the dist profile)", path.display());
+        Ok(path)
+    } else {
+        eprintln!(
+            "note: measuring {}; build {name} as it ships with `cargo build --profile dist --bin \
+             {name}` (the Makefile's bench targets do)",
+            built.display()
+        );
+        Ok(built)
+    }
+}
+
 /// A free loopback port (another process may take it before it is used; tests that race for
 /// ports retry).
 pub fn free_port() -> Result<u16, Error> {
@@ -84,7 +108,19 @@ impl Program {
         env: &[(&str, String)],
         bind: SocketAddr,
     ) -> Result<Self, Error> {
-        Self::start_until(binary, args, env, bind, "/ready").await
+        Self::start_until(binary, workspace_binary(binary)?, args, env, bind, "/ready").await
+    }
+
+    /// Like [`Program::start_with_admin`], running the executable at `path` (another build of
+    /// `binary`, such as [`shipped_binary`]'s).
+    pub async fn start_path_with_admin(
+        binary: &str,
+        path: PathBuf,
+        args: &[String],
+        env: &[(&str, String)],
+        bind: SocketAddr,
+    ) -> Result<Self, Error> {
+        Self::start_until(binary, path, args, env, bind, "/ready").await
     }
 
     /// Like [`Program::start`], returning once `/live` answers: for a benchmark that measures
@@ -95,11 +131,12 @@ impl Program {
         env: &[(&str, String)],
     ) -> Result<Self, Error> {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        Self::start_until(binary, args, env, admin, "/live").await
+        Self::start_until(binary, workspace_binary(binary)?, args, env, admin, "/live").await
     }
 
     async fn start_until(
         binary: &str,
+        path: PathBuf,
         args: &[String],
         env: &[(&str, String)],
         bind: SocketAddr,
@@ -113,12 +150,7 @@ impl Program {
         };
         let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
         all.push(format!("--admin-addr={bind}").into());
-        let mut process = Process::new(
-            binary_name(binary),
-            workspace_binary(binary)?,
-            all,
-            dir.path(),
-        );
+        let mut process = Process::new(binary_name(binary), path, all, dir.path());
         process.set_env(
             env.iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))

@@ -320,6 +320,7 @@ impl Pair {
             identity_addr: east_cp.identity_addr,
             anchors_file: dir.path().join("anchor/ca.crt"),
             extra: Vec::new(),
+            binary: None,
         };
         create_gateway_service(&east, &ip.to_string(), "1").await?;
         let ports = json!({ "spec": { "ports": [

@@ -251,6 +251,7 @@ async fn setup() -> Result<Env> {
             anchors_file: anchors,
             // As its manifest runs it: two threads, connections spread over both.
             extra: vec!["--cores=2".to_owned()],
+            binary: None,
         },
         dir.path(),
     )

@@ -175,6 +175,7 @@ async fn setup() -> Result<Env> {
             identity_addr: east_cp.identity_addr,
             anchors_file: dir.path().join("anchor/ca.crt"),
             extra: Vec::new(),
+            binary: None,
         },
         dir.path(),
     )
