@@ -59,9 +59,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
-        .init();
+    proxy_admin::init_logging(&args.log).context("--log")?;
     proxy_identity::tls::install_default_provider();
     let mut options = args.gateway;
     // The connection limit, not the open-file limit, must be what refuses a client: past the

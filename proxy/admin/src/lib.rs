@@ -377,6 +377,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     rsp
 }
 
+/// Sets up logging for a meshlink program: human-readable lines on stderr, filtered by `filter`
+/// (its `--log` flag, `MESHLINK_LOG`; e.g. `info` or `info,kube=warn`).
+pub fn init_logging(filter: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
 

@@ -73,9 +73,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
-        .init();
+    proxy_admin::init_logging(&args.log).context("--log")?;
     proxy_identity::tls::install_default_provider();
     let creds = args.identity.credentials().context("identity settings")?;
     let client = kube::Client::try_default()
